@@ -1,0 +1,223 @@
+"""``secure-ws`` (also ``python -m secure_ws``): the operators' commands.
+
+Each command reads the same ``SECURE_WS_*`` variables (and ``.env``) as the
+server. Errors print one line and exit non-zero; nothing here prints a
+traceback for a mistake an operator can make.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import os
+import sys
+import time
+from datetime import datetime, timezone
+from pathlib import Path
+from typing import Any
+
+from .settings import ConfigError, Settings, load_settings, parse_duration
+
+DEFAULT_PORT = 8443
+
+
+class CommandError(Exception):
+    pass
+
+
+def _settings() -> Settings:
+    return load_settings()
+
+
+def cmd_certs(args: argparse.Namespace) -> None:
+    from .tls import make_dev_certs
+
+    hosts = tuple(h.strip() for h in args.hosts.split(",") if h.strip())
+    paths = make_dev_certs(Path(args.out), hosts)
+    print(f"CA certificate:     {paths['ca']}  (give this to clients that must trust the dev server)")
+    print(f"server certificate: {paths['cert']}  for {', '.join(hosts)}")
+    print(f"server key:         {paths['key']}  (mode 0600)")
+
+
+def cmd_keys_rotate(args: argparse.Namespace) -> None:
+    from .signing import SigningKeys
+
+    print(SigningKeys(_settings()).rotate(args.alg))
+
+
+def cmd_keys_list(args: argparse.Namespace) -> None:
+    from .signing import SigningKeys
+
+    keys = SigningKeys(_settings()).list()
+    if not keys:
+        print("no keys (run `secure-ws keys rotate`)")
+        return
+    print(f"{'kid':<44} {'alg':<6} {'created (UTC)':<20} status")
+    for k in keys:
+        created = datetime.fromtimestamp(k.created, timezone.utc).strftime("%Y-%m-%d %H:%M:%S")
+        print(f"{k.kid:<44} {k.alg:<6} {created:<20} {k.status}")
+
+
+def cmd_keys_retire(args: argparse.Namespace) -> None:
+    from .signing import SigningKeys
+
+    SigningKeys(_settings()).retire(args.kid)
+    print(f"retired {args.kid}: its tokens stop working within 2 s, live connections included")
+
+
+def cmd_token_issue(args: argparse.Namespace) -> None:
+    from .signing import issue_token
+
+    try:
+        ttl = parse_duration(args.ttl)
+    except ValueError as exc:
+        raise CommandError(f"--ttl: {exc}") from None
+    print(issue_token(_settings(), args.sub, ttl, args.scope))
+
+
+def cmd_token_revoke(args: argparse.Namespace) -> None:
+    from .revocation import Revocations, sub_cutoff
+    from .storage import Storage, run_storage
+
+    settings = _settings()
+    now = time.time()
+    # Kept until every token it can cover has expired anyway.
+    until = now + settings.max_token_ttl + settings.leeway
+    if args.jti:
+        def change(r: Revocations) -> Revocations:
+            return r.with_jti(args.jti, until)
+    else:
+        cutoff = sub_cutoff(now)
+
+        def change(r: Revocations) -> Revocations:
+            return r.with_sub(args.sub, cutoff, until + (cutoff - now))
+
+    async def revoke(storage: Storage) -> object:
+        return await storage.update_revocations(change)
+
+    asyncio.run(run_storage(settings.storage_url, settings.revocation_file, revoke))
+    if args.jti:
+        print(f"revoked jti {args.jti}")
+    else:
+        # Tokens issued later in this same second would carry the same iat; wait it out so that
+        # every token issued after this command returns is unaffected.
+        time.sleep(max(0.0, cutoff + 1 - time.time()))
+        print(f"revoked every token of sub {args.sub} issued until now")
+
+
+def _serve(settings: Settings, host: str, port: int, workers: int, **extra: Any) -> None:
+    import uvicorn
+
+    from .tls import uvicorn_context_factory
+
+    for variable, path in (("SECURE_WS_TLS_CERTFILE", settings.tls_certfile), ("SECURE_WS_TLS_KEYFILE", settings.tls_keyfile)):
+        if not path.is_file():
+            raise ConfigError(variable, f"{path} not found (run `secure-ws certs`)")
+    uvicorn.run(
+        "secure_ws.main:app",
+        host=host,
+        port=port,
+        workers=workers,
+        ssl_context_factory=uvicorn_context_factory,
+        ws_max_size=settings.max_message_bytes,
+        ws_ping_interval=20.0,
+        ws_ping_timeout=20.0,
+        ws_per_message_deflate=False,
+        timeout_graceful_shutdown=10,
+        **extra,
+    )
+
+
+def cmd_serve(args: argparse.Namespace) -> None:
+    _serve(_settings(), args.host, args.port, args.workers)
+
+
+def cmd_dev(args: argparse.Namespace) -> None:
+    from .signing import SigningKeys, issue_token
+    from .tls import make_dev_certs
+
+    os.environ.setdefault("SECURE_WS_DEMO", "1")
+    settings = _settings()
+    if not settings.tls_certfile.exists() or not settings.tls_keyfile.exists():
+        make_dev_certs(settings.tls_certfile.parent)
+        print(f"created dev CA and certificate in {settings.tls_certfile.parent}/")
+    keys = SigningKeys(settings)
+    if not any(k.status == "active" for k in keys.list()) or not settings.jwks_file.exists():
+        print(f"created signing key {keys.rotate('EdDSA')}")
+    token = issue_token(settings, "dev-user", 3600, "subscribe:* publish:*")
+    base = f"wss://localhost:{args.port}"
+    print(
+        f"""
+secure-ws dev server
+  WebSocket:  {base}/ws
+  demo page:  https://localhost:{args.port}/demo#token={token}
+  health:     https://localhost:{args.port}/healthz
+  CA to trust: {settings.tls_certfile.parent / 'ca.crt'}
+
+A token for sub "dev-user", valid 1 h, may subscribe and publish anywhere:
+
+{token}
+
+Try it:  python -m websockets --help  /  see README "Connecting"
+""",
+        flush=True,
+    )
+    _serve(settings, args.host, args.port, 1)
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="secure-ws", description="secure_ws operations")
+    sub = parser.add_subparsers(dest="command", required=True)
+
+    p = sub.add_parser("certs", help="dev CA + server certificate and key")
+    p.add_argument("--out", default="certs")
+    p.add_argument("--hosts", default="localhost,127.0.0.1,::1")
+    p.set_defaults(func=cmd_certs)
+
+    keys = sub.add_parser("keys", help="signing keys").add_subparsers(dest="keys_command", required=True)
+    p = keys.add_parser("rotate", help="new active signing key; previous keys keep verifying")
+    p.add_argument("--alg", default="EdDSA", choices=("EdDSA", "ES256", "RS256"))
+    p.set_defaults(func=cmd_keys_rotate)
+    p = keys.add_parser("list", help="kid, algorithm, created, status")
+    p.set_defaults(func=cmd_keys_list)
+    p = keys.add_parser("retire", help="remove a key: its tokens stop working, live connections included")
+    p.add_argument("kid")
+    p.set_defaults(func=cmd_keys_retire)
+
+    token = sub.add_parser("token", help="tokens").add_subparsers(dest="token_command", required=True)
+    p = token.add_parser("issue", help="print a JWT signed with the active key")
+    p.add_argument("--sub", required=True)
+    p.add_argument("--ttl", default="15m")
+    p.add_argument("--scope", default=None)
+    p.set_defaults(func=cmd_token_issue)
+    p = token.add_parser("revoke", help="revoke one token (--jti) or every token of a sub issued until now")
+    group = p.add_mutually_exclusive_group(required=True)
+    group.add_argument("--jti")
+    group.add_argument("--sub")
+    p.set_defaults(func=cmd_token_revoke)
+
+    for name, helptext in (("serve", "run the server with the hardened TLS context"), ("dev", "the quickstart")):
+        p = sub.add_parser(name, help=helptext)
+        p.add_argument("--host", default="127.0.0.1")
+        p.add_argument("--port", type=int, default=DEFAULT_PORT)
+        if name == "serve":
+            p.add_argument("--workers", type=int, default=1)
+        p.set_defaults(func=cmd_serve if name == "serve" else cmd_dev)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    from .signing import SigningError
+
+    try:
+        args.func(args)
+    except (ConfigError, CommandError, SigningError) as exc:
+        print(f"secure-ws: {exc}", file=sys.stderr)
+        return 2
+    except (OSError, ValueError) as exc:
+        print(f"secure-ws: {exc.__class__.__name__}: {exc}", file=sys.stderr)
+        return 1
+    except KeyboardInterrupt:
+        return 130
+    return 0

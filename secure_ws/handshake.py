@@ -1,0 +1,144 @@
+"""The handshake gate: pure ASGI middleware in front of ``/ws``.
+
+Order of checks, cheapest and least revealing first: per-IP throttle (HTTP 429
+before any upgrade), Origin, credentials, token, revocation, connection cap.
+Every refusal after the throttle *accepts* the upgrade and closes at once with
+1008 and a fixed reason, because a browser's WebSocket API shows a close code
+but never an HTTP status. The details go to the log; the token never does.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from typing import TYPE_CHECKING, Any
+from urllib.parse import parse_qsl
+
+from . import metrics
+from .tokens import MISSING, AuthError, Principal
+
+if TYPE_CHECKING:
+    from .service import Service
+
+log = logging.getLogger("secure_ws.handshake")
+
+SUBPROTOCOL = "secure-ws.v1"
+BEARER_PREFIX = "bearer."
+ORIGIN_NOT_ALLOWED = "origin not allowed"
+AMBIGUOUS = "ambiguous credentials"
+TOO_MANY = "too many connections"
+QUERY_NAMES = ("access_token", "token")
+
+
+class Refusal(Exception):
+    def __init__(self, reason: str, detail: str) -> None:
+        super().__init__(detail)
+        self.reason = reason
+        self.detail = detail
+
+
+def credentials(scope: dict[str, Any]) -> tuple[str | None, str | None]:
+    """(token, origin) from the three transports; :class:`Refusal` if they disagree."""
+    found: set[str] = set()
+    origin = None
+    for name, value in scope["headers"]:
+        if name == b"authorization":
+            scheme, _, token = value.decode("latin-1").strip().partition(" ")
+            if scheme.lower() == "bearer" and token.strip():
+                found.add(token.strip())
+        elif name == b"origin":
+            origin = value.decode("latin-1")
+    for protocol in scope.get("subprotocols") or ():
+        if protocol[:7].lower() == BEARER_PREFIX and len(protocol) > 7:
+            found.add(protocol[7:])
+    query = scope.get("query_string")
+    if query:
+        for key, value in parse_qsl(query.decode("latin-1"), keep_blank_values=False):
+            if key in QUERY_NAMES and value:
+                found.add(value)
+    if len(found) > 1:
+        raise Refusal(AMBIGUOUS, f"{len(found)} different tokens presented")
+    return (found.pop() if found else None), origin
+
+
+def origin_allowed(origin: str | None, allowed: frozenset[str]) -> bool:
+    # No Origin header: a native or mobile client, which no browser-based CSRF can forge.
+    return origin is None or "*" in allowed or origin in allowed
+
+
+class HandshakeMiddleware:
+    def __init__(self, app: Any, service: Service) -> None:
+        self.app = app
+        self.service = service
+
+    async def __call__(self, scope: dict[str, Any], receive: Any, send: Any) -> None:
+        service = self.service
+        client = scope.get("client")
+        ip = client[0] if client else "unknown"
+        retry_ms = await service.handshake_limiter.hit(ip)
+        if retry_ms:
+            metrics.HANDSHAKES.labels(result="throttled").inc()
+            log.warning("handshake throttled ip=%s", ip)
+            await deny_http(receive, send, scope, 429, retry_after=max(1, -(-retry_ms // 1000)))
+            return
+        offered = scope.get("subprotocols") or ()
+        subprotocol = SUBPROTOCOL if SUBPROTOCOL in offered else None
+        started = time.perf_counter()
+        slot: str | None = None
+        try:
+            token, origin = credentials(scope)
+            if not origin_allowed(origin, service.settings.allowed_origins):
+                raise Refusal(ORIGIN_NOT_ALLOWED, f"origin {origin[:200]!r} not in SECURE_WS_ALLOWED_ORIGINS")
+            if token is None:
+                raise Refusal(MISSING, "no token in header, subprotocol or query")
+            principal: Principal = await service.authenticate(token)
+            slot = await service.acquire_slot(principal.sub)
+            if slot is None:
+                raise Refusal(TOO_MANY, f"sub {principal.sub!r} holds the maximum connections")
+        except (Refusal, AuthError) as exc:
+            metrics.HANDSHAKES.labels(result=exc.reason.replace(" ", "_")).inc()
+            log.info("handshake refused ip=%s reason=%r: %s", ip, exc.reason, exc.detail)
+            await refuse(receive, send, exc.reason, subprotocol)
+            return
+        metrics.HANDSHAKE_SECONDS.observe(time.perf_counter() - started)
+        metrics.HANDSHAKES.labels(result="accepted").inc()
+        scope["secure_ws.principal"] = principal
+        scope["secure_ws.subprotocol"] = subprotocol
+        try:
+            await self.app(scope, receive, send)
+        finally:
+            await service.release_slot(principal.sub, slot)
+
+
+async def refuse(receive: Any, send: Any, reason: str, subprotocol: str | None) -> None:
+    """Accept, then close 1008 at once: the only refusal a browser's WebSocket API can read."""
+    message = await receive()
+    if message["type"] != "websocket.connect":
+        return
+    # Selecting our subprotocol matters: a browser that offered one fails a handshake answered without one,
+    # and would then see 1006 instead of the reason.
+    await send({"type": "websocket.accept", "subprotocol": subprotocol})
+    await send({"type": "websocket.close", "code": 1008, "reason": reason})
+
+
+async def deny_http(receive: Any, send: Any, scope: dict[str, Any], status: int, retry_after: int) -> None:
+    """An HTTP response instead of the upgrade (ASGI websocket denial response), or 403 without that extension."""
+    message = await receive()
+    if message["type"] != "websocket.connect":
+        return
+    if "websocket.http.response" not in scope.get("extensions", {}):
+        await send({"type": "websocket.close", "code": 1008})
+        return
+    body = b"too many handshakes\n"
+    await send(
+        {
+            "type": "websocket.http.response.start",
+            "status": status,
+            "headers": [
+                (b"retry-after", str(retry_after).encode()),
+                (b"content-type", b"text/plain; charset=utf-8"),
+                (b"content-length", str(len(body)).encode()),
+            ],
+        }
+    )
+    await send({"type": "websocket.http.response.body", "body": body})

@@ -1,0 +1,93 @@
+"""This process's live connections: found by ``sub`` and ``jti`` to enforce revocations,
+and by channel to fan out publications.
+
+A channel is subscribed in storage once per process when its first local
+subscriber joins and dropped when its last one leaves, so Redis carries one
+subscription per channel per worker, never one per connection.
+"""
+
+from __future__ import annotations
+
+from collections import defaultdict
+from typing import TYPE_CHECKING
+
+from .keys import Keyring
+from .revocation import Revocations
+from .storage import Storage
+from .tokens import REVOKED
+
+if TYPE_CHECKING:
+    from .session import Session
+
+
+class Hub:
+    def __init__(self, storage: Storage) -> None:
+        self.storage = storage
+        self.sessions: set[Session] = set()
+        self._by_sub: defaultdict[str, set[Session]] = defaultdict(set)
+        self._channels: dict[str, set[Session]] = {}
+        storage.on_message = self.fan_out
+
+    def add(self, session: Session) -> None:
+        self.sessions.add(session)
+        self._by_sub[session.principal.sub].add(session)
+
+    def rekey(self, session: Session, old_sub: str) -> None:
+        self._discard_sub(session, old_sub)
+        self._by_sub[session.principal.sub].add(session)
+
+    def _discard_sub(self, session: Session, sub: str) -> None:
+        peers = self._by_sub.get(sub)
+        if peers is not None:
+            peers.discard(session)
+            if not peers:
+                del self._by_sub[sub]
+
+    async def remove(self, session: Session) -> None:
+        self.sessions.discard(session)
+        self._discard_sub(session, session.principal.sub)
+        for channel in list(session.channels):
+            await self.leave(session, channel)
+
+    async def join(self, session: Session, channel: str) -> None:
+        members = self._channels.get(channel)
+        if members is None:
+            members = self._channels[channel] = set()
+            await self.storage.subscribe(channel)
+        members.add(session)
+        session.channels.add(channel)
+
+    async def leave(self, session: Session, channel: str) -> None:
+        session.channels.discard(channel)
+        members = self._channels.get(channel)
+        if members is None:
+            return
+        members.discard(session)
+        if not members:
+            del self._channels[channel]
+            await self.storage.unsubscribe(channel)
+
+    def fan_out(self, channel: str, payload: str) -> None:
+        for session in tuple(self._channels.get(channel, ())):
+            session.deliver(payload)
+
+    def enforce_revocations(self, revocations: Revocations) -> None:
+        for sub in revocations.subs:
+            for session in tuple(self._by_sub.get(sub, ())):
+                if revocations.covers(session.principal):
+                    session.close_soon(1008, REVOKED)
+        if revocations.jtis:
+            for session in tuple(self.sessions):
+                if session.principal.jti in revocations.jtis:
+                    session.close_soon(1008, REVOKED)
+
+    def enforce_keyring(self, old: Keyring, new: Keyring) -> None:
+        gone = old.kids() - new.kids()
+        if gone:
+            for session in tuple(self.sessions):
+                if session.principal.kid in gone:
+                    session.close_soon(1008, REVOKED)
+
+    def close_all(self, code: int, reason: str) -> None:
+        for session in tuple(self.sessions):
+            session.close_soon(code, reason)

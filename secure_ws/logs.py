@@ -1,0 +1,84 @@
+"""Logging: one redaction filter on every logger and handler, and an optional JSON format.
+
+uvicorn logs the request path *with its query string* for every WebSocket
+(`"WebSocket /ws?access_token=eyJ…" [accepted]`), so redaction cannot be left to
+our own log calls: the filter rewrites any record, whoever emits it.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import re
+import time
+
+_REDACTIONS = (
+    # token-bearing query parameters, whatever their value looks like
+    (re.compile(r"(?i)((?:access_token|token)=)[^&\s\"']+"), r"\1[redacted]"),
+    # anything shaped like a JWS/JWE compact serialisation
+    (re.compile(r"eyJ[A-Za-z0-9_-]*\.[A-Za-z0-9_-]*(?:\.[A-Za-z0-9_-]*){1,3}"), "[redacted-jwt]"),
+    # bearer credentials in headers or subprotocols
+    (re.compile(r"(?i)(bearer[ .])[A-Za-z0-9_.~+/=-]+"), r"\1[redacted]"),
+)
+
+LOGGERS = ("", "uvicorn", "uvicorn.error", "uvicorn.access", "websockets", "websockets.server", "secure_ws")
+
+
+def redact(text: str) -> str:
+    for pattern, replacement in _REDACTIONS:
+        text = pattern.sub(replacement, text)
+    return text
+
+
+class RedactingFilter(logging.Filter):
+    def filter(self, record: logging.LogRecord) -> bool:
+        message = record.getMessage()
+        clean = redact(message)
+        if clean != message or record.args:
+            record.msg, record.args = clean, None
+        if record.exc_info and record.exc_text is None and record.exc_info[0] is not None:
+            record.exc_text = redact(logging.Formatter().formatException(record.exc_info))
+        return True
+
+
+class JsonFormatter(logging.Formatter):
+    FIELDS = ("connection_id", "sub", "event", "close_code", "reason", "client")
+
+    def format(self, record: logging.LogRecord) -> str:
+        entry = {
+            "ts": round(record.created, 3),
+            "time": time.strftime("%Y-%m-%dT%H:%M:%S", time.gmtime(record.created)),
+            "level": record.levelname.lower(),
+            "logger": record.name,
+            "message": record.getMessage(),
+        }
+        for name in self.FIELDS:
+            value = getattr(record, name, None)
+            if value is not None:
+                entry[name] = value
+        if record.exc_text:
+            entry["exception"] = record.exc_text
+        return json.dumps(entry, ensure_ascii=False)
+
+
+_FILTER = RedactingFilter()
+
+
+def configure(log_format: str) -> None:
+    """Install the filter everywhere records can pass; idempotent."""
+    if not logging.getLogger("secure_ws").handlers and not logging.getLogger().handlers:
+        handler = logging.StreamHandler()
+        handler.setFormatter(logging.Formatter("%(levelname)s:     %(name)s %(message)s"))
+        logger = logging.getLogger("secure_ws")
+        logger.addHandler(handler)
+        logger.setLevel(logging.INFO)
+        logger.propagate = False
+    for name in LOGGERS:
+        logger = logging.getLogger(name)
+        if _FILTER not in logger.filters:
+            logger.addFilter(_FILTER)
+        for handler in logger.handlers:
+            if _FILTER not in handler.filters:
+                handler.addFilter(_FILTER)
+            if log_format == "json":
+                handler.setFormatter(JsonFormatter())

@@ -1,0 +1,96 @@
+"""The JSON message schema (SPEC §5): parsing, replies and channel rights, with no I/O.
+
+Kept apart from :mod:`session` like ``websockets`` keeps its protocol apart from
+its transport, so hostile input can be fuzzed here without a socket.
+"""
+
+from __future__ import annotations
+
+import json
+import re
+from typing import Any
+
+CHANNEL = re.compile(r"[A-Za-z0-9_.:-]{1,128}")
+
+BAD_REQUEST = "bad_request"
+UNKNOWN_TYPE = "unknown_type"
+FORBIDDEN = "forbidden"
+RATE_LIMITED = "rate_limited"
+
+MessageId = str | int | None
+
+
+class ProtocolError(Exception):
+    def __init__(self, code: str, message: str, id: MessageId = None) -> None:
+        super().__init__(message)
+        self.code = code
+        self.message = message
+        self.id = id
+
+
+def _refuse_constant(name: str) -> Any:
+    # NaN and Infinity are not JSON; echoing them back would send invalid JSON.
+    raise ValueError(f"{name} is not valid JSON")
+
+
+_decoder = json.JSONDecoder(parse_constant=_refuse_constant)
+encode = json.JSONEncoder(ensure_ascii=False, separators=(",", ":"), check_circular=False).encode
+
+
+def decode(text: str) -> dict[str, Any]:
+    """A request object with a string ``type`` and a valid ``id``, or :class:`ProtocolError`."""
+    try:
+        message = _decoder.decode(text)
+    except (ValueError, RecursionError):
+        raise ProtocolError(BAD_REQUEST, "not valid JSON") from None
+    if type(message) is not dict:
+        raise ProtocolError(BAD_REQUEST, "a request must be a JSON object")
+    id = message.get("id")
+    if id is not None and (type(id) is not str and type(id) is not int or len(str(id)) > 128):
+        raise ProtocolError(BAD_REQUEST, "id must be a string or an integer (at most 128 characters)")
+    if type(message.get("type")) is not str:
+        raise ProtocolError(BAD_REQUEST, "missing or non-string 'type'", id)
+    return message
+
+
+def error(code: str, message: str, id: MessageId = None, **extra: Any) -> str:
+    frame: dict[str, Any] = {"type": "error", "code": code, "message": message}
+    if id is not None:
+        frame["id"] = id
+    frame.update(extra)
+    return encode(frame)
+
+
+def reply(request: dict[str, Any], frame: dict[str, Any]) -> str:
+    id = request.get("id")
+    if id is not None:
+        frame["id"] = id
+    return encode(frame)
+
+
+def channel_of(request: dict[str, Any]) -> str:
+    channel = request.get("channel")
+    if type(channel) is not str or not CHANNEL.fullmatch(channel):
+        raise ProtocolError(BAD_REQUEST, "channel must match ^[A-Za-z0-9_.:-]{1,128}$", request.get("id"))
+    return channel
+
+
+def _glob(pattern: str) -> re.Pattern[str]:
+    # Only '*' is special: "room.lobby" must not grant "roomXlobby" the way a regex '.' would.
+    return re.compile(".*".join(re.escape(part) for part in pattern.split("*")))
+
+
+class Grants:
+    """Channel rights from the token's ``scope``: ``subscribe:<glob>`` and ``publish:<glob>``."""
+
+    __slots__ = ("_subscribe", "_publish")
+
+    def __init__(self, scopes: tuple[str, ...]) -> None:
+        self._subscribe = [_glob(s[10:]) for s in scopes if s.startswith("subscribe:")]
+        self._publish = [_glob(s[8:]) for s in scopes if s.startswith("publish:")]
+
+    def may_subscribe(self, channel: str) -> bool:
+        return any(p.fullmatch(channel) for p in self._subscribe)
+
+    def may_publish(self, channel: str) -> bool:
+        return any(p.fullmatch(channel) for p in self._publish)

@@ -1,0 +1,72 @@
+"""Revocations: which tokens stop working before their ``exp``.
+
+Two kinds, both checked at the handshake, on refresh, and against live
+connections whenever the list changes:
+
+* by ``jti`` — one token;
+* by ``sub`` — every token of that subject issued (``iat``) at or before a cut-off.
+
+An entry is kept only as long as a token it covers could still be valid, so the
+list stays small without any manual clean-up. Where the list lives (a file for
+``memory://``, Redis for ``redis://``) is the storage's business
+(:mod:`secure_ws.storage`); this module is the pure data.
+"""
+
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass, field
+from typing import Any
+
+from .tokens import Principal
+
+
+@dataclass(frozen=True)
+class Revocations:
+    jtis: dict[str, float] = field(default_factory=dict)  # jti → keep until (epoch s)
+    subs: dict[str, tuple[float, float]] = field(default_factory=dict)  # sub → (issued at or before, keep until)
+
+    def covers(self, principal: Principal) -> bool:
+        if principal.jti is not None and principal.jti in self.jtis:
+            return True
+        cut = self.subs.get(principal.sub)
+        return cut is not None and principal.iat <= cut[0]
+
+    def __bool__(self) -> bool:
+        return bool(self.jtis or self.subs)
+
+    def pruned(self, now: float | None = None) -> Revocations:
+        now = time.time() if now is None else now
+        return Revocations(
+            {j: u for j, u in self.jtis.items() if u > now},
+            {s: c for s, c in self.subs.items() if c[1] > now},
+        )
+
+    def with_jti(self, jti: str, until: float) -> Revocations:
+        return Revocations({**self.jtis, jti: max(until, self.jtis.get(jti, 0.0))}, self.subs)
+
+    def with_sub(self, sub: str, issued_before: float, until: float) -> Revocations:
+        old = self.subs.get(sub, (0.0, 0.0))
+        return Revocations(self.jtis, {**self.subs, sub: (max(issued_before, old[0]), max(until, old[1]))})
+
+    def to_json(self) -> dict[str, Any]:
+        return {"jti": self.jtis, "sub": {s: list(c) for s, c in self.subs.items()}}
+
+    @classmethod
+    def from_json(cls, document: Any) -> Revocations:
+        if not isinstance(document, dict):
+            raise ValueError("revocations: expected an object")
+        jtis = {str(j): float(u) for j, u in document.get("jti", {}).items()}
+        subs = {str(s): (float(c[0]), float(c[1])) for s, c in document.get("sub", {}).items()}
+        return cls(jtis, subs)
+
+
+def sub_cutoff(now: float | None = None) -> int:
+    """The ``iat`` at or below which a ``--sub`` revocation applies.
+
+    Token ``iat`` values are whole seconds, so tokens issued later within the
+    same second are indistinguishable from earlier ones: the cut-off is that
+    second, and the ops command waits for the next one before it returns, so
+    any token issued after it comes back is valid.
+    """
+    return int(time.time() if now is None else now)

@@ -1,0 +1,212 @@
+"""Configuration from the environment and ``.env``, validated once at start-up.
+
+Every value is checked here so that a mistake stops the process with one line
+naming the variable (:class:`ConfigError`), instead of surfacing later as a
+traceback or, worse, as a silently weaker default.
+"""
+
+from __future__ import annotations
+
+import os
+import re
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from limits import RateLimitItem, parse_many
+from starlette.config import Config
+
+ASYMMETRIC_ALGORITHMS = frozenset(
+    {"EdDSA", "ES256", "ES384", "ES512", "RS256", "RS384", "RS512", "PS256", "PS384", "PS512"}
+)
+HMAC_ALGORITHMS = frozenset({"HS256", "HS384", "HS512"})
+STRATEGIES = ("sliding-window", "moving-window", "fixed-window")
+MIN_SECRET_BYTES = 32
+
+_DURATION = re.compile(r"^\s*(\d+)\s*([smhd]?)\s*$")
+_DURATION_UNITS = {"": 1, "s": 1, "m": 60, "h": 3600, "d": 86400}
+
+
+class ConfigError(Exception):
+    """A configuration value is unusable; the message names the variable."""
+
+    def __init__(self, variable: str, problem: str) -> None:
+        super().__init__(f"{variable}: {problem}")
+        self.variable = variable
+
+
+def parse_duration(text: str) -> int:
+    """``90``, ``90s``, ``15m``, ``2h``, ``1d`` → seconds."""
+    match = _DURATION.match(text)
+    if not match:
+        raise ValueError(f"not a duration: {text!r} (use e.g. 90s, 15m, 2h, 1d)")
+    return int(match.group(1)) * _DURATION_UNITS[match.group(2)]
+
+
+@dataclass(frozen=True)
+class Settings:
+    jwks_file: Path = Path("certs/jwks.json")
+    jwks_file_required: bool = True
+    signing_keys_file: Path = Path("certs/signing-keys.json")
+    jwks_url: str | None = None
+    algorithms: tuple[str, ...] = ("EdDSA", "ES256", "RS256")
+    jwt_secret: bytes | None = field(default=None, repr=False)
+    issuer: str = "secure-ws"
+    audience: str = "secure-ws"
+    leeway: int = 30
+    max_token_ttl: int = 86400
+    rate_limit: str = "20/second"
+    rate_limits: tuple[RateLimitItem, ...] = ()
+    rate_limit_strategy: str = "sliding-window"
+    rate_limit_close_after: int = 10
+    handshake_rate_limit: str = "60/minute"
+    handshake_rate_limits: tuple[RateLimitItem, ...] = ()
+    max_connections_per_client: int = 10
+    max_message_bytes: int = 65536
+    send_queue_size: int = 256
+    allowed_origins: frozenset[str] = frozenset()
+    storage_url: str = "memory://"
+    revocation_file: Path = Path("certs/revocations.json")
+    tls_certfile: Path = Path("certs/server.crt")
+    tls_keyfile: Path = Path("certs/server.key")
+    tls_client_ca: Path | None = None
+    tls_min_version: str = "1.2"
+    log_format: str = "text"
+    demo: bool = False
+
+    @property
+    def allow_any_origin(self) -> bool:
+        return "*" in self.allowed_origins
+
+
+def load_settings(
+    environ: Mapping[str, str] | None = None, env_file: str | os.PathLike[str] | None = ".env"
+) -> Settings:
+    """Read and validate every ``SECURE_WS_*`` variable; the real environment wins over ``.env``."""
+    if env_file is not None and not Path(env_file).is_file():
+        env_file = None  # a missing .env is normal, not worth Starlette's warning
+    config = Config(env_file=env_file, environ=dict(os.environ if environ is None else environ))
+
+    def get(name: str, default: str = "") -> str:
+        return config(f"SECURE_WS_{name}", default=default).strip()
+
+    def integer(name: str, default: int, minimum: int = 0) -> int:
+        raw = get(name, str(default))
+        try:
+            value = int(raw)
+        except ValueError:
+            raise ConfigError(f"SECURE_WS_{name}", f"not an integer: {raw!r}") from None
+        if value < minimum:
+            raise ConfigError(f"SECURE_WS_{name}", f"must be at least {minimum}, got {value}")
+        return value
+
+    def limits_of(name: str, default: str) -> tuple[str, tuple[RateLimitItem, ...]]:
+        raw = get(name, default)
+        try:
+            items = tuple(parse_many(raw))
+        except ValueError:
+            items = ()
+        if not items:
+            raise ConfigError(
+                f"SECURE_WS_{name}", f"not a rate limit: {raw!r} (use e.g. 20/second or 20/second;600/minute)"
+            )
+        return raw, items
+
+    def choice(name: str, default: str, choices: tuple[str, ...]) -> str:
+        value = get(name, default)
+        if value not in choices:
+            raise ConfigError(f"SECURE_WS_{name}", f"must be one of {', '.join(choices)}, got {value!r}")
+        return value
+
+    def path(name: str, default: str) -> Path:
+        return Path(get(name, default) or default)
+
+    algorithms = tuple(a.strip() for a in get("JWT_ALGORITHMS", "EdDSA,ES256,RS256").split(",") if a.strip())
+    if not algorithms:
+        raise ConfigError("SECURE_WS_JWT_ALGORITHMS", "empty allow-list")
+    for alg in algorithms:
+        if alg.lower() == "none":
+            raise ConfigError("SECURE_WS_JWT_ALGORITHMS", "'none' (unsigned tokens) is never accepted")
+        if alg not in ASYMMETRIC_ALGORITHMS | HMAC_ALGORITHMS:
+            raise ConfigError("SECURE_WS_JWT_ALGORITHMS", f"unknown algorithm {alg!r}")
+
+    secret_text = config("SECURE_WS_JWT_SECRET", default="")
+    secret = secret_text.encode() if secret_text else None
+    hmac_named = [a for a in algorithms if a in HMAC_ALGORITHMS]
+    if secret is not None:
+        if len(secret) < MIN_SECRET_BYTES:
+            raise ConfigError(
+                "SECURE_WS_JWT_SECRET", f"too weak: {len(secret)} bytes, at least {MIN_SECRET_BYTES} required"
+            )
+        if not hmac_named:
+            raise ConfigError(
+                "SECURE_WS_JWT_SECRET", "is set but SECURE_WS_JWT_ALGORITHMS names no HS algorithm (add HS256)"
+            )
+    elif hmac_named:
+        raise ConfigError("SECURE_WS_JWT_ALGORITHMS", f"{hmac_named[0]} is allowed but SECURE_WS_JWT_SECRET is not set")
+
+    jwks_url = get("JWKS_URL") or None
+    if jwks_url is not None and not jwks_url.startswith("https://"):
+        raise ConfigError("SECURE_WS_JWKS_URL", "must be an https:// URL")
+
+    jwks_explicit = bool(get("JWKS_FILE"))
+    try:
+        leeway = parse_duration(get("JWT_LEEWAY_SECONDS", "30"))
+    except ValueError as exc:
+        raise ConfigError("SECURE_WS_JWT_LEEWAY_SECONDS", str(exc)) from None
+    try:
+        max_ttl = parse_duration(get("JWT_MAX_TTL", "24h"))
+    except ValueError as exc:
+        raise ConfigError("SECURE_WS_JWT_MAX_TTL", str(exc)) from None
+
+    rate_limit, rate_limits = limits_of("RATE_LIMIT", "20/second")
+    handshake_limit, handshake_limits = limits_of("HANDSHAKE_RATE_LIMIT", "60/minute")
+
+    origins = frozenset(o.strip() for o in get("ALLOWED_ORIGINS").split(",") if o.strip())
+    for origin in origins:
+        if origin != "*" and not re.fullmatch(r"https?://[^/\s]+", origin):
+            raise ConfigError(
+                "SECURE_WS_ALLOWED_ORIGINS", f"not an origin: {origin!r} (use scheme://host[:port], no path)"
+            )
+
+    storage_url = get("STORAGE_URL", "memory://")
+    if not (storage_url == "memory://" or re.match(r"^rediss?://", storage_url)):
+        raise ConfigError("SECURE_WS_STORAGE_URL", f"use memory:// or redis://host:port/db, got {storage_url!r}")
+
+    client_ca = get("TLS_CLIENT_CA")
+    settings = Settings(
+        jwks_file=path("JWKS_FILE", "certs/jwks.json"),
+        # The default path may be absent when an IdP URL supplies the keys.
+        jwks_file_required=jwks_explicit or jwks_url is None,
+        signing_keys_file=path("SIGNING_KEYS_FILE", "certs/signing-keys.json"),
+        jwks_url=jwks_url,
+        algorithms=algorithms,
+        jwt_secret=secret,
+        issuer=get("JWT_ISSUER", "secure-ws"),
+        audience=get("JWT_AUDIENCE", "secure-ws"),
+        leeway=leeway,
+        max_token_ttl=max_ttl,
+        rate_limit=rate_limit,
+        rate_limits=rate_limits,
+        rate_limit_strategy=choice("RATE_LIMIT_STRATEGY", "sliding-window", STRATEGIES),
+        rate_limit_close_after=integer("RATE_LIMIT_CLOSE_AFTER", 10, minimum=1),
+        handshake_rate_limit=handshake_limit,
+        handshake_rate_limits=handshake_limits,
+        max_connections_per_client=integer("MAX_CONNECTIONS_PER_CLIENT", 10, minimum=1),
+        max_message_bytes=integer("MAX_MESSAGE_BYTES", 65536, minimum=64),
+        send_queue_size=integer("SEND_QUEUE_SIZE", 256, minimum=1),
+        allowed_origins=origins,
+        storage_url=storage_url,
+        revocation_file=path("REVOCATION_FILE", "certs/revocations.json"),
+        tls_certfile=path("TLS_CERTFILE", "certs/server.crt"),
+        tls_keyfile=path("TLS_KEYFILE", "certs/server.key"),
+        tls_client_ca=Path(client_ca) if client_ca else None,
+        tls_min_version=choice("TLS_MIN_VERSION", "1.2", ("1.2", "1.3")),
+        log_format=choice("LOG_FORMAT", "text", ("text", "json")),
+        demo=choice("DEMO", "0", ("0", "1")) == "1",
+    )
+    if not settings.issuer:
+        raise ConfigError("SECURE_WS_JWT_ISSUER", "must not be empty")
+    if not settings.audience:
+        raise ConfigError("SECURE_WS_JWT_AUDIENCE", "must not be empty")
+    return settings

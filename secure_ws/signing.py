@@ -1,0 +1,160 @@
+"""Signing keys and token issuance for the ops commands. The server never imports this.
+
+Two files, always written together and atomically:
+
+* the private JWK Set (``SECURE_WS_SIGNING_KEYS_FILE``, mode 0600): every key
+  with its ``created`` time and ``status`` — ``active`` (signs new tokens),
+  ``previous`` (still verifies tokens it signed) or ``retired`` (private part
+  erased, kept only so ``keys list`` can show its history);
+* the public JWK Set (``SECURE_WS_JWKS_FILE``): the public half of every key
+  that is not retired — exactly what the server verifies with.
+"""
+
+from __future__ import annotations
+
+import base64
+import hashlib
+import json
+import secrets
+import time
+from dataclasses import dataclass
+from typing import Any
+
+import jwt
+from cryptography.hazmat.primitives.asymmetric import ec, ed25519, rsa
+from jwt.algorithms import ECAlgorithm, OKPAlgorithm, RSAAlgorithm
+
+from .files import locked, read_json, write_json
+from .settings import Settings
+
+SIGNING_ALGORITHMS = ("EdDSA", "ES256", "RS256")
+ACTIVE, PREVIOUS, RETIRED = "active", "previous", "retired"
+_THUMBPRINT_MEMBERS = {"OKP": ("crv", "kty", "x"), "EC": ("crv", "kty", "x", "y"), "RSA": ("e", "kty", "n")}
+_PRIVATE_MEMBERS = ("d", "p", "q", "dp", "dq", "qi", "oth")
+
+
+class SigningError(Exception):
+    pass
+
+
+def thumbprint(jwk: dict[str, Any]) -> str:
+    """RFC 7638 JWK thumbprint: a kid derived from the key itself, stable and collision-free."""
+    members = {m: jwk[m] for m in _THUMBPRINT_MEMBERS[jwk["kty"]]}
+    digest = hashlib.sha256(json.dumps(members, separators=(",", ":"), sort_keys=True).encode()).digest()
+    return base64.urlsafe_b64encode(digest).rstrip(b"=").decode()
+
+
+def generate_jwk(alg: str) -> dict[str, Any]:
+    if alg == "EdDSA":
+        jwk = OKPAlgorithm.to_jwk(ed25519.Ed25519PrivateKey.generate(), as_dict=True)
+    elif alg == "ES256":
+        jwk = ECAlgorithm.to_jwk(ec.generate_private_key(ec.SECP256R1()), as_dict=True)
+    elif alg == "RS256":
+        jwk = RSAAlgorithm.to_jwk(rsa.generate_private_key(public_exponent=65537, key_size=3072), as_dict=True)
+    else:
+        raise SigningError(f"unsupported signing algorithm {alg!r} (use one of {', '.join(SIGNING_ALGORITHMS)})")
+    jwk = dict(jwk)
+    jwk.update(kid=thumbprint(jwk), alg=alg, use="sig")
+    return jwk
+
+
+def public_part(jwk: dict[str, Any]) -> dict[str, Any]:
+    keep = (*_THUMBPRINT_MEMBERS[jwk["kty"]], "kid", "alg", "use")
+    return {m: jwk[m] for m in keep if m in jwk}
+
+
+@dataclass
+class KeyInfo:
+    kid: str
+    alg: str
+    created: int
+    status: str
+
+
+class SigningKeys:
+    """Read-modify-write access to the two key files under one lock."""
+
+    def __init__(self, settings: Settings) -> None:
+        self.settings = settings
+        self.private_file = settings.signing_keys_file
+        self.public_file = settings.jwks_file
+
+    def _load(self) -> list[dict[str, Any]]:
+        document = read_json(self.private_file, default={"keys": []})
+        keys = document.get("keys") if isinstance(document, dict) else None
+        if not isinstance(keys, list):
+            raise SigningError(f"{self.private_file} is not a JWK Set")
+        return keys
+
+    def _save(self, keys: list[dict[str, Any]]) -> None:
+        # Public first: a token signed by a new key must never reach a server that cannot verify it yet.
+        public = {"keys": [public_part(k) for k in keys if k.get("status") != RETIRED]}
+        write_json(self.public_file, public, mode=0o644)
+        write_json(self.private_file, {"keys": keys}, mode=0o600)
+
+    def list(self) -> list[KeyInfo]:
+        return [KeyInfo(k["kid"], k["alg"], int(k.get("created", 0)), k.get("status", PREVIOUS)) for k in self._load()]
+
+    def rotate(self, alg: str = "EdDSA") -> str:
+        if alg not in self.settings.algorithms:
+            raise SigningError(f"{alg} is not in SECURE_WS_JWT_ALGORITHMS; the server would refuse its tokens")
+        jwk = generate_jwk(alg)
+        with locked(self.private_file):
+            keys = self._load()
+            for key in keys:
+                if key.get("status") == ACTIVE:
+                    key["status"] = PREVIOUS
+            keys.append({**jwk, "created": int(time.time()), "status": ACTIVE})
+            self._save(keys)
+        return jwk["kid"]
+
+    def retire(self, kid: str) -> None:
+        with locked(self.private_file):
+            keys = self._load()
+            key = next((k for k in keys if k["kid"] == kid), None)
+            if key is None:
+                raise SigningError(f"no key with kid {kid!r}")
+            if key.get("status") == RETIRED:
+                return
+            for member in _PRIVATE_MEMBERS:
+                key.pop(member, None)
+            key["status"] = RETIRED
+            key["retired"] = int(time.time())
+            self._save(keys)
+
+    def retire_older_than(self, seconds: int, now: float | None = None) -> list[str]:
+        """Retire every non-active key created more than ``seconds`` ago (the rotation script's clean-up)."""
+        now = time.time() if now is None else now
+        old = [k.kid for k in self.list() if k.status == PREVIOUS and k.created < now - seconds]
+        for kid in old:
+            self.retire(kid)
+        return old
+
+    def active(self) -> dict[str, Any]:
+        key = next((k for k in self._load() if k.get("status") == ACTIVE), None)
+        if key is None:
+            raise SigningError(f"no active signing key in {self.private_file} (run `secure-ws keys rotate`)")
+        return key
+
+
+def issue_token(
+    settings: Settings, sub: str, ttl: int, scope: str | None = None, now: float | None = None
+) -> str:
+    if not sub:
+        raise SigningError("--sub must not be empty")
+    if ttl <= 0 or ttl > settings.max_token_ttl:
+        raise SigningError(f"--ttl must be between 1s and SECURE_WS_JWT_MAX_TTL ({settings.max_token_ttl}s)")
+    key = SigningKeys(settings).active()
+    iat = int(time.time() if now is None else now)
+    claims: dict[str, Any] = {
+        "iss": settings.issuer,
+        "aud": settings.audience,
+        "sub": sub,
+        "iat": iat,
+        "exp": iat + ttl,
+        "jti": secrets.token_urlsafe(16),
+    }
+    if scope:
+        claims["scope"] = scope
+    private = jwt.PyJWK({m: v for m, v in key.items() if m not in ("created", "status")}, algorithm=key["alg"])
+    return jwt.encode(claims, private.key, algorithm=key["alg"], headers={"kid": key["kid"]})

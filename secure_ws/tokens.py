@@ -1,0 +1,124 @@
+"""Token verification (RFC 8725) → a :class:`Principal`, or an :class:`AuthError` with a SPEC reason.
+
+The order matters: the header is only used to pick a key by ``kid``; the
+algorithm must then equal the one bound to that key; only after the signature
+holds are the claims looked at, so an expired *forgery* reads ``invalid token``,
+never ``token expired``.
+"""
+
+from __future__ import annotations
+
+import re
+from dataclasses import dataclass, field
+
+import jwt
+from jwt.exceptions import ExpiredSignatureError
+
+from .keys import KeyStore
+from .settings import Settings
+
+MAX_TOKEN_CHARS = 8192
+MAX_SUB_CHARS = 256
+_JWS_COMPACT = re.compile(r"[A-Za-z0-9_-]+\.[A-Za-z0-9_-]+\.[A-Za-z0-9_-]+")
+# Headers that point at keys the attacker controls; a legitimate token here never needs them.
+_UNTRUSTED_HEADERS = ("jwk", "jku", "x5u", "x5c")
+_REQUIRED_CLAIMS = ["exp", "iat", "sub", "iss", "aud"]
+
+MISSING = "missing token"
+INVALID = "invalid token"
+EXPIRED = "token expired"
+REVOKED = "token revoked"
+
+
+class AuthError(Exception):
+    """``reason`` goes to the client (a fixed SPEC string); ``detail`` only to the server log."""
+
+    def __init__(self, reason: str, detail: str) -> None:
+        super().__init__(detail)
+        self.reason = reason
+        self.detail = detail
+
+
+@dataclass(frozen=True, slots=True)
+class Principal:
+    sub: str
+    exp: int
+    iat: float
+    jti: str | None
+    kid: str | None
+    scopes: tuple[str, ...] = field(default=())
+
+
+def _scopes(claims: dict) -> tuple[str, ...]:
+    scope = claims.get("scope", claims.get("scp"))
+    if isinstance(scope, str):
+        return tuple(scope.split())
+    if isinstance(scope, list):
+        return tuple(s for s in scope if isinstance(s, str))
+    return ()
+
+
+class Verifier:
+    def __init__(self, settings: Settings, keys: KeyStore) -> None:
+        self.settings = settings
+        self.keys = keys
+        self._jwt = jwt.PyJWT()
+        self._options = {"require": _REQUIRED_CLAIMS, "verify_sub": True, "verify_jti": True}
+
+    async def verify(self, token: str) -> Principal:
+        header = self._header(token)
+        kid = header.get("kid")
+        key = self.keys.keyring.get(kid)
+        if key is None and kid is not None and await self.keys.refresh_url():
+            key = self.keys.keyring.get(kid)
+        if key is None:
+            raise AuthError(INVALID, f"no key for kid {kid!r}" if kid is not None else "token has no kid")
+        return self.check(token, header, key)
+
+    def _header(self, token: str) -> dict:
+        if len(token) > MAX_TOKEN_CHARS:
+            raise AuthError(INVALID, f"token longer than {MAX_TOKEN_CHARS} characters")
+        if not _JWS_COMPACT.fullmatch(token):
+            raise AuthError(INVALID, "not a compact JWS (three base64url parts, signature non-empty)")
+        try:
+            header = jwt.get_unverified_header(token)
+        except Exception as exc:
+            raise AuthError(INVALID, f"bad header: {exc.__class__.__name__}") from None
+        kid = header.get("kid")
+        if kid is not None and not isinstance(kid, str):
+            raise AuthError(INVALID, "kid is not a string")
+        for name in _UNTRUSTED_HEADERS:
+            if name in header:
+                raise AuthError(INVALID, f"header carries {name!r}; keys are never taken from a token")
+        return header
+
+    def check(self, token: str, header: dict, key) -> Principal:  # noqa: ANN001 (VerificationKey)
+        alg = header.get("alg")
+        if alg != key.algorithm:
+            raise AuthError(INVALID, f"alg {str(alg)[:20]!r} does not match key {key.kid!r} bound to {key.algorithm}")
+        s = self.settings
+        try:
+            claims = self._jwt.decode(
+                token,
+                key.key,
+                algorithms=[key.algorithm],
+                audience=s.audience,
+                issuer=s.issuer,
+                leeway=s.leeway,
+                options=self._options,
+            )
+        except ExpiredSignatureError:
+            raise AuthError(EXPIRED, "exp has passed") from None
+        except Exception as exc:  # every malformed input is just an invalid token
+            raise AuthError(INVALID, f"{exc.__class__.__name__}: {str(exc)[:120]}") from None
+        sub = claims["sub"]
+        if not sub or len(sub) > MAX_SUB_CHARS:
+            raise AuthError(INVALID, "sub empty or too long")
+        try:
+            exp = int(claims["exp"])
+            iat = float(claims["iat"])
+        except (TypeError, ValueError, OverflowError):
+            raise AuthError(INVALID, "exp or iat not numeric") from None
+        if exp - iat > s.max_token_ttl + s.leeway:
+            raise AuthError(INVALID, f"lifetime {exp - iat:.0f}s exceeds SECURE_WS_JWT_MAX_TTL")
+        return Principal(sub=sub, exp=exp, iat=iat, jti=claims.get("jti"), kid=key.kid, scopes=_scopes(claims))
