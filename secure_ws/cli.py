@@ -145,20 +145,20 @@ def cmd_dev(args: argparse.Namespace) -> None:
     if not any(k.status == "active" for k in keys.list()) or not settings.jwks_file.exists():
         print(f"created signing key {keys.rotate('EdDSA')}")
     token = issue_token(settings, "dev-user", 3600, "subscribe:* publish:*")
-    base = f"wss://localhost:{args.port}"
+    ca = settings.tls_certfile.parent / "ca.crt"
     print(
         f"""
-secure-ws dev server
-  WebSocket:  {base}/ws
-  demo page:  https://localhost:{args.port}/demo#token={token}
-  health:     https://localhost:{args.port}/healthz
-  CA to trust: {settings.tls_certfile.parent / 'ca.crt'}
+secure-ws dev server on https://localhost:{args.port}
+  WebSocket:   wss://localhost:{args.port}/ws
+  health:      https://localhost:{args.port}/healthz
+  CA to trust: {ca}
 
-A token for sub "dev-user", valid 1 h, may subscribe and publish anywhere:
+A token for sub "dev-user", valid 1 h, may subscribe and publish on any channel:
 
 {token}
 
-Try it:  python -m websockets --help  /  see README "Connecting"
+Try it from another terminal (type {{"type":"ping"}} and press enter):
+  SSL_CERT_FILE={ca} python -m websockets "wss://localhost:{args.port}/ws?access_token={token}"
 """,
         flush=True,
     )

@@ -104,6 +104,7 @@ class SigningKeys:
             for key in keys:
                 if key.get("status") == ACTIVE:
                     key["status"] = PREVIOUS
+                    key["superseded"] = int(time.time())
             keys.append({**jwk, "created": int(time.time()), "status": ACTIVE})
             self._save(keys)
         return jwk["kid"]
@@ -122,13 +123,24 @@ class SigningKeys:
             key["retired"] = int(time.time())
             self._save(keys)
 
-    def retire_older_than(self, seconds: int, now: float | None = None) -> list[str]:
-        """Retire every non-active key created more than ``seconds`` ago (the rotation script's clean-up)."""
+    def retire_unused(self, max_token_lifetime: int, now: float | None = None) -> list[str]:
+        """Retire every previous key that cannot have signed a still-valid token.
+
+        A key stops signing when it is superseded, so its last token expires at
+        most ``max_token_lifetime`` later; counting from ``created`` instead would
+        cut off tokens of a key that was active for a long time.
+        """
         now = time.time() if now is None else now
-        old = [k.kid for k in self.list() if k.status == PREVIOUS and k.created < now - seconds]
-        for kid in old:
+        with locked(self.private_file):
+            keys = self._load()
+        done = [
+            k["kid"]
+            for k in keys
+            if k.get("status") == PREVIOUS and k.get("superseded", k.get("created", 0)) + max_token_lifetime < now
+        ]
+        for kid in done:
             self.retire(kid)
-        return old
+        return done
 
     def active(self) -> dict[str, Any]:
         key = next((k for k in self._load() if k.get("status") == ACTIVE), None)

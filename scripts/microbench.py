@@ -1,0 +1,102 @@
+#!/usr/bin/env python3
+"""Micro-benchmark of the per-handshake and per-frame costs, in process (no sockets).
+
+    python scripts/microbench.py [--n 20000]
+
+Prints µs per operation (best of 5 rounds, so noise from a shared machine
+inflates nothing): token verification per algorithm, the full handshake
+authentication (verify + revocation check), one rate-limit hit, and one frame
+through a session (rate-limit hit → parse → dispatch → send) with the ASGI
+send/receive replaced by in-memory queues. For end-to-end ratios against a bare
+Starlette server see ``scripts/bench.py``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import json
+import os
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+
+from secure_ws.ratelimit import Limiter  # noqa: E402
+from secure_ws.service import Service  # noqa: E402
+from secure_ws.session import Session  # noqa: E402
+from secure_ws.settings import load_settings  # noqa: E402
+from secure_ws.signing import SigningKeys, issue_token  # noqa: E402
+
+
+def best(samples: list[float]) -> float:
+    return min(samples)
+
+
+async def timeit(fn, n: int, rounds: int = 5) -> float:  # noqa: ANN001
+    times = []
+    for _ in range(rounds):
+        start = time.perf_counter()
+        for _ in range(n):
+            await fn()
+        times.append((time.perf_counter() - start) / n * 1e6)
+    return best(times)
+
+
+async def main(n: int) -> None:
+    tmp = Path(tempfile.mkdtemp())
+    env = {
+        "SECURE_WS_JWKS_FILE": str(tmp / "jwks.json"),
+        "SECURE_WS_SIGNING_KEYS_FILE": str(tmp / "signing.json"),
+        "SECURE_WS_REVOCATION_FILE": str(tmp / "revocations.json"),
+        "SECURE_WS_RATE_LIMIT": "1000000000/second",
+    }
+    os.environ.update(env)
+    settings = load_settings(env_file=None)
+    results: dict[str, float] = {}
+    keys = SigningKeys(settings)
+    for alg in ("RS256", "ES256", "EdDSA"):  # EdDSA last: it stays active for the session run below
+        keys.rotate(alg)
+        settings = load_settings(env_file=None)
+        service = Service(settings)
+        token = issue_token(settings, "bench", 900)
+        results[f"verify {alg}"] = await timeit(lambda: service.verifier.verify(token), n // 4)
+    results["authenticate EdDSA (verify + revocation check)"] = await timeit(lambda: service.authenticate(token), n // 4)
+
+    limiter = Limiter(settings.rate_limits, "sliding-window", service.storage.limiter_storage, "msg")
+    results["rate-limit hit (memory, sliding window)"] = await timeit(lambda: limiter.hit("bench"), n)
+
+    principal = await service.authenticate(token)
+    frame = json.dumps({"type": "echo", "data": {"n": 1, "text": "hello"}})
+    sent = 0
+
+    async def send(message: dict) -> None:
+        nonlocal sent
+        sent += 1
+
+    for label, text in (("frame: echo", frame), ("frame: ping", '{"type":"ping"}')):
+        samples = []
+        for _ in range(5):
+            queue: asyncio.Queue = asyncio.Queue()
+            queue.put_nowait({"type": "websocket.connect"})
+            for _ in range(n):
+                queue.put_nowait({"type": "websocket.receive", "text": text})
+            queue.put_nowait({"type": "websocket.disconnect", "code": 1000})
+            session = Session(service, send, principal)
+            start = time.perf_counter()
+            await session.run(queue.get, None)
+            samples.append((time.perf_counter() - start) / n * 1e6)
+        results[f"{label} (hit + parse + dispatch + send)"] = best(samples)
+
+    width = max(map(len, results))
+    print(f"{'operation':<{width}}  µs/op (best of 5)")
+    for name, us in results.items():
+        print(f"{name:<{width}}  {us:8.1f}")
+
+
+if __name__ == "__main__":
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--n", type=int, default=20000)
+    asyncio.run(main(parser.parse_args().n))

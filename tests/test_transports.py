@@ -1,0 +1,83 @@
+"""SPEC §3 transports and §4 welcome, over real uvicorn + TLS with a real client."""
+
+from __future__ import annotations
+
+import pytest
+
+from conftest import closed_with, refusal, request, run, unique_sub, welcome
+
+
+@pytest.mark.parametrize("transport", ["header", "subprotocol", "query", "token"])
+def test_each_transport_is_welcomed(server, issue, transport):
+    sub = unique_sub()
+
+    async def go():
+        async with server.connect(issue(sub=sub), transport) as ws:
+            hello = await welcome(ws)
+            assert hello["sub"] == sub
+            assert hello["rate_limit"] == "20/second"
+            assert isinstance(hello["connection_id"], str) and hello["connection_id"]
+            assert isinstance(hello["expires_at"], int)
+            if transport == "subprotocol":
+                assert ws.subprotocol == "secure-ws.v1"  # selected, the token never echoed
+            assert await request(ws, {"type": "ping"}) == {"type": "pong"}
+
+    run(go())
+
+
+def test_subprotocol_response_never_echoes_token(server, issue):
+    token = issue()
+
+    async def go():
+        async with server.connect(token, "subprotocol") as ws:
+            await welcome(ws)
+            echoed = ws.response.headers.get_all("Sec-WebSocket-Protocol")
+            assert echoed == ["secure-ws.v1"]
+            assert token not in str(ws.response.headers)
+
+    run(go())
+
+
+def test_missing_token(server):
+    assert run(refusal(server, None)) == (1008, "missing token")
+
+
+def test_missing_token_with_only_our_subprotocol(server):
+    async def go():
+        async with server.connect(None, subprotocols=["secure-ws.v1"]) as ws:
+            assert ws.subprotocol == "secure-ws.v1"  # so a browser reaches the close frame
+            return await closed_with(ws)
+
+    assert run(go()) == (1008, "missing token")
+
+
+def test_two_different_tokens_are_ambiguous(server, issue):
+    a, b = issue(), issue()
+    code = run(refusal(server, a, "header", query=f"access_token={b}"))
+    assert code == (1008, "ambiguous credentials")
+    code = run(refusal(server, a, "subprotocol", headers={"Authorization": f"Bearer {b}"}))
+    assert code == (1008, "ambiguous credentials")
+    code = run(refusal(server, None, query=f"access_token={a}&token={b}"))
+    assert code == (1008, "ambiguous credentials")
+
+
+def test_same_token_twice_is_fine(server, issue):
+    token = issue()
+
+    async def go():
+        async with server.connect(token, "header", query=f"access_token={token}") as ws:
+            await welcome(ws)
+
+    run(go())
+
+
+def test_other_websocket_paths_are_refused(server, issue):
+    import websockets
+
+    async def go():
+        with pytest.raises(websockets.InvalidStatus) as info:
+            async with server.connect(issue(), path="/other"):
+                pass
+        assert info.value.response.status_code == 403
+
+    run(go())
