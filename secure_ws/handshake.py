@@ -27,6 +27,7 @@ BEARER_PREFIX = "bearer."
 ORIGIN_NOT_ALLOWED = "origin not allowed"
 AMBIGUOUS = "ambiguous credentials"
 TOO_MANY = "too many connections"
+UNAVAILABLE = "service unavailable"
 QUERY_NAMES = ("access_token", "token")
 
 
@@ -100,6 +101,13 @@ class HandshakeMiddleware:
             log.info("handshake refused ip=%s reason=%r: %s", ip, exc.reason, exc.detail)
             await refuse(receive, send, exc.reason, subprotocol)
             return
+        except service.storage.errors as exc:
+            # Without storage, revocations and connection caps cannot be checked: refuse rather than
+            # admit unchecked. 1013 "try again later" tells clients to back off and retry.
+            metrics.HANDSHAKES.labels(result="unavailable").inc()
+            log.warning("handshake refused ip=%s: storage unreachable: %s", ip, exc)
+            await refuse(receive, send, UNAVAILABLE, subprotocol, code=1013)
+            return
         metrics.HANDSHAKE_SECONDS.observe(time.perf_counter() - started)
         metrics.HANDSHAKES.labels(result="accepted").inc()
         scope["secure_ws.principal"] = principal
@@ -110,7 +118,7 @@ class HandshakeMiddleware:
             await service.release_slot(principal.sub, slot)
 
 
-async def refuse(receive: Any, send: Any, reason: str, subprotocol: str | None) -> None:
+async def refuse(receive: Any, send: Any, reason: str, subprotocol: str | None, code: int = 1008) -> None:
     """Accept, then close 1008 at once: the only refusal a browser's WebSocket API can read."""
     message = await receive()
     if message["type"] != "websocket.connect":
@@ -118,7 +126,7 @@ async def refuse(receive: Any, send: Any, reason: str, subprotocol: str | None) 
     # Selecting our subprotocol matters: a browser that offered one fails a handshake answered without one,
     # and would then see 1006 instead of the reason.
     await send({"type": "websocket.accept", "subprotocol": subprotocol})
-    await send({"type": "websocket.close", "code": 1008, "reason": reason})
+    await send({"type": "websocket.close", "code": code, "reason": reason})
 
 
 async def deny_http(receive: Any, send: Any, scope: dict[str, Any], status: int, retry_after: int) -> None:

@@ -16,6 +16,8 @@ BAD_REQUEST = "bad_request"
 UNKNOWN_TYPE = "unknown_type"
 FORBIDDEN = "forbidden"
 RATE_LIMITED = "rate_limited"
+# Not in SPEC §5's list: only sent while Redis is unreachable, when a publish or subscribe cannot be done.
+UNAVAILABLE = "unavailable"
 
 MessageId = str | int | None
 

@@ -46,12 +46,10 @@ class Service:
                 self.revocations = self.storage.read_revocations()
             except (OSError, ValueError) as exc:
                 raise ConfigError("SECURE_WS_REVOCATION_FILE", str(exc)) from None
-        self.limiter = Limiter(
-            settings.rate_limits, settings.rate_limit_strategy, self.storage.limiter_storage, "msg"
-        )
-        self.handshake_limiter = Limiter(
-            settings.handshake_rate_limits, settings.rate_limit_strategy, self.storage.limiter_storage, "hs"
-        )
+        errors = self.storage.errors
+        strategy, limiter_storage = settings.rate_limit_strategy, self.storage.limiter_storage
+        self.limiter = Limiter(settings.rate_limits, strategy, limiter_storage, "msg", errors)
+        self.handshake_limiter = Limiter(settings.handshake_rate_limits, strategy, limiter_storage, "hs", errors)
         self.hub = Hub(self.storage)
         self.storage.on_revocations = self._revocations_changed
         self.keys.on_change(self.hub.enforce_keyring)

@@ -22,6 +22,7 @@ from .protocol import (
     BAD_REQUEST,
     FORBIDDEN,
     RATE_LIMITED,
+    UNAVAILABLE,
     UNKNOWN_TYPE,
     Grants,
     ProtocolError,
@@ -137,6 +138,9 @@ class Session:
                 await self._dispatch(text)
             except ProtocolError as exc:
                 await self.send(error(exc.code, exc.message, exc.id))
+            except self.service.storage.errors:
+                log.warning("session %s: storage unreachable", self.id)
+                await self.send(error(UNAVAILABLE, "shared storage unreachable; retry shortly"))
             except Exception:
                 log.exception("session %s: server fault", self.id)
                 await self.close(1011, "internal error")

@@ -31,6 +31,8 @@ MessageListener = Callable[[str, str], None]  # (channel, payload)
 
 class Storage(ABC):
     limiter_storage: LimitsStorage
+    # What this storage raises when it cannot be reached: callers degrade instead of failing with 1011.
+    errors: tuple[type[BaseException], ...] = ()
 
     def __init__(self) -> None:
         self.on_revocations: RevocationListener = lambda revocations: None
@@ -129,11 +131,11 @@ class MemoryStorage(Storage):
     async def _watch(self) -> None:
         while True:
             await asyncio.sleep(POLL_INTERVAL)
-            current = await asyncio.to_thread(fingerprint, self.revocation_file)
-            if current == self._print:
-                continue
-            self._print = current
             try:
+                current = await asyncio.to_thread(fingerprint, self.revocation_file)
+                if current == self._print:
+                    continue
+                self._print = current
                 revocations = await asyncio.to_thread(self.read_revocations)
             except (OSError, ValueError) as exc:
                 log.error("revocations: %s; keeping the last good list", exc)
