@@ -30,12 +30,23 @@ def redact(text: str) -> str:
     return text
 
 
+def _clean(arg: object) -> object:
+    # Numbers stay numbers for %d; anything else is logged as its redacted text.
+    if arg is None or isinstance(arg, (int, float)):
+        return arg
+    return redact(arg if isinstance(arg, str) else str(arg))
+
+
 class RedactingFilter(logging.Filter):
     def filter(self, record: logging.LogRecord) -> bool:
-        message = record.getMessage()
-        clean = redact(message)
-        if clean != message or record.args:
-            record.msg, record.args = clean, None
+        # Redact the arguments in place rather than flattening the message: formatters such as
+        # uvicorn's AccessFormatter unpack record.args themselves.
+        if isinstance(record.msg, str):
+            record.msg = redact(record.msg)
+        if isinstance(record.args, tuple):
+            record.args = tuple(_clean(a) for a in record.args)
+        elif isinstance(record.args, dict):
+            record.args = {k: _clean(v) for k, v in record.args.items()}
         if record.exc_info and record.exc_text is None and record.exc_info[0] is not None:
             record.exc_text = redact(logging.Formatter().formatException(record.exc_info))
         return True
