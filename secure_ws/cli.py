@@ -108,7 +108,7 @@ def cmd_token_revoke(args: argparse.Namespace) -> None:
 def _serve(settings: Settings, host: str, port: int, workers: int, **extra: Any) -> None:
     import uvicorn
 
-    from .tls import uvicorn_context_factory
+    from .server import HTTP_PROTOCOL, uvicorn_context_factory
 
     for variable, path in (("SECURE_WS_TLS_CERTFILE", settings.tls_certfile), ("SECURE_WS_TLS_KEYFILE", settings.tls_keyfile)):
         if not path.is_file():
@@ -119,6 +119,7 @@ def _serve(settings: Settings, host: str, port: int, workers: int, **extra: Any)
         port=port,
         workers=workers,
         ssl_context_factory=uvicorn_context_factory,
+        http=HTTP_PROTOCOL,
         ws_max_size=settings.max_message_bytes,
         ws_ping_interval=20.0,
         ws_ping_timeout=20.0,

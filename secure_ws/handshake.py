@@ -79,7 +79,7 @@ class HandshakeMiddleware:
         retry_ms = await service.handshake_limiter.hit(ip)
         if retry_ms:
             metrics.HANDSHAKES.labels(result="throttled").inc()
-            log.warning("handshake throttled ip=%s", ip)
+            log.warning("handshake throttled ip=%s", ip, extra={"event": "handshake_throttled", "client": ip})
             await deny_http(receive, send, scope, 429, retry_after=max(1, -(-retry_ms // 1000)))
             return
         offered = scope.get("subprotocols") or ()
@@ -98,14 +98,20 @@ class HandshakeMiddleware:
                 raise Refusal(TOO_MANY, f"sub {principal.sub!r} holds the maximum connections")
         except (Refusal, AuthError) as exc:
             metrics.HANDSHAKES.labels(result=exc.reason.replace(" ", "_")).inc()
-            log.info("handshake refused ip=%s reason=%r: %s", ip, exc.reason, exc.detail)
+            log.info(
+                "handshake refused ip=%s reason=%r: %s", ip, exc.reason, exc.detail,
+                extra={"event": "handshake_refused", "client": ip, "close_code": 1008, "reason": exc.reason},
+            )
             await refuse(receive, send, exc.reason, subprotocol)
             return
         except service.storage.errors as exc:
             # Without storage, revocations and connection caps cannot be checked: refuse rather than
             # admit unchecked. 1013 "try again later" tells clients to back off and retry.
             metrics.HANDSHAKES.labels(result="unavailable").inc()
-            log.warning("handshake refused ip=%s: storage unreachable: %s", ip, exc)
+            log.warning(
+                "handshake refused ip=%s: storage unreachable: %s", ip, exc,
+                extra={"event": "handshake_refused", "client": ip, "close_code": 1013, "reason": UNAVAILABLE},
+            )
             await refuse(receive, send, UNAVAILABLE, subprotocol, code=1013)
             return
         metrics.HANDSHAKE_SECONDS.observe(time.perf_counter() - started)

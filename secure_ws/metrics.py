@@ -29,3 +29,9 @@ HANDSHAKE_SECONDS = Histogram(
 
 def exposition() -> tuple[bytes, str]:
     return generate_latest(REGISTRY), CONTENT_TYPE_LATEST
+FRAME_SECONDS = Histogram(
+    "secure_ws_frame_seconds",
+    "Time to handle one accepted inbound frame (parse, dispatch, reply), sampled 1 in 8",
+    buckets=(0.00002, 0.00005, 0.0001, 0.00025, 0.0005, 0.001, 0.0025, 0.005, 0.01, 0.05),
+    registry=REGISTRY,
+)

@@ -14,6 +14,7 @@ import asyncio
 import logging
 import secrets
 import time
+from time import perf_counter
 from collections import deque
 from typing import TYPE_CHECKING, Any
 
@@ -56,6 +57,7 @@ class Session:
         "_queue",
         "_drainer",
         "_rejections",
+        "_frames",
     )
 
     def __init__(self, service: Service, send: Any, principal: Principal) -> None:
@@ -71,6 +73,7 @@ class Session:
         self._queue: deque[str] = deque()
         self._drainer: asyncio.Task[None] | None = None
         self._rejections = 0
+        self._frames = 0
 
     # -- lifecycle -----------------------------------------------------------------
 
@@ -81,6 +84,7 @@ class Session:
         await self.send_raw({"type": "websocket.accept", "subprotocol": subprotocol})
         service.hub.add(self)
         metrics.CONNECTIONS.inc()
+        log.info("session %s sub=%s open", self.id, self.principal.sub, extra=self._log_fields("open"))
         self._arm_timer()
         try:
             await self.send(
@@ -94,7 +98,11 @@ class Session:
                     }
                 )
             )
-            await self._loop(receive)
+            code = await self._loop(receive)
+            log.info(
+                "session %s sub=%s disconnected %s", self.id, self.principal.sub, code,
+                extra=self._log_fields("disconnect", code),
+            )
         finally:
             self.closed = True
             if self._timer is not None:
@@ -104,17 +112,19 @@ class Session:
             metrics.CONNECTIONS.dec()
             await service.hub.remove(self)
 
-    async def _loop(self, receive: Any) -> None:
+    async def _loop(self, receive: Any) -> int | None:
+        """Returns the client's close code when it disconnects."""
         settings = self.service.settings
         limiter = self.service.limiter
         max_bytes = settings.max_message_bytes
         close_after = settings.rate_limit_close_after
         sub = self.principal.sub
         frames = metrics.MESSAGES
+        frame_seconds = metrics.FRAME_SECONDS
         while True:
             message = await receive()
             if message["type"] != "websocket.receive":
-                return
+                return message.get("code")
             if self.closed:
                 continue  # frames already in flight when we closed
             frames.inc()
@@ -134,16 +144,22 @@ class Session:
                     await self.close(1008, "rate limit exceeded")
                 continue
             self._rejections = 0
+            sampled = not self._frames & 7  # 1 frame in 8: a fair latency distribution at an eighth of the cost
+            self._frames += 1
+            if sampled:
+                started = perf_counter()
             try:
                 await self._dispatch(text)
             except ProtocolError as exc:
                 await self.send(error(exc.code, exc.message, exc.id))
             except self.service.storage.errors:
-                log.warning("session %s: storage unreachable", self.id)
+                log.warning("session %s: storage unreachable", self.id, extra=self._log_fields("storage_unavailable"))
                 await self.send(error(UNAVAILABLE, "shared storage unreachable; retry shortly"))
-            except Exception:
-                log.exception("session %s: server fault", self.id)
+            except Exception:  # noqa: BLE001 (a fault must close this connection only)
+                log.exception("session %s: server fault", self.id, extra=self._log_fields("fault", 1011))
                 await self.close(1011, "internal error")
+            if sampled:
+                frame_seconds.observe(perf_counter() - started)
 
     async def _dispatch(self, text: str) -> None:
         request = decode(text)
@@ -191,11 +207,13 @@ class Session:
         try:
             principal = await service.authenticate(token)
         except AuthError as exc:
-            log.info("session %s: refresh refused (%s): %s", self.id, exc.reason, exc.detail)
+            log.info(
+                "session %s: refresh refused (%s): %s", self.id, exc.reason, exc.detail, extra=self._log_fields("refresh_refused")
+            )
             await self.close(1008, INVALID)
             return
         if principal.sub != self.principal.sub:
-            log.info("session %s: refresh with another sub refused", self.id)
+            log.info("session %s: refresh with another sub refused", self.id, extra=self._log_fields("refresh_refused"))
             await self.close(1008, INVALID)
             return
         self.principal = principal
@@ -208,6 +226,9 @@ class Session:
                     error(FORBIDDEN, f"refreshed scope no longer grants subscribe:{channel}", channel=channel)
                 )
         await self.send(reply(request, {"type": "refreshed", "expires_at": principal.exp}))
+
+    def _log_fields(self, event: str, code: int | None = None, reason: str | None = None) -> dict[str, Any]:
+        return {"connection_id": self.id, "sub": self.principal.sub, "event": event, "close_code": code, "reason": reason}
 
     # -- deadline --------------------------------------------------------------------
 
@@ -250,7 +271,10 @@ class Session:
         self.closed = True
         self._queue.clear()
         metrics.CLOSES.labels(code=str(code)).inc()
-        log.info("session %s sub=%s closed %d %s", self.id, self.principal.sub, code, reason)
+        log.info(
+            "session %s sub=%s closed %d %s", self.id, self.principal.sub, code, reason,
+            extra=self._log_fields("close", code, reason),
+        )
         try:
             await self.send_raw({"type": "websocket.close", "code": code, "reason": reason})
         except Exception:  # already disconnected: nothing left to tell

@@ -124,10 +124,3 @@ def client_context(ca_file: Path) -> ssl.SSLContext:
     context = ssl.create_default_context(cafile=str(ca_file))
     return context
 
-
-def uvicorn_context_factory(config: object, default_factory: object) -> ssl.SSLContext:
-    """uvicorn's ``ssl_context_factory``: module-level so it pickles into ``--workers`` processes."""
-    from .settings import load_settings
-
-    s = load_settings()
-    return server_context(s.tls_certfile, s.tls_keyfile, s.tls_min_version, s.tls_client_ca)
