@@ -15,7 +15,7 @@ from starlette.requests import Request
 from starlette.responses import JSONResponse, Response
 from starlette.routing import Route
 
-from . import logs, metrics
+from . import demo, logs, metrics
 from .handshake import HandshakeMiddleware
 from .service import Service
 from .session import Session
@@ -52,6 +52,8 @@ def create_app(settings: Settings | None = None) -> Any:
         Route("/metrics", metrics_endpoint),
         Route("/.well-known/jwks.json", jwks),
     ]
+    if True:
+        routes += demo.routes()
     http = Starlette(routes=routes, lifespan=service.lifespan)
 
     async def session(scope: dict[str, Any], receive: Any, send: Any) -> None:

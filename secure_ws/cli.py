@@ -130,7 +130,7 @@ def _serve(settings: Settings, host: str, port: int, workers: int, **extra: Any)
 
 
 def cmd_serve(args: argparse.Namespace) -> None:
-    _serve(_settings(), args.host, args.port, args.workers)
+    _serve(_settings(), args.host, args.port, args.workers, log_level=args.log_level, access_log=args.access_log)
 
 
 def cmd_dev(args: argparse.Namespace) -> None:
@@ -203,6 +203,8 @@ def build_parser() -> argparse.ArgumentParser:
         p.add_argument("--port", type=int, default=DEFAULT_PORT)
         if name == "serve":
             p.add_argument("--workers", type=int, default=1)
+            p.add_argument("--log-level", default="info", choices=("critical", "error", "warning", "info", "debug"))
+            p.add_argument("--no-access-log", dest="access_log", action="store_false", help="no line per request")
         p.set_defaults(func=cmd_serve if name == "serve" else cmd_dev)
     return parser
 

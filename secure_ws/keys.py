@@ -73,6 +73,10 @@ class Keyring:
     def kids(self) -> set[str | None]:
         return set(self._by_kid)
 
+    def identity(self) -> frozenset[tuple[str | None, str, str]]:
+        """What makes two keyrings verify differently: kid, algorithm and key material."""
+        return frozenset((k.kid, k.algorithm, repr(sorted((k.public_jwk or {}).items()))) for k in self._by_kid.values())
+
     def public_jwks(self) -> dict[str, list[dict[str, Any]]]:
         return {"keys": [dict(k.public_jwk) for k in self._by_kid.values() if k.public_jwk is not None]}
 
@@ -210,7 +214,7 @@ class KeyStore:
     def _rebuild(self) -> None:
         old = self.keyring
         self.keyring = Keyring([*self._file_keys, *self._url_keys, *secret_key(self.settings)])
-        if old.kids() != self.keyring.kids():
+        if old.identity() != self.keyring.identity():
             log.info("keyring: %d keys (%s)", len(self.keyring), ", ".join(sorted(str(k) for k in self.keyring.kids())))
             for listener in self._listeners:
                 listener(old, self.keyring)

@@ -82,7 +82,9 @@ def configure(log_format: str) -> None:
         handler.setFormatter(logging.Formatter("%(levelname)s:     %(name)s %(message)s"))
         logger = logging.getLogger("secure_ws")
         logger.addHandler(handler)
-        logger.setLevel(logging.INFO)
+        # Follow the server's --log-level (uvicorn configures its loggers before importing the app).
+        uvicorn_level = logging.getLogger("uvicorn.error").level
+        logger.setLevel(uvicorn_level or logging.INFO)
         logger.propagate = False
     for name in LOGGERS:
         logger = logging.getLogger(name)

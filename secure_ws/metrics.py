@@ -8,6 +8,7 @@ prometheus-client service not running in multiprocess mode.
 from __future__ import annotations
 
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, generate_latest
+from prometheus_client.core import CounterMetricFamily
 from prometheus_client.exposition import CONTENT_TYPE_LATEST
 
 REGISTRY = CollectorRegistry(auto_describe=True)
@@ -16,8 +17,33 @@ CONNECTIONS = Gauge("secure_ws_connections_active", "Open authenticated WebSocke
 HANDSHAKES = Counter(
     "secure_ws_handshakes_total", "WebSocket handshakes by result", ["result"], registry=REGISTRY
 )
-MESSAGES = Counter("secure_ws_messages_total", "Inbound frames on authenticated connections", registry=REGISTRY)
-RATE_LIMITED = Counter("secure_ws_rate_limited_total", "Inbound frames refused by the rate limit", registry=REGISTRY)
+
+
+class Stats:
+    """Per-frame counters as plain integers: an attribute increment instead of a locked
+    prometheus ``Counter.inc`` on the hot path; exported at scrape time by :class:`_StatsCollector`."""
+
+    __slots__ = ("messages", "rate_limited")
+
+    def __init__(self) -> None:
+        self.messages = 0
+        self.rate_limited = 0
+
+
+STATS = Stats()
+
+
+class _StatsCollector:
+    def collect(self):  # noqa: ANN201 (prometheus collector protocol)
+        yield CounterMetricFamily(
+            "secure_ws_messages", "Inbound frames on authenticated connections", value=STATS.messages
+        )
+        yield CounterMetricFamily(
+            "secure_ws_rate_limited", "Inbound frames refused by the rate limit", value=STATS.rate_limited
+        )
+
+
+REGISTRY.register(_StatsCollector())
 CLOSES = Counter("secure_ws_closes_total", "Connections closed by the server, by close code", ["code"], registry=REGISTRY)
 HANDSHAKE_SECONDS = Histogram(
     "secure_ws_handshake_seconds",

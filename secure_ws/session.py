@@ -118,8 +118,9 @@ class Session:
         limiter = self.service.limiter
         max_bytes = settings.max_message_bytes
         close_after = settings.rate_limit_close_after
-        sub = self.principal.sub
-        frames = metrics.MESSAGES
+        sub = self.principal.sub  # refresh keeps the sub, so it is fixed per connection
+        keys = limiter.keys(sub)
+        stats = metrics.STATS
         frame_seconds = metrics.FRAME_SECONDS
         while True:
             message = await receive()
@@ -127,8 +128,8 @@ class Session:
                 return message.get("code")
             if self.closed:
                 continue  # frames already in flight when we closed
-            frames.inc()
-            retry_ms = await limiter.hit(sub)  # refresh keeps the sub, so it is fixed per connection
+            stats.messages += 1
+            retry_ms = await limiter.hit(sub, keys)
             text = message.get("text")
             if text is None:
                 await self.close(1003, "binary frames are not accepted")
@@ -137,7 +138,7 @@ class Session:
                 await self.close(1009, "message too big")
                 continue
             if retry_ms:
-                metrics.RATE_LIMITED.inc()
+                stats.rate_limited += 1
                 self._rejections += 1
                 await self.send(error(RATE_LIMITED, "rate limit exceeded", retry_after_ms=retry_ms))
                 if self._rejections >= close_after:

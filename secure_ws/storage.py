@@ -15,10 +15,10 @@ from collections import defaultdict
 from collections.abc import Awaitable, Callable
 from pathlib import Path
 
-from limits.aio.storage import MemoryStorage as LimitsMemoryStorage
 from limits.aio.storage import Storage as LimitsStorage
 
 from .files import fingerprint, locked, read_json, write_json
+from .ratelimit import LocalStorage
 from .revocation import Revocations
 
 log = logging.getLogger("secure_ws.storage")
@@ -76,7 +76,7 @@ class MemoryStorage(Storage):
 
     def __init__(self, revocation_file: Path) -> None:
         super().__init__()
-        self.limiter_storage = LimitsMemoryStorage()
+        self.limiter_storage = LocalStorage()
         self.revocation_file = revocation_file
         self._connections: defaultdict[str, set[str]] = defaultdict(set)
         self._channels: set[str] = set()

@@ -9,6 +9,7 @@ never ``token expired``.
 from __future__ import annotations
 
 import re
+import time
 from dataclasses import dataclass, field
 
 import jwt
@@ -23,6 +24,7 @@ _JWS_COMPACT = re.compile(r"[A-Za-z0-9_-]+\.[A-Za-z0-9_-]+\.[A-Za-z0-9_-]+")
 # Headers that point at keys the attacker controls; a legitimate token here never needs them.
 _UNTRUSTED_HEADERS = ("jwk", "jku", "x5u", "x5c")
 _REQUIRED_CLAIMS = ["exp", "iat", "sub", "iss", "aud"]
+CACHE_SIZE = 4096
 
 MISSING = "missing token"
 INVALID = "invalid token"
@@ -59,13 +61,36 @@ def _scopes(claims: dict) -> tuple[str, ...]:
 
 
 class Verifier:
+    """Verifies tokens, remembering recent successes.
+
+    Devices reconnect with the token they hold (network flaps, app restarts), so
+    a verified token is cached by its exact text until its ``exp`` (+ leeway):
+    the same bytes, signature included, verify the same way until then. Only
+    successes are cached; any keyring change empties the cache, and revocation is
+    checked by the caller on every handshake, cached or not.
+    """
+
     def __init__(self, settings: Settings, keys: KeyStore) -> None:
         self.settings = settings
         self.keys = keys
         self._jwt = jwt.PyJWT()
         self._options = {"require": _REQUIRED_CLAIMS, "verify_sub": True, "verify_jti": True}
+        self._cache: dict[str, Principal] = {}
+        keys.on_change(lambda old, new: self._cache.clear())
 
     async def verify(self, token: str) -> Principal:
+        principal = self._cache.get(token)
+        if principal is not None:
+            if time.time() < principal.exp + self.settings.leeway:
+                return principal
+            del self._cache[token]
+        principal = await self._verify(token)
+        if len(self._cache) >= CACHE_SIZE:
+            del self._cache[next(iter(self._cache))]  # oldest first: dicts keep insertion order
+        self._cache[token] = principal
+        return principal
+
+    async def _verify(self, token: str) -> Principal:
         header = self._header(token)
         kid = header.get("kid")
         key = self.keys.keyring.get(kid)

@@ -1,0 +1,503 @@
+#!/usr/bin/env python3
+"""Side-by-side benchmark: secure_ws against a bare Starlette echo server.
+
+    python scripts/bench.py [--quick] [--mode uvicorn|serve] [--rounds N] [--seconds S]
+
+Both servers run under the same uvicorn, with the same TLS certificate, and
+are driven by the same load generator in the same run, in interleaved rounds
+(A B, B A, …), so a noisy shared machine moves both alike. Only ratios
+secure_ws / bare are meant to be compared across machines.
+
+* ``--mode uvicorn``: ``uvicorn secure_ws.main:app`` with uvicorn's defaults, as the SPEC's
+  plain command line runs it, against the bare app on the same defaults.
+* ``--mode serve``: ``secure-ws serve`` (its tuned uvicorn settings) against the bare app
+  on *default* uvicorn — what an operator gets from each out of the box.
+
+secure_ws runs its full path: JWT handshake (EdDSA), per-sub rate limiter (set
+high enough never to refuse, but hit on every frame), JSON protocol. The load
+generator is a minimal WebSocket client over asyncio + TLS in several
+processes (pre-masked frames, no compression offered — like most native mobile
+clients); its CPU use is printed so you can see it is not the bottleneck.
+
+Measured, for each server:
+  frames/s      round trips per second, 50 connections each with one frame in flight
+  p50/p99       round-trip latency of those frames
+  handshakes/s  new TLS connection + upgrade (+ welcome frame for secure_ws), 16 in parallel
+  idle KiB/conn server RSS growth per idle connection, at 2,000 connections
+  fan-out       1,000 subscribers, a publisher sending messages: deliveries/s and p50/p99
+                publish-to-delivery latency
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import base64
+import json
+import multiprocessing as mp
+import os
+import resource
+import socket
+import ssl
+import statistics
+import struct
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(ROOT))
+
+LOADGEN_PROCS = 3
+PAYLOAD = b'{"type":"echo","data":"hello, world"}'
+
+# -- a minimal WebSocket client ------------------------------------------------------------
+
+
+def client_frame(payload: bytes, opcode: int = 1) -> bytes:
+    mask = os.urandom(4)
+    n = len(payload)
+    if n < 126:
+        head = struct.pack("!BB", 0x80 | opcode, 0x80 | n)
+    elif n < 65536:
+        head = struct.pack("!BBH", 0x80 | opcode, 0x80 | 126, n)
+    else:
+        head = struct.pack("!BBQ", 0x80 | opcode, 0x80 | 127, n)
+    masked = bytes(b ^ mask[i % 4] for i, b in enumerate(payload))
+    return head + mask + masked
+
+
+async def ws_open(port: int, ctx: ssl.SSLContext, path: str, headers: str = "") -> tuple:
+    reader, writer = await asyncio.open_connection("127.0.0.1", port, ssl=ctx, server_hostname="localhost", limit=1 << 20)
+    key = base64.b64encode(os.urandom(16)).decode()
+    writer.write(
+        (
+            f"GET {path} HTTP/1.1\r\nHost: localhost:{port}\r\nUpgrade: websocket\r\nConnection: Upgrade\r\n"
+            f"Sec-WebSocket-Key: {key}\r\nSec-WebSocket-Version: 13\r\n{headers}\r\n"
+        ).encode()
+    )
+    head = await reader.readuntil(b"\r\n\r\n")
+    if b" 101 " not in head.split(b"\r\n", 1)[0]:
+        raise RuntimeError(f"upgrade refused: {head[:80]!r}")
+    return reader, writer
+
+
+async def ws_read(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> bytes:
+    """Next text/binary payload; answers pings, raises on close."""
+    while True:
+        b0, b1 = await reader.readexactly(2)
+        n = b1 & 0x7F
+        if n == 126:
+            (n,) = struct.unpack("!H", await reader.readexactly(2))
+        elif n == 127:
+            (n,) = struct.unpack("!Q", await reader.readexactly(8))
+        payload = await reader.readexactly(n) if n else b""
+        opcode = b0 & 0x0F
+        if opcode in (1, 2, 0):
+            return payload
+        if opcode == 9:
+            writer.write(client_frame(payload, 10))
+        elif opcode == 8:
+            raise ConnectionError(f"closed {payload[:2].hex()} {payload[2:]!r}")
+
+
+def client_ssl(ca: str) -> ssl.SSLContext:
+    return ssl.create_default_context(cafile=ca)
+
+
+# -- load generator processes --------------------------------------------------------------
+
+
+def _loadgen(job: dict, out: mp.Queue) -> None:
+    try:
+        import uvloop
+
+        uvloop.install()
+    except ImportError:
+        pass
+    cpu0 = time.process_time()
+    result = asyncio.run(JOBS[job["kind"]](job))
+    result["cpu"] = time.process_time() - cpu0
+    out.put(result)
+
+
+def auth_header(job: dict, i: int) -> str:
+    tokens = job.get("tokens")
+    return f"Authorization: Bearer {tokens[i % len(tokens)]}\r\n" if tokens else ""
+
+
+async def job_throughput(job: dict) -> dict:
+    ctx = client_ssl(job["ca"])
+    conns = [await ws_open(job["port"], ctx, job["path"], auth_header(job, i)) for i in range(job["conns"])]
+    if job["welcome"]:
+        for r, w in conns:
+            await ws_read(r, w)
+    frame = client_frame(PAYLOAD)
+    rtts: list[float] = []
+    count = 0
+    start_at = job["start_at"]
+    await asyncio.sleep(max(0.0, start_at - time.time()))
+    deadline = time.perf_counter() + job["seconds"]
+
+    async def one(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        nonlocal count
+        while True:
+            t0 = time.perf_counter()
+            if t0 >= deadline:
+                return
+            writer.write(frame)
+            await ws_read(reader, writer)
+            rtts.append(time.perf_counter() - t0)
+            count += 1
+
+    t0 = time.perf_counter()
+    await asyncio.gather(*(one(r, w) for r, w in conns))
+    elapsed = time.perf_counter() - t0
+    for _, w in conns:
+        w.close()
+    return {"count": count, "elapsed": elapsed, "rtts": rtts[:: max(1, len(rtts) // 20000)]}
+
+
+async def job_handshakes(job: dict) -> dict:
+    ctx = client_ssl(job["ca"])
+    count = 0
+    await asyncio.sleep(max(0.0, job["start_at"] - time.time()))
+    deadline = time.perf_counter() + job["seconds"]
+
+    async def loop(i: int) -> None:
+        nonlocal count
+        while time.perf_counter() < deadline:
+            reader, writer = await ws_open(job["port"], ctx, job["path"], auth_header(job, i))
+            if job["welcome"]:
+                await ws_read(reader, writer)
+            writer.transport.abort()
+            count += 1
+
+    t0 = time.perf_counter()
+    await asyncio.gather(*(loop(i) for i in range(job["parallel"])))
+    return {"count": count, "elapsed": time.perf_counter() - t0}
+
+
+async def job_idle(job: dict) -> dict:
+    ctx = client_ssl(job["ca"])
+    conns = []
+    for i in range(job["conns"]):
+        conns.append(await ws_open(job["port"], ctx, job["path"], auth_header(job, i)))
+    if job["welcome"]:
+        for r, w in conns:
+            await ws_read(r, w)
+    job["ready"].set()
+    while not job["release"].is_set():
+        await asyncio.sleep(0.05)
+    for _, w in conns:
+        w.transport.abort()
+    return {"count": len(conns)}
+
+
+async def job_subscribers(job: dict) -> dict:
+    ctx = client_ssl(job["ca"])
+    conns = []
+    for i in range(job["conns"]):
+        conns.append(await ws_open(job["port"], ctx, job["path"], auth_header(job, i)))
+    if job["welcome"]:
+        sub = client_frame(json.dumps({"type": "subscribe", "channel": "bench"}).encode())
+        for r, w in conns:
+            await ws_read(r, w)
+            w.write(sub)
+            await ws_read(r, w)
+    job["ready"].set()
+    latencies: list[float] = []
+    expected = job["messages"]
+
+    async def one(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        for _ in range(expected):
+            payload = await asyncio.wait_for(ws_read(reader, writer), 60)
+            sent = float(json.loads(payload)["data"]) if job["welcome"] else float(payload)
+            latencies.append(time.monotonic() - sent)
+
+    await asyncio.gather(*(one(r, w) for r, w in conns))
+    done = time.monotonic()
+    for _, w in conns:
+        w.transport.abort()
+    return {"latencies": latencies[:: max(1, len(latencies) // 20000)], "done": done, "count": len(latencies)}
+
+
+JOBS = {"throughput": job_throughput, "handshakes": job_handshakes, "idle": job_idle, "subscribers": job_subscribers}
+
+
+def run_jobs(jobs: list[dict]) -> list[dict]:
+    out: mp.Queue = mp.Queue()
+    procs = [mp.Process(target=_loadgen, args=(job, out)) for job in jobs]
+    for p in procs:
+        p.start()
+    results = [out.get(timeout=300) for _ in procs]
+    for p in procs:
+        p.join()
+    return results
+
+
+# -- servers -------------------------------------------------------------------------------
+
+
+class Target:
+    def __init__(self, name: str, argv: list[str], env: dict[str, str], path: str, fan_path: str, tokens: list[str] | None, secure: bool):
+        self.name, self.argv, self.env, self.path, self.fan_path = name, argv, env, path, fan_path
+        self.tokens, self.secure = tokens, secure
+        self.port = 0
+        self.proc: subprocess.Popen | None = None
+
+    def start(self, folder: Path) -> None:
+        with socket.socket() as s:
+            s.bind(("127.0.0.1", 0))
+            self.port = s.getsockname()[1]
+        argv = [a.replace("{port}", str(self.port)) for a in self.argv]
+        self.proc = subprocess.Popen(argv, env=self.env, cwd=folder, stdout=subprocess.DEVNULL, stderr=open(folder / f"{self.name}.log", "w"))
+        deadline = time.time() + 30
+        while time.time() < deadline:
+            try:
+                with socket.create_connection(("127.0.0.1", self.port), timeout=0.2):
+                    return
+            except OSError:
+                time.sleep(0.1)
+        raise RuntimeError(f"{self.name} did not start: {(folder / f'{self.name}.log').read_text()}")
+
+    def cpu(self) -> float:
+        fields = Path(f"/proc/{self.proc.pid}/stat").read_text().rsplit(")", 1)[1].split()
+        return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+
+    def rss_kib(self) -> int:
+        for line in Path(f"/proc/{self.proc.pid}/status").read_text().splitlines():
+            if line.startswith("VmRSS:"):
+                return int(line.split()[1])
+        return 0
+
+    def stop(self) -> None:
+        if self.proc and self.proc.poll() is None:
+            self.proc.terminate()
+            try:
+                self.proc.wait(10)
+            except subprocess.TimeoutExpired:
+                self.proc.kill()
+
+
+def split(n: int, parts: int) -> list[int]:
+    return [n // parts + (1 if i < n % parts else 0) for i in range(parts)]
+
+
+def base_job(t: Target, ca: str, **extra: object) -> dict:
+    return {"port": t.port, "ca": ca, "path": t.path, "welcome": t.secure, "tokens": t.tokens, **extra}
+
+
+def measure_throughput(t: Target, ca: str, seconds: float, conns: int = 50) -> dict:
+    cpu0 = t.cpu()
+    start_at = time.time() + 1.5  # every process connected before the clock starts
+    jobs = [base_job(t, ca, kind="throughput", conns=c, seconds=seconds, start_at=start_at) for c in split(conns, LOADGEN_PROCS)]
+    results = run_jobs(jobs)
+    count = sum(r["count"] for r in results)
+    elapsed = max(r["elapsed"] for r in results)
+    rtts = sorted(x for r in results for x in r["rtts"])
+    return {
+        "fps": count / elapsed,
+        "p50": rtts[len(rtts) // 2] * 1e3,
+        "p99": rtts[int(len(rtts) * 0.99)] * 1e3,
+        "server_cpu": (t.cpu() - cpu0) / (elapsed + 1.5),
+        "client_cpu": sum(r["cpu"] for r in results) / elapsed,
+    }
+
+
+def measure_handshakes(t: Target, ca: str, seconds: float, parallel: int = 16) -> dict:
+    start_at = time.time() + 0.5
+    jobs = [base_job(t, ca, kind="handshakes", parallel=p, seconds=seconds, start_at=start_at) for p in split(parallel, LOADGEN_PROCS)]
+    results = run_jobs(jobs)
+    elapsed = max(r["elapsed"] for r in results)
+    return {"hps": sum(r["count"] for r in results) / elapsed, "client_cpu": sum(r["cpu"] for r in results) / elapsed}
+
+
+def measure_idle(t: Target, ca: str, conns: int = 2000) -> dict:
+    manager = mp.Manager()
+    time.sleep(1.0)
+    rss0 = t.rss_kib()
+    ready = [manager.Event() for _ in range(LOADGEN_PROCS)]
+    release = manager.Event()
+    jobs = [base_job(t, ca, kind="idle", conns=c, ready=ready[i], release=release) for i, c in enumerate(split(conns, LOADGEN_PROCS))]
+    out: mp.Queue = mp.Queue()
+    procs = [mp.Process(target=_loadgen, args=(job, out)) for job in jobs]
+    for p in procs:
+        p.start()
+    for event in ready:
+        event.wait(120)
+    time.sleep(2.0)  # let the server settle
+    rss1 = t.rss_kib()
+    release.set()
+    for _ in procs:
+        out.get(timeout=120)
+    for p in procs:
+        p.join()
+    manager.shutdown()
+    return {"kib_per_conn": (rss1 - rss0) / conns}
+
+
+def measure_fanout(t: Target, ca: str, subscribers: int = 1000, messages: int = 50) -> dict:
+    manager = mp.Manager()
+    ready = [manager.Event() for _ in range(LOADGEN_PROCS)]
+    jobs = [
+        {**base_job(t, ca, kind="subscribers", conns=c, ready=ready[i], messages=messages), "path": t.fan_path}
+        for i, c in enumerate(split(subscribers, LOADGEN_PROCS))
+    ]
+    out: mp.Queue = mp.Queue()
+    procs = [mp.Process(target=_loadgen, args=(job, out)) for job in jobs]
+    for p in procs:
+        p.start()
+    for event in ready:
+        event.wait(120)
+
+    async def publish() -> float:
+        ctx = client_ssl(ca)
+        header = f"Authorization: Bearer {t.tokens[-1]}\r\n" if t.tokens else ""
+        reader, writer = await ws_open(t.port, ctx, t.fan_path, header)
+        if t.secure:
+            await ws_read(reader, writer)
+        started = time.monotonic()
+        for _ in range(messages):
+            stamp = repr(time.monotonic())
+            text = json.dumps({"type": "publish", "channel": "bench", "data": stamp}) if t.secure else stamp
+            writer.write(client_frame(text.encode()))
+            if t.secure:
+                await ws_read(reader, writer)  # "published"
+            else:
+                await writer.drain()
+            await asyncio.sleep(0.01)
+        return started
+
+    started = asyncio.run(publish())
+    results = [out.get(timeout=300) for _ in procs]
+    for p in procs:
+        p.join()
+    manager.shutdown()
+    lat = sorted(x for r in results for x in r["latencies"])
+    done = max(r["done"] for r in results)
+    return {
+        "dps": sum(r["count"] for r in results) / (done - started),
+        "p50": lat[len(lat) // 2] * 1e3,
+        "p99": lat[int(len(lat) * 0.99)] * 1e3,
+    }
+
+
+# -- main ----------------------------------------------------------------------------------
+
+
+def make_targets(folder: Path, mode: str) -> tuple[Target, Target]:
+    from secure_ws.settings import load_settings
+    from secure_ws.signing import SigningKeys, issue_token
+    from secure_ws.tls import make_dev_certs
+
+    make_dev_certs(folder)
+    env = {k: v for k, v in os.environ.items() if not k.startswith("SECURE_WS_")}
+    env.update(
+        SECURE_WS_JWKS_FILE=str(folder / "jwks.json"),
+        SECURE_WS_SIGNING_KEYS_FILE=str(folder / "signing-keys.json"),
+        SECURE_WS_REVOCATION_FILE=str(folder / "revocations.json"),
+        SECURE_WS_TLS_CERTFILE=str(folder / "server.crt"),
+        SECURE_WS_TLS_KEYFILE=str(folder / "server.key"),
+        # Never refuse, but hit the limiter on every frame and handshake: the full path, measured.
+        SECURE_WS_RATE_LIMIT="100000000/second",
+        SECURE_WS_HANDSHAKE_RATE_LIMIT="100000000/second",
+        SECURE_WS_MAX_CONNECTIONS_PER_CLIENT="100000",
+        PYTHONPATH=str(ROOT),
+    )
+    os.environ.update({k: v for k, v in env.items() if k.startswith("SECURE_WS_")})
+    settings = load_settings(env_file=None)
+    SigningKeys(settings).rotate("EdDSA")
+    # One token per simulated client (a device reconnects with the token it holds).
+    tokens = [issue_token(settings, f"bench-{i}", 3600, "subscribe:bench publish:bench") for i in range(200)]
+    uvicorn = [sys.executable, "-m", "uvicorn", "--host", "127.0.0.1", "--port", "{port}",
+               "--ssl-keyfile", str(folder / "server.key"), "--ssl-certfile", str(folder / "server.crt"),
+               "--log-level", "warning", "--no-access-log"]
+    bare = Target("bare", [*uvicorn, "--app-dir", str(ROOT / "scripts"), "bare_echo:app"], env, "/ws", "/fan", None, False)
+    if mode == "serve":
+        argv = [sys.executable, "-m", "secure_ws", "serve", "--host", "127.0.0.1", "--port", "{port}",
+                "--log-level", "warning", "--no-access-log"]
+    else:
+        argv = [*uvicorn, "secure_ws.main:app"]
+    secure = Target("secure_ws", argv, env, "/ws", "/ws", tokens, True)
+    return bare, secure
+
+
+def ratio_line(name: str, a: list[float], b: list[float], unit: str, higher_is_better: bool = True) -> str:
+    ma, mb = statistics.median(a), statistics.median(b)
+    return f"{name:<28} {mb:>12.1f} {ma:>12.1f} {unit:<8} {ma / mb:>7.2f}×"
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description="secure_ws vs bare Starlette echo, same uvicorn, same TLS")
+    parser.add_argument("--quick", action="store_true", help="fewer, shorter rounds (< 60 s)")
+    parser.add_argument("--mode", choices=("uvicorn", "serve"), default="uvicorn")
+    parser.add_argument("--rounds", type=int, default=None)
+    parser.add_argument("--seconds", type=float, default=None)
+    parser.add_argument("--skip", default="", help="comma list of phases to skip: throughput,handshakes,idle,fanout")
+    args = parser.parse_args()
+    rounds = args.rounds or (1 if args.quick else 3)
+    seconds = args.seconds or (3.0 if args.quick else 8.0)
+    skip = set(filter(None, args.skip.split(",")))
+    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    resource.setrlimit(resource.RLIMIT_NOFILE, (min(hard, 10000), hard))
+
+    folder = Path(tempfile.mkdtemp(prefix="secure-ws-bench-"))
+    bare, secure = make_targets(folder, args.mode)
+    ca = str(folder / "ca.crt")
+    results: dict[str, dict[str, list[float]]] = {"bare": {}, "secure_ws": {}}
+    cpu_notes: list[str] = []
+    try:
+        bare.start(folder)
+        secure.start(folder)
+        order = [bare, secure]
+        for r in range(rounds):
+            for t in order:
+                res = results[t.name]
+                if "throughput" not in skip:
+                    m = measure_throughput(t, ca, seconds)
+                    for k in ("fps", "p50", "p99"):
+                        res.setdefault(k, []).append(m[k])
+                    cpu_notes.append(f"{t.name} throughput: server {m['server_cpu']:.2f} cores, load generator {m['client_cpu']:.2f} cores")
+                if "handshakes" not in skip:
+                    m = measure_handshakes(t, ca, seconds / 2)
+                    res.setdefault("hps", []).append(m["hps"])
+                    cpu_notes.append(f"{t.name} handshakes: load generator {m['client_cpu']:.2f} cores")
+            order.reverse()
+        for t in (bare, secure):
+            if "idle" not in skip:
+                results[t.name]["kib"] = [measure_idle(t, ca)["kib_per_conn"]]
+            if "fanout" not in skip:
+                m = measure_fanout(t, ca, messages=20 if args.quick else 50)
+                for k, v in (("dps", m["dps"]), ("fp50", m["p50"]), ("fp99", m["p99"])):
+                    results[t.name][k] = [v]
+    finally:
+        bare.stop()
+        secure.stop()
+
+    b, s = results["bare"], results["secure_ws"]
+    print(f"\nmode: {args.mode}; rounds: {rounds} × {seconds:.0f} s; machine: {os.cpu_count()} cores; medians\n")
+    print(f"{'measure':<28} {'bare':>12} {'secure_ws':>12} {'unit':<8} {'ratio':>8}")
+    rows = [
+        ("frame throughput", "fps", "frames/s"),
+        ("frame latency p50", "p50", "ms"),
+        ("frame latency p99", "p99", "ms"),
+        ("handshakes", "hps", "per s"),
+        ("idle memory per connection", "kib", "KiB"),
+        ("fan-out deliveries", "dps", "per s"),
+        ("fan-out latency p50", "fp50", "ms"),
+        ("fan-out latency p99", "fp99", "ms"),
+    ]
+    for label, key, unit in rows:
+        if key in b and key in s:
+            print(ratio_line(label, s[key], b[key], unit))
+    print("\nratio = secure_ws / bare (higher is better for rates, lower for latency and memory)")
+    for note in cpu_notes:
+        print("  " + note)
+
+
+if __name__ == "__main__":
+    mp.set_start_method("fork")
+    main()
