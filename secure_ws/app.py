@@ -52,7 +52,7 @@ def create_app(settings: Settings | None = None) -> Any:
         Route("/metrics", metrics_endpoint),
         Route("/.well-known/jwks.json", jwks),
     ]
-    if True:
+    if settings.demo:
         routes += demo.routes()
     http = Starlette(routes=routes, lifespan=service.lifespan)
 

@@ -138,6 +138,8 @@ def cmd_dev(args: argparse.Namespace) -> None:
     from .tls import make_dev_certs
 
     os.environ.setdefault("SECURE_WS_DEMO", "1")
+    # The demo page is a browser client: its own origin must pass the (exact-match) allow-list.
+    os.environ.setdefault("SECURE_WS_ALLOWED_ORIGINS", f"https://localhost:{args.port},https://127.0.0.1:{args.port}")
     settings = _settings()
     if not settings.tls_certfile.exists() or not settings.tls_keyfile.exists():
         make_dev_certs(settings.tls_certfile.parent)
@@ -152,6 +154,8 @@ def cmd_dev(args: argparse.Namespace) -> None:
 secure-ws dev server on https://localhost:{args.port}
   WebSocket:   wss://localhost:{args.port}/ws
   health:      https://localhost:{args.port}/healthz
+  demo page:   https://localhost:{args.port}/demo#token={token}
+               (trust {ca} in your browser first, or accept the warning once)
   CA to trust: {ca}
 
 A token for sub "dev-user", valid 1 h, may subscribe and publish on any channel:
