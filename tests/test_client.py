@@ -1,0 +1,318 @@
+"""secure_ws.client against real servers: uvicorn over TLS in a subprocess, real tokens."""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import random
+import time
+from typing import Any
+
+import jwt
+import pytest
+
+from conftest import Server, cli, run, unique_sub, welcome
+from secure_ws.client import (
+    AuthenticationFailed,
+    Client,
+    ClientClosed,
+    RateLimited,
+    RequestError,
+    backoff_delay,
+)
+
+
+class Tokens:
+    """A token provider that counts its calls; ``ttls`` gives the lifetime of each successive token."""
+
+    def __init__(self, issue: Any, sub: str | None = None, ttls: list[int] | None = None, scope: str | None = None,
+                 fixed: str | None = None) -> None:
+        self.issue, self.sub, self.ttls, self.scope, self.fixed = issue, sub or unique_sub("client"), ttls or [900], scope, fixed
+        self.issued: list[str] = []
+
+    @property
+    def calls(self) -> int:
+        return len(self.issued)
+
+    def __call__(self) -> str:
+        ttl = self.ttls[min(len(self.issued), len(self.ttls) - 1)]
+        token = self.fixed or self.issue(sub=self.sub, ttl=ttl, scope=self.scope)
+        self.issued.append(token)
+        return token
+
+    def exp(self, index: int) -> int:
+        return jwt.decode(self.issued[index], options={"verify_signature": False})["exp"]
+
+
+def client_for(server: Server, provider: Any, **kwargs: Any) -> Client:
+    kwargs.setdefault("backoff_initial", 0.05)
+    kwargs.setdefault("backoff_max", 0.5)
+    kwargs.setdefault("request_timeout", 5.0)
+    return Client(server.url, provider, ssl=server.ssl_context(), **kwargs)
+
+
+async def until(predicate: Any, timeout: float = 10.0, what: str = "condition") -> None:
+    deadline = time.monotonic() + timeout
+    while not predicate():
+        if time.monotonic() > deadline:
+            raise AssertionError(f"timed out waiting for {what}")
+        await asyncio.sleep(0.02)
+
+
+# -- units -----------------------------------------------------------------------------------
+
+
+def test_backoff_is_full_jitter_exponential_and_bounded():
+    rng = random.Random(1234)
+    for attempt in range(12):
+        ceiling = min(5.0, 0.5 * 2**attempt)
+        draws = [backoff_delay(attempt, 0.5, 5.0, rng) for _ in range(300)]
+        assert all(0.0 <= d <= ceiling for d in draws), attempt
+        assert max(draws) > 0.8 * ceiling  # it uses the whole window…
+        assert min(draws) < 0.2 * ceiling  # …from near zero: full jitter, not "ceiling ± a bit"
+        assert len(set(draws)) > 250  # jittered, not a constant
+    assert backoff_delay(10_000, 0.5, 30.0, rng) <= 30.0  # no overflow for huge attempt numbers
+    # Seeded: reproducible.
+    assert [backoff_delay(3, 0.5, 30.0, random.Random(7)) for _ in range(2)] == [backoff_delay(3, 0.5, 30.0, random.Random(7))] * 2
+
+
+def test_plain_ws_url_is_refused():
+    with pytest.raises(ValueError, match="wss://"):
+        Client("ws://localhost:1/ws", lambda: "t")
+
+
+# -- requests --------------------------------------------------------------------------------
+
+
+def test_request_reply_matched_by_id(server, issue):
+    tokens = Tokens(issue)
+
+    async def go():
+        async with client_for(server, tokens) as client:
+            assert client.sub == tokens.sub
+            assert client.connection_id and isinstance(client.expires_at, int)
+            assert client.welcome["type"] == "welcome"
+            reply = await client.request({"type": "echo", "id": "mine", "data": 1})
+            assert reply == {"type": "echo", "id": "mine", "data": 1}
+            auto = await client.request({"type": "ping"})
+            assert auto["type"] == "pong" and isinstance(auto["id"], int)
+            # Many in flight at once: each gets its own reply back.
+            data = [{"n": n, "s": "x" * n} for n in range(10)]
+            assert await asyncio.gather(*(client.echo(d) for d in data)) == data
+            assert await client.ping() > 0
+            # An error frame carries the request's id and becomes an exception for that request only.
+            with pytest.raises(RequestError) as info:
+                await client.request({"type": "nope", "id": 41})
+            assert info.value.code == "unknown_type" and info.value.frame["id"] == 41
+            with pytest.raises(RequestError) as info:
+                await client.publish("room.x", 1)  # no publish scope
+            assert info.value.code == "forbidden"
+            assert await client.echo("still fine") == "still fine"
+            assert tokens.calls == 1 and client.connections == 1
+
+    run(go())
+
+
+def test_rate_limited_errors_without_id_fail_the_right_requests(make_server, issue):
+    srv = make_server(SECURE_WS_RATE_LIMIT="3/second", SECURE_WS_RATE_LIMIT_CLOSE_AFTER="100")
+
+    async def go():
+        async with client_for(srv, Tokens(issue)) as client:
+            results = await asyncio.gather(*(client.echo(n) for n in range(8)), return_exceptions=True)
+            passed = [r for r in results if not isinstance(r, BaseException)]
+            limited = [r for r in results if isinstance(r, RateLimited)]
+            assert len(passed) + len(limited) == 8, results  # nothing hangs or times out
+            assert passed and limited
+            # Sent in order and answered in order: the first ones pass, later ones are dropped,
+            # and each passing request got its own data back.
+            assert passed == list(range(len(passed)))
+            assert all(r.retry_after > 0 for r in limited)
+
+    run(go())
+
+
+# -- channels --------------------------------------------------------------------------------
+
+
+def test_subscribe_and_publish_between_two_clients(server, issue):
+    channel = f"room.{unique_sub('c')}"
+    reader_tokens = Tokens(issue, scope="subscribe:room.*")
+    writer_tokens = Tokens(issue, scope="publish:room.*")
+    seen: list[dict] = []
+
+    async def on_message(message: dict) -> None:
+        seen.append(message)
+
+    async def go():
+        async with client_for(server, reader_tokens, on_message=on_message) as reader, \
+                client_for(server, writer_tokens) as writer:
+            await reader.subscribe(channel)
+            assert reader.channels == {channel}
+            stream = reader.messages(channel)
+            everything = reader.messages()
+            await writer.publish(channel, {"hello": 1})
+            expected = {"type": "message", "channel": channel, "from": writer_tokens.sub, "data": {"hello": 1}}
+            assert await asyncio.wait_for(anext(stream), 5) == expected
+            assert await asyncio.wait_for(anext(everything), 5) == expected
+            await until(lambda: seen == [expected], 5, "on_message")
+            # Refused subscriptions raise and are not remembered.
+            with pytest.raises(RequestError) as info:
+                await writer.subscribe(channel)
+            assert info.value.code == "forbidden" and writer.channels == frozenset()
+            await reader.unsubscribe(channel)
+            assert reader.channels == frozenset()
+            await writer.publish(channel, {"hello": 2})
+            assert await reader.echo("sync") == "sync"  # the publication, if any, would have come first
+            assert stream._queue.empty()
+        # Closing ends the streams and later requests.
+        with pytest.raises(StopAsyncIteration):
+            await asyncio.wait_for(anext(stream), 1)
+        with pytest.raises(ClientClosed):
+            await reader.ping()
+
+    run(go())
+
+
+# -- refresh ---------------------------------------------------------------------------------
+
+
+def test_refresh_keeps_the_connection_past_the_first_tokens_exp(make_server, issue, caplog):
+    srv = make_server(SECURE_WS_JWT_LEEWAY_SECONDS="0")
+    tokens = Tokens(issue, ttls=[3])
+    caplog.set_level(logging.DEBUG)
+
+    async def provider() -> str:  # an async provider, as a call to an identity provider would be
+        await asyncio.sleep(0)
+        return tokens()
+
+    async def go():
+        async with client_for(srv, provider, refresh_before=2.0) as client:
+            first_id, first_exp = client.connection_id, client.expires_at
+            assert first_exp == tokens.exp(0)
+            await asyncio.sleep(max(0.0, first_exp - time.time()) + 2.5)  # well past the first token's exp
+            assert await client.echo("alive") == "alive"
+            assert client.connection_id == first_id and client.connections == 1
+            assert tokens.calls >= 3  # the handshake, then one refresh per short-lived token
+            assert client.expires_at > first_exp + 1
+            # The newest token's exp (or the one before, if a refresh is in flight right now).
+            assert client.expires_at in {tokens.exp(tokens.calls - 1), tokens.exp(tokens.calls - 2)}
+            assert client.last_close is None
+
+    run(go())
+    assert tokens.issued and not any(token in caplog.text for token in tokens.issued)
+    assert not any(token.split(".")[2] in caplog.text for token in tokens.issued)
+
+
+# -- reconnecting ----------------------------------------------------------------------------
+
+
+def test_reconnects_after_restart_with_a_fresh_token_and_resubscribes(make_server, keydir, issue):
+    first = make_server()
+    second = Server(keydir, first.env)
+    second.port = first.port  # the same address, as after a deploy
+    channel = f"room.{unique_sub('r')}"
+    tokens = Tokens(issue, ttls=[600, 700], scope="subscribe:room.*")
+    publisher = Tokens(issue, scope="publish:room.*")
+
+    async def go():
+        async with client_for(first, tokens) as client:
+            await client.subscribe(channel)
+            stream = client.messages(channel)
+            old_id = client.connection_id
+            assert tokens.calls == 1 and client.expires_at == tokens.exp(0)
+            await asyncio.to_thread(first.stop)
+            await until(lambda: not client.connected, 10, "the drop to be seen")
+            await asyncio.to_thread(second.start)
+            await until(lambda: client.connection_id not in (None, old_id), 15, "a new connection")
+            await client.ping()  # returns once the new connection is re-subscribed
+            assert client.connections == 2 and tokens.calls >= 2
+            assert client.expires_at == tokens.exp(tokens.calls - 1) != tokens.exp(0)  # the fresh token
+            assert client.last_close[0] in (1001, 1012, 1006)
+            async with client_for(second, publisher) as other:
+                await other.publish(channel, "after restart")
+            message = await asyncio.wait_for(anext(stream), 5)
+            assert message["data"] == "after restart" and message["from"] == publisher.sub
+
+    try:
+        run(go())
+    finally:
+        second.stop()
+
+
+def test_token_expired_reconnects_with_a_fresh_token(make_server, issue):
+    srv = make_server(SECURE_WS_JWT_LEEWAY_SECONDS="0")
+    tokens = Tokens(issue, ttls=[2, 600])
+
+    async def go():
+        async with client_for(srv, tokens, refresh_before=None) as client:
+            old_id = client.connection_id
+            assert client.expires_at == tokens.exp(0)
+            await until(lambda: client.connection_id not in (None, old_id), 10, "a reconnect")
+            assert await client.echo("back") == "back"
+            assert client.last_close == (1008, "token expired")
+            assert tokens.calls == 2 and client.connections == 2
+            assert client.expires_at == tokens.exp(1)
+
+    run(go())
+
+
+def test_too_many_connections_backs_off_and_retries(make_server, issue):
+    srv = make_server(SECURE_WS_MAX_CONNECTIONS_PER_CLIENT="1")
+    sub = unique_sub("busy")
+    tokens = Tokens(issue, sub=sub)
+
+    async def go():
+        async with srv.connect(issue(sub=sub)) as holder:
+            await welcome(holder)
+            client = client_for(srv, tokens, backoff_initial=0.05, backoff_max=0.2)
+            starting = asyncio.create_task(client.start())
+            await until(lambda: tokens.calls >= 3, 10, "retries")
+            assert not starting.done()
+            assert client.last_close == (1008, "too many connections")
+        await asyncio.wait_for(starting, 10)
+        try:
+            assert client.connected and client.sub == sub
+            assert await client.echo(1) == 1
+        finally:
+            await client.close()
+
+    run(go())
+
+
+# -- stopping --------------------------------------------------------------------------------
+
+
+def test_token_revoked_stops_with_a_clear_error_and_no_retry(server, keydir, issue):
+    tokens = Tokens(issue)
+
+    async def go():
+        client = client_for(server, tokens)
+        await client.start()
+        await asyncio.to_thread(cli, keydir, "token", "revoke", "--sub", tokens.sub)
+        with pytest.raises(AuthenticationFailed) as info:
+            await asyncio.wait_for(client.run_forever(), 10)
+        assert (info.value.code, info.value.reason) == (1008, "token revoked")
+        await asyncio.sleep(1.0)  # several backoff windows: a retry would call the provider again
+        assert tokens.calls == 1 and client.connections == 1 and not client.connected
+        with pytest.raises(AuthenticationFailed):
+            await client.ping()
+        with pytest.raises(AuthenticationFailed):
+            await anext(client.messages())
+        await client.close()
+
+    run(go())
+
+
+def test_invalid_token_at_the_handshake_is_fatal(server, issue):
+    tokens = Tokens(issue, fixed="not.a.jwt")
+
+    async def go():
+        client = client_for(server, tokens)
+        with pytest.raises(AuthenticationFailed) as info:
+            await asyncio.wait_for(client.start(), 10)
+        assert info.value.reason == "invalid token"
+        await asyncio.sleep(0.5)
+        assert tokens.calls == 1
+        await client.close()
+
+    run(go())
