@@ -35,8 +35,16 @@ def _refuse_constant(name: str) -> Any:
     raise ValueError(f"{name} is not valid JSON")
 
 
-_decoder = json.JSONDecoder(parse_constant=_refuse_constant)
-encode = json.JSONEncoder(ensure_ascii=False, separators=(",", ":"), check_circular=False).encode
+def _finite_float(text: str) -> float:
+    value = float(text)
+    if value in (_INF, -_INF):  # 1e400 parses to inf, which would go back out as the non-JSON `Infinity`
+        raise ValueError("number out of range")
+    return value
+
+
+_INF = float("inf")
+_decoder = json.JSONDecoder(parse_constant=_refuse_constant, parse_float=_finite_float)
+encode = json.JSONEncoder(ensure_ascii=False, separators=(",", ":"), check_circular=False, allow_nan=False).encode
 
 
 def decode(text: str) -> dict[str, Any]:
@@ -47,12 +55,29 @@ def decode(text: str) -> dict[str, Any]:
         raise ProtocolError(BAD_REQUEST, "not valid JSON") from None
     if type(message) is not dict:
         raise ProtocolError(BAD_REQUEST, "a request must be a JSON object")
+    if "\\ud" in text or "\\uD" in text:
+        # A \ud800-\udfff escape may decode to a lone surrogate, which no reply could carry as UTF-8.
+        # Real text from the socket is valid UTF-8 already, so only escapes need this check.
+        try:
+            encode(message).encode()
+        except UnicodeEncodeError:
+            raise ProtocolError(BAD_REQUEST, "lone surrogate in a string", _safe_id(message)) from None
     id = message.get("id")
     if id is not None and (type(id) is not str and type(id) is not int or len(str(id)) > 128):
         raise ProtocolError(BAD_REQUEST, "id must be a string or an integer (at most 128 characters)")
     if type(message.get("type")) is not str:
         raise ProtocolError(BAD_REQUEST, "missing or non-string 'type'", id)
     return message
+
+
+def _safe_id(message: dict[str, Any]) -> MessageId:
+    id = message.get("id")
+    if type(id) is str:
+        try:
+            id.encode()
+        except UnicodeEncodeError:
+            return None
+    return id if type(id) in (str, int) else None
 
 
 def error(code: str, message: str, id: MessageId = None, **extra: Any) -> str:

@@ -261,8 +261,9 @@ class Session:
         try:
             while queue and not self.closed:
                 await self.send_raw({"type": "websocket.send", "text": queue.popleft()})
-        except Exception:
-            self.closed = True  # the peer is gone; the receive loop will see the disconnect
+        except Exception:  # noqa: BLE001 (the peer is gone, or a fault: either way this connection ends)
+            log.warning("session %s: delivery failed", self.id, exc_info=True)
+            await self.close(1011, "internal error")
         finally:
             self._drainer = None
 

@@ -89,7 +89,19 @@ class Server:
     def https(self) -> str:
         return f"https://localhost:{self.port}"
 
-    def start(self, timeout: float = 20.0) -> Server:
+    def start(self, timeout: float = 20.0, attempts: int = 3) -> Server:
+        # free_port() releases the port before uvicorn binds it; another process may take it meanwhile.
+        for attempt in range(attempts):
+            try:
+                return self._start(timeout)
+            except RuntimeError as exc:
+                if "address already in use" not in str(exc).lower() or attempt == attempts - 1:
+                    raise
+                self.port = free_port()
+                self.log_path = self.keydir / f"server-{self.port}.log"
+        raise AssertionError("unreachable")
+
+    def _start(self, timeout: float) -> Server:
         self._log = open(self.log_path, "ab")
         self.proc = subprocess.Popen(
             [
