@@ -52,8 +52,9 @@ class Hub:
     async def join(self, session: Session, channel: str) -> None:
         members = self._channels.get(channel)
         if members is None:
-            members = self._channels[channel] = set()
+            # Subscribe first: if storage is down this raises and leaves no half-registered channel behind.
             await self.storage.subscribe(channel)
+            members = self._channels.setdefault(channel, set())
         members.add(session)
         session.channels.add(channel)
 
@@ -65,7 +66,7 @@ class Hub:
         members.discard(session)
         if not members:
             del self._channels[channel]
-            await self.storage.unsubscribe(channel)
+            await self.storage.unsubscribe(channel)  # never raises: storage reconciles after an outage
 
     def fan_out(self, channel: str, payload: str) -> None:
         for session in tuple(self._channels.get(channel, ())):

@@ -76,6 +76,7 @@ class RedisStorage(Storage):
         self._acquire = self.redis.register_script(_ACQUIRE)
         self._renew = self.redis.register_script(_RENEW)
         self._leases: dict[str, str] = {}  # slot → sub, for renewal
+        self._wanted: set[str] = set()  # channels this process has local subscribers for
         self._pubsub = self.redis.pubsub(ignore_subscribe_messages=True)
         self._tasks: list[asyncio.Task[None]] = []
         self._revocations = Revocations()
@@ -180,18 +181,37 @@ class RedisStorage(Storage):
             self.on_revocations(revocations)
 
     async def _resync_revocations(self) -> None:
+        """Safety net for a nudge or an unsubscribe lost while Redis was away."""
         while True:
             await asyncio.sleep(REVOCATION_RESYNC_INTERVAL)
-            with contextlib.suppress(RedisError, OSError):
+            with contextlib.suppress(*self.errors):
                 await self._reload_and_notify()
+                await self._reconcile()
 
     # -- channels ------------------------------------------------------------------
 
     async def subscribe(self, channel: str) -> None:
         await self._pubsub.subscribe(CHANNEL_PREFIX + channel)
+        self._wanted.add(channel)
 
     async def unsubscribe(self, channel: str) -> None:
-        await self._pubsub.unsubscribe(CHANNEL_PREFIX + channel)
+        self._wanted.discard(channel)
+        try:
+            await self._pubsub.unsubscribe(CHANNEL_PREFIX + channel)
+        except self.errors as exc:
+            log.warning("redis: unsubscribe %r deferred until Redis answers: %s", channel, exc)
+
+    async def _reconcile(self) -> None:
+        """Make Redis's subscriptions match the local ones (redis-py resubscribes its own list on reconnect)."""
+        prefix = len(CHANNEL_PREFIX)
+        names = (c.decode() if isinstance(c, bytes) else c for c in self._pubsub.channels)
+        held = {name[prefix:] for name in names if name.startswith(CHANNEL_PREFIX)}
+        stale = [CHANNEL_PREFIX + c for c in held - self._wanted]
+        missing = [CHANNEL_PREFIX + c for c in self._wanted - held]
+        if stale:
+            await self._pubsub.unsubscribe(*stale)
+        if missing:
+            await self._pubsub.subscribe(*missing)
 
     async def publish(self, channel: str, payload: str) -> None:
         await self.redis.publish(CHANNEL_PREFIX + channel, payload)
@@ -210,8 +230,9 @@ class RedisStorage(Storage):
                 log.warning("redis pub/sub: %s; retrying in %.1fs", exc, backoff)
                 await asyncio.sleep(backoff)
                 backoff = min(backoff * 2, 2.0)
-                with contextlib.suppress(RedisError, OSError):
+                with contextlib.suppress(*self.errors):
                     await self._reload_and_notify()
+                    await self._reconcile()
                 continue
             if message is None:
                 continue

@@ -110,7 +110,10 @@ class Session:
             if self._drainer is not None:
                 self._drainer.cancel()
             metrics.CONNECTIONS.dec()
-            await service.hub.remove(self)
+            try:
+                await service.hub.remove(self)
+            except Exception:  # noqa: BLE001 (cleanup must finish; the hub state is local and already updated)
+                log.warning("session %s: cleanup failed", self.id, exc_info=True)
 
     async def _loop(self, receive: Any) -> int | None:
         """Returns the client's close code when it disconnects."""
@@ -153,9 +156,6 @@ class Session:
                 await self._dispatch(text)
             except ProtocolError as exc:
                 await self.send(error(exc.code, exc.message, exc.id))
-            except self.service.storage.errors:
-                log.warning("session %s: storage unreachable", self.id, extra=self._log_fields("storage_unavailable"))
-                await self.send(error(UNAVAILABLE, "shared storage unreachable; retry shortly"))
             except Exception:  # noqa: BLE001 (a fault must close this connection only)
                 log.exception("session %s: server fault", self.id, extra=self._log_fields("fault", 1011))
                 await self.close(1011, "internal error")
@@ -164,6 +164,13 @@ class Session:
 
     async def _dispatch(self, text: str) -> None:
         request = decode(text)
+        try:
+            await self._handle(request)
+        except self.service.storage.errors:
+            log.warning("session %s: storage unreachable", self.id, extra=self._log_fields("storage_unavailable"))
+            raise ProtocolError(UNAVAILABLE, "shared storage unreachable; retry shortly", request.get("id")) from None
+
+    async def _handle(self, request: dict[str, Any]) -> None:
         kind = request["type"]
         if kind == "ping":
             id = request.get("id")

@@ -65,7 +65,8 @@ class Storage(ABC):
         """This process wants ``on_message`` calls for ``channel`` (once per process, not per connection)."""
 
     @abstractmethod
-    async def unsubscribe(self, channel: str) -> None: ...
+    async def unsubscribe(self, channel: str) -> None:
+        """Never raises: if storage is unreachable, the subscription is dropped once it answers again."""
 
     @abstractmethod
     async def publish(self, channel: str, payload: str) -> None: ...
