@@ -9,7 +9,10 @@ from __future__ import annotations
 import sys
 
 from .app import create_app
+from .server import answer_refused_upgrades
 from .settings import ConfigError
+
+answer_refused_upgrades()
 
 try:
     app = create_app()

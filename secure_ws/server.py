@@ -15,6 +15,7 @@ import ssl
 from typing import Any
 
 from uvicorn.protocols.http.httptools_impl import HttpToolsProtocol
+from uvicorn.protocols.websockets.websockets_sansio_impl import WebSocketsSansIOProtocol
 
 from .settings import load_settings
 from .tls import server_context
@@ -66,3 +67,29 @@ class GuardedHttpToolsProtocol(FirstRequestDeadline, HttpToolsProtocol):
 
 
 HTTP_PROTOCOL = "secure_ws.server:GuardedHttpToolsProtocol"
+
+
+def answer_refused_upgrades() -> None:
+    """Make uvicorn's websockets-sansio protocol answer an upgrade request ``websockets`` refuses.
+
+    When ``websockets`` rejects the opening request itself (a header line over
+    8 KiB → HTTP 431, a request line too long → 414), it records
+    ``handshake_exc`` and queues that response, but uvicorn (0.54) only writes
+    output for parsed events, so the client hangs until it gives up. uvicorn
+    imports its protocol class before our app, so a subclass could not reach the
+    plain ``uvicorn secure_ws.main:app`` command line; the method is wrapped in
+    place instead, once, and only adds the missing write.
+    """
+    original = WebSocketsSansIOProtocol.data_received
+    if getattr(original, "_secure_ws", False):
+        return
+
+    def data_received(self: WebSocketsSansIOProtocol, data: bytes) -> None:
+        original(self, data)
+        if self.conn.handshake_exc is not None and not self.handshake_initiated and not self.transport.is_closing():
+            self.transport.write(b"".join(self.conn.data_to_send()))
+            self.close_sent = True
+            self.transport.close()
+
+    data_received._secure_ws = True  # type: ignore[attr-defined]
+    WebSocketsSansIOProtocol.data_received = data_received  # type: ignore[method-assign]

@@ -97,7 +97,7 @@ class Verifier:
         if key is None and kid is not None and await self.keys.refresh_url():
             key = self.keys.keyring.get(kid)
         if key is None:
-            raise AuthError(INVALID, f"no key for kid {kid!r}" if kid is not None else "token has no kid")
+            raise AuthError(INVALID, f"no key for kid {kid[:64]!r}" if kid is not None else "token has no kid")
         return self.check(token, header, key)
 
     def _header(self, token: str) -> dict:
@@ -139,11 +139,13 @@ class Verifier:
         sub = claims["sub"]
         if not sub or len(sub) > MAX_SUB_CHARS:
             raise AuthError(INVALID, "sub empty or too long")
-        try:
-            exp = int(claims["exp"])
-            iat = float(claims["iat"])
-        except (TypeError, ValueError, OverflowError):
-            raise AuthError(INVALID, "exp or iat not numeric") from None
+        for name in ("exp", "iat", "nbf"):
+            # RFC 7519 NumericDate is a JSON number; PyJWT alone would also take "1795260012" or true.
+            value = claims.get(name, 0)
+            if type(value) not in (int, float) or value != value:
+                raise AuthError(INVALID, f"{name} is not a number")
+        exp = int(claims["exp"])
+        iat = float(claims["iat"])
         if exp - iat > s.max_token_ttl + s.leeway:
             raise AuthError(INVALID, f"lifetime {exp - iat:.0f}s exceeds SECURE_WS_JWT_MAX_TTL")
         return Principal(sub=sub, exp=exp, iat=iat, jti=claims.get("jti"), kid=key.kid, scopes=_scopes(claims))
