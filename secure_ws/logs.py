@@ -13,7 +13,9 @@ import re
 import time
 
 _REDACTIONS = (
-    # token-bearing query parameters, whatever their value looks like
+    # Query strings are never logged: a token may hide in one under any (percent-encoded) name.
+    (re.compile(r"(/[^\s?\"']*)\?[^\s\"']+"), r"\1?[redacted]"),
+    # token-bearing parameters wherever they appear without a path
     (re.compile(r"(?i)((?:access_token|token)=)[^&\s\"']+"), r"\1[redacted]"),
     # anything shaped like a JWS/JWE compact serialisation
     (re.compile(r"eyJ[A-Za-z0-9_-]*\.[A-Za-z0-9_-]*(?:\.[A-Za-z0-9_-]*){1,3}"), "[redacted-jwt]"),

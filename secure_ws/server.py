@@ -1,11 +1,12 @@
 """uvicorn integration for ``secure-ws serve``: TLS context factory and a first-request deadline.
 
 uvicorn times out idle keep-alive connections, but not a connection that
-finishes TLS and then sends its request line and headers slowly or never (a
-slowloris). The protocol classes here give every new connection
-``FIRST_REQUEST_TIMEOUT`` seconds to deliver a complete request head; the
-upgrade to WebSocket, or a complete HTTP request, disarms it. The TLS handshake
-itself is bounded by asyncio's 60 s ``ssl_handshake_timeout``.
+finishes TLS and then sends a request line and headers slowly or never (a
+slowloris), neither first nor after a kept-alive response. The protocol class
+here gives every request head ``REQUEST_HEAD_TIMEOUT`` seconds from the
+connection's start or the request's first byte; complete headers (or the
+upgrade to WebSocket) disarm it. The TLS handshake itself is bounded by
+asyncio's 60 s ``ssl_handshake_timeout``.
 """
 
 from __future__ import annotations
@@ -20,7 +21,7 @@ from uvicorn.protocols.websockets.websockets_sansio_impl import WebSocketsSansIO
 from .settings import load_settings
 from .tls import server_context
 
-FIRST_REQUEST_TIMEOUT = 10.0
+REQUEST_HEAD_TIMEOUT = 10.0
 
 
 def uvicorn_context_factory(config: object, default_factory: object) -> ssl.SSLContext:
@@ -29,18 +30,26 @@ def uvicorn_context_factory(config: object, default_factory: object) -> ssl.SSLC
     return server_context(s.tls_certfile, s.tls_keyfile, s.tls_min_version, s.tls_client_ca)
 
 
-class FirstRequestDeadline:
-    """Mixin for a uvicorn HTTP protocol: close a new connection that has not sent a request head in time."""
+class RequestHeadDeadline:
+    """Mixin for a uvicorn HTTP protocol: close a connection whose request head does not arrive in time."""
 
     _deadline: asyncio.TimerHandle | None = None
 
+    def _arm(self) -> None:
+        if self._deadline is None:
+            self._deadline = self.loop.call_later(REQUEST_HEAD_TIMEOUT, self._head_late)  # type: ignore[attr-defined]
+
     def connection_made(self, transport: Any) -> None:
         super().connection_made(transport)  # type: ignore[misc]
-        self._deadline = self.loop.call_later(FIRST_REQUEST_TIMEOUT, self._first_request_late)  # type: ignore[attr-defined]
+        self._arm()
 
-    def _first_request_late(self) -> None:
+    def on_message_begin(self) -> None:
+        super().on_message_begin()  # type: ignore[misc]
+        self._arm()
+
+    def _head_late(self) -> None:
         self._deadline = None
-        if self.cycle is None and not self.transport.is_closing():  # type: ignore[attr-defined]
+        if not self.transport.is_closing():  # type: ignore[attr-defined]
             self.transport.close()  # type: ignore[attr-defined]
 
     def _disarm(self) -> None:
@@ -61,8 +70,8 @@ class FirstRequestDeadline:
         super().connection_lost(exc)  # type: ignore[misc]
 
 
-class GuardedHttpToolsProtocol(FirstRequestDeadline, HttpToolsProtocol):
-    """uvicorn's httptools protocol with the first-request deadline (a module-level class: it must
+class GuardedHttpToolsProtocol(RequestHeadDeadline, HttpToolsProtocol):
+    """uvicorn's httptools protocol with the request-head deadline (a module-level class: it must
     pickle into ``--workers`` processes, so ``secure-ws serve`` names it as ``module:attr``)."""
 
 

@@ -13,6 +13,7 @@ from cryptography.hazmat.primitives.asymmetric import ec
 from cryptography.x509.oid import ExtendedKeyUsageOID, NameOID
 
 from .files import atomic_write
+from .settings import ConfigError
 
 # Mozilla Server Side TLS "intermediate" (v5.7): AEAD suites with forward secrecy only.
 # TLS 1.3 suites are not configurable through OpenSSL's cipher string and are all AEAD.
@@ -112,11 +113,24 @@ def server_context(
     context.options |= ssl.OP_NO_COMPRESSION | ssl.OP_CIPHER_SERVER_PREFERENCE | ssl.OP_SINGLE_ECDH_USE
     if hasattr(ssl, "OP_NO_RENEGOTIATION"):
         context.options |= ssl.OP_NO_RENEGOTIATION
-    context.load_cert_chain(str(certfile), str(keyfile))
+    try:
+        context.load_cert_chain(str(certfile), str(keyfile))
+    except (OSError, ssl.SSLError) as exc:
+        variable = "SECURE_WS_TLS_KEYFILE" if "KEY" in str(exc).upper() else "SECURE_WS_TLS_CERTFILE"
+        raise ConfigError(variable, f"cannot load {certfile} / {keyfile}: {_why(exc)}") from None
     if client_ca is not None:
         context.verify_mode = ssl.CERT_REQUIRED
-        context.load_verify_locations(str(client_ca))
+        try:
+            context.load_verify_locations(str(client_ca))
+        except (OSError, ssl.SSLError) as exc:
+            raise ConfigError("SECURE_WS_TLS_CLIENT_CA", f"cannot load {client_ca}: {_why(exc)}") from None
     return context
+
+
+def _why(exc: BaseException) -> str:
+    if isinstance(exc, ssl.SSLError):
+        return exc.reason or exc.__class__.__name__
+    return getattr(exc, "strerror", None) or str(exc)
 
 
 def client_context(ca_file: Path) -> ssl.SSLContext:
