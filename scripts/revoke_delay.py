@@ -114,7 +114,8 @@ async def one_run(folder: Path, env: dict[str, str], port: int, context: ssl.SSL
         watcher = asyncio.create_task(closed())
         await asyncio.sleep(0)
         started = time.time()
-        await asyncio.to_thread(secure_ws, folder, env, "token", "revoke", "--jti", jti_of(token))
+        # `--jti=J`: a base64url jti may begin with "-", which `--jti J` would read as an option.
+        await asyncio.to_thread(secure_ws, folder, env, "token", "revoke", f"--jti={jti_of(token)}")
         returned = time.time()
         at, outcome = await watcher
     written = (folder / "revocations.json").stat().st_mtime

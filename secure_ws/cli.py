@@ -217,8 +217,27 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+_VALUE_OPTIONS = ("--jti", "--sub")
+
+
+def _protect_dashes(argv: list[str]) -> list[str]:
+    """Kids and jtis are base64url and may start with '-', which argparse would read as an option."""
+    out: list[str] = []
+    i = 0
+    while i < len(argv):
+        if argv[i] in _VALUE_OPTIONS and i + 1 < len(argv):
+            out.append(f"{argv[i]}={argv[i + 1]}")
+            i += 2
+        else:
+            out.append(argv[i])
+            i += 1
+    if out[:2] == ["keys", "retire"] and len(out) == 3 and out[2] != "--":
+        out.insert(2, "--")
+    return out
+
+
 def main(argv: list[str] | None = None) -> int:
-    args = build_parser().parse_args(argv)
+    args = build_parser().parse_args(_protect_dashes(sys.argv[1:] if argv is None else argv))
     from .signing import SigningError
 
     try:
