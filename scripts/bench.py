@@ -128,12 +128,21 @@ def auth_header(job: dict, i: int) -> str:
     return f"Authorization: Bearer {tokens[i % len(tokens)]}\r\n" if tokens else ""
 
 
-async def job_throughput(job: dict) -> dict:
+async def open_all(job: dict, then: bytes | None = None) -> list[tuple]:
+    """The job's connections, each past secure_ws's welcome (and the reply to ``then``, if given)."""
     ctx = client_ssl(job["ca"])
     conns = [await ws_open(job["port"], ctx, job["path"], auth_header(job, i)) for i in range(job["conns"])]
     if job["welcome"]:
         for r, w in conns:
             await ws_read(r, w)
+            if then is not None:
+                w.write(then)
+                await ws_read(r, w)
+    return conns
+
+
+async def job_throughput(job: dict) -> dict:
+    conns = await open_all(job)
     frame = client_frame(PAYLOAD)
     rtts: list[float] = []
     count = 0
@@ -181,13 +190,7 @@ async def job_handshakes(job: dict) -> dict:
 
 
 async def job_idle(job: dict) -> dict:
-    ctx = client_ssl(job["ca"])
-    conns = []
-    for i in range(job["conns"]):
-        conns.append(await ws_open(job["port"], ctx, job["path"], auth_header(job, i)))
-    if job["welcome"]:
-        for r, w in conns:
-            await ws_read(r, w)
+    conns = await open_all(job)
     job["ready"].set()
     while not job["release"].is_set():
         await asyncio.sleep(0.05)
@@ -197,16 +200,7 @@ async def job_idle(job: dict) -> dict:
 
 
 async def job_subscribers(job: dict) -> dict:
-    ctx = client_ssl(job["ca"])
-    conns = []
-    for i in range(job["conns"]):
-        conns.append(await ws_open(job["port"], ctx, job["path"], auth_header(job, i)))
-    if job["welcome"]:
-        sub = client_frame(json.dumps({"type": "subscribe", "channel": "bench"}).encode())
-        for r, w in conns:
-            await ws_read(r, w)
-            w.write(sub)
-            await ws_read(r, w)
+    conns = await open_all(job, then=client_frame(json.dumps({"type": "subscribe", "channel": "bench"}).encode()))
     job["ready"].set()
     latencies: list[float] = []
     expected = job["messages"]
@@ -388,7 +382,7 @@ def measure_fanout(t: Target, ca: str, subscribers: int = 1000, messages: int = 
 # -- main ----------------------------------------------------------------------------------
 
 
-def make_targets(folder: Path, mode: str) -> tuple[Target, Target]:
+def make_targets(folder: Path, mode: str, storage: str = "memory://", workers: int = 1) -> tuple[Target, Target]:
     from secure_ws.settings import load_settings
     from secure_ws.signing import SigningKeys, issue_token
     from secure_ws.tls import make_dev_certs
@@ -405,6 +399,7 @@ def make_targets(folder: Path, mode: str) -> tuple[Target, Target]:
         SECURE_WS_RATE_LIMIT="100000000/second",
         SECURE_WS_HANDSHAKE_RATE_LIMIT="100000000/second",
         SECURE_WS_MAX_CONNECTIONS_PER_CLIENT="100000",
+        SECURE_WS_STORAGE_URL=storage,
         PYTHONPATH=str(ROOT),
     )
     os.environ.update({k: v for k, v in env.items() if k.startswith("SECURE_WS_")})
@@ -421,6 +416,8 @@ def make_targets(folder: Path, mode: str) -> tuple[Target, Target]:
                 "--log-level", "warning", "--no-access-log"]
     else:
         argv = [*uvicorn, "secure_ws.main:app"]
+    if workers > 1:
+        argv += ["--workers", str(workers)]
     secure = Target("secure_ws", argv, env, "/ws", "/ws", tokens, True)
     return bare, secure
 
@@ -437,6 +434,8 @@ def main() -> None:
     parser.add_argument("--rounds", type=int, default=None)
     parser.add_argument("--seconds", type=float, default=None)
     parser.add_argument("--skip", default="", help="comma list of phases to skip: throughput,handshakes,idle,fanout")
+    parser.add_argument("--storage", default="memory://", help="secure_ws's SECURE_WS_STORAGE_URL (e.g. redis://127.0.0.1:6379/0)")
+    parser.add_argument("--workers", type=int, default=1, help="secure_ws worker processes (use with --storage redis://…)")
     args = parser.parse_args()
     rounds = args.rounds or (1 if args.quick else 3)
     seconds = args.seconds or (3.0 if args.quick else 8.0)
@@ -445,7 +444,7 @@ def main() -> None:
     resource.setrlimit(resource.RLIMIT_NOFILE, (min(hard, 10000), hard))
 
     folder = Path(tempfile.mkdtemp(prefix="secure-ws-bench-"))
-    bare, secure = make_targets(folder, args.mode)
+    bare, secure = make_targets(folder, args.mode, args.storage, args.workers)
     ca = str(folder / "ca.crt")
     results: dict[str, dict[str, list[float]]] = {"bare": {}, "secure_ws": {}}
     cpu_notes: list[str] = []
@@ -478,7 +477,8 @@ def main() -> None:
         secure.stop()
 
     b, s = results["bare"], results["secure_ws"]
-    print(f"\nmode: {args.mode}; rounds: {rounds} × {seconds:.0f} s; machine: {os.cpu_count()} cores; medians\n")
+    print(f"\nmode: {args.mode}; secure_ws storage {args.storage}, {args.workers} worker(s); "
+          f"rounds: {rounds} × {seconds:.0f} s; machine: {os.cpu_count()} cores; medians\n")
     print(f"{'measure':<28} {'bare':>12} {'secure_ws':>12} {'unit':<8} {'ratio':>8}")
     rows = [
         ("frame throughput", "fps", "frames/s"),
