@@ -221,15 +221,23 @@ async def job_subscribers(job: dict) -> dict:
 JOBS = {"throughput": job_throughput, "handshakes": job_handshakes, "idle": job_idle, "subscribers": job_subscribers}
 
 
-def run_jobs(jobs: list[dict]) -> list[dict]:
+def start_jobs(jobs: list[dict]) -> tuple[mp.Queue, list[mp.Process]]:
     out: mp.Queue = mp.Queue()
     procs = [mp.Process(target=_loadgen, args=(job, out)) for job in jobs]
     for p in procs:
         p.start()
+    return out, procs
+
+
+def collect(out: mp.Queue, procs: list[mp.Process]) -> list[dict]:
     results = [out.get(timeout=300) for _ in procs]
     for p in procs:
         p.join()
     return results
+
+
+def run_jobs(jobs: list[dict]) -> list[dict]:
+    return collect(*start_jobs(jobs))
 
 
 # -- servers -------------------------------------------------------------------------------
@@ -316,19 +324,13 @@ def measure_idle(t: Target, ca: str, conns: int = 2000) -> dict:
     ready = [manager.Event() for _ in range(LOADGEN_PROCS)]
     release = manager.Event()
     jobs = [base_job(t, ca, kind="idle", conns=c, ready=ready[i], release=release) for i, c in enumerate(split(conns, LOADGEN_PROCS))]
-    out: mp.Queue = mp.Queue()
-    procs = [mp.Process(target=_loadgen, args=(job, out)) for job in jobs]
-    for p in procs:
-        p.start()
+    out, procs = start_jobs(jobs)
     for event in ready:
         event.wait(120)
     time.sleep(2.0)  # let the server settle
     rss1 = t.rss_kib()
     release.set()
-    for _ in procs:
-        out.get(timeout=120)
-    for p in procs:
-        p.join()
+    collect(out, procs)
     manager.shutdown()
     return {"kib_per_conn": (rss1 - rss0) / conns}
 
@@ -340,10 +342,7 @@ def measure_fanout(t: Target, ca: str, subscribers: int = 1000, messages: int = 
         {**base_job(t, ca, kind="subscribers", conns=c, ready=ready[i], messages=messages), "path": t.fan_path}
         for i, c in enumerate(split(subscribers, LOADGEN_PROCS))
     ]
-    out: mp.Queue = mp.Queue()
-    procs = [mp.Process(target=_loadgen, args=(job, out)) for job in jobs]
-    for p in procs:
-        p.start()
+    out, procs = start_jobs(jobs)
     for event in ready:
         event.wait(120)
 
@@ -366,9 +365,7 @@ def measure_fanout(t: Target, ca: str, subscribers: int = 1000, messages: int = 
         return started
 
     started = asyncio.run(publish())
-    results = [out.get(timeout=300) for _ in procs]
-    for p in procs:
-        p.join()
+    results = collect(out, procs)
     manager.shutdown()
     lat = sorted(x for r in results for x in r["latencies"])
     done = max(r["done"] for r in results)

@@ -85,7 +85,6 @@ class HandshakeMiddleware:
         offered = scope.get("subprotocols") or ()
         subprotocol = SUBPROTOCOL if SUBPROTOCOL in offered else None
         started = time.perf_counter()
-        slot: str | None = None
         try:
             token, origin = credentials(scope)
             if not origin_allowed(origin, service.settings.allowed_origins):

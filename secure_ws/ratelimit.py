@@ -55,9 +55,8 @@ class LocalStorage(MemoryStorage):
         return state, window, state[1], state[2]
 
     @staticmethod
-    def _ttls(now: float, expiry: int, previous: int) -> tuple[float, float]:
-        previous_ttl = (1 - (((now - expiry) / expiry) % 1)) * expiry if previous else 0.0
-        return previous_ttl, (1 - ((now / expiry) % 1)) * expiry + expiry
+    def _previous_ttl(now: float, expiry: int) -> float:
+        return (1 - (((now - expiry) / expiry) % 1)) * expiry
 
     async def acquire_sliding_window_entry(self, key: str, limit: int, expiry: int, amount: int = 1) -> bool:
         return self.take(key, limit, expiry, amount)
@@ -69,7 +68,7 @@ class LocalStorage(MemoryStorage):
         now = time.time()
         state, window, current, previous = self._state(key, expiry, now)
         if previous:
-            previous_ttl = (1 - (((now - expiry) / expiry) % 1)) * expiry
+            previous_ttl = self._previous_ttl(now, expiry)
             if math.floor(previous * previous_ttl / expiry + current) + amount > limit:
                 return False
         elif current + amount > limit:
@@ -86,8 +85,8 @@ class LocalStorage(MemoryStorage):
     async def get_sliding_window(self, key: str, expiry: int) -> tuple[int, float, int, float]:
         now = time.time()
         _, _, current, previous = self._state(key, expiry, now)
-        previous_ttl, current_ttl = self._ttls(now, expiry, previous)
-        return previous, previous_ttl, current, current_ttl
+        previous_ttl = self._previous_ttl(now, expiry) if previous else 0.0
+        return previous, previous_ttl, current, (1 - ((now / expiry) % 1)) * expiry + expiry
 
     async def clear_sliding_window(self, key: str, expiry: int) -> None:
         self._windows.pop(key, None)

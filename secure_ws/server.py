@@ -1,4 +1,5 @@
-"""uvicorn integration for ``secure-ws serve``: TLS context factory and a first-request deadline.
+"""uvicorn integration: the TLS context factory and request-head deadline of ``secure-ws serve``,
+and the fix that answers upgrade requests ``websockets`` refuses (for every entry point).
 
 uvicorn times out idle keep-alive connections, but not a connection that
 finishes TLS and then sends a request line and headers slowly or never (a

@@ -267,7 +267,7 @@ class Session:
         queue = self._queue
         try:
             while queue and not self.closed:
-                await self.send_raw({"type": "websocket.send", "text": queue.popleft()})
+                await self.send(queue.popleft())
         except Exception:  # noqa: BLE001 (the peer is gone, or a fault: either way this connection ends)
             log.warning("session %s: delivery failed", self.id, exc_info=True)
             await self.close(1011, "internal error")

@@ -101,16 +101,19 @@ class Server:
                 self.log_path = self.keydir / f"server-{self.port}.log"
         raise AssertionError("unreachable")
 
+    def argv(self) -> list[str]:
+        return [
+            sys.executable, "-m", "uvicorn", "secure_ws.main:app",
+            "--host", "127.0.0.1", "--port", str(self.port),
+            "--ssl-keyfile", str(self.keydir / "server.key"),
+            "--ssl-certfile", str(self.keydir / "server.crt"),
+            *self.uvicorn_args,
+        ]
+
     def _start(self, timeout: float) -> Server:
         self._log = open(self.log_path, "ab")
         self.proc = subprocess.Popen(
-            [
-                sys.executable, "-m", "uvicorn", "secure_ws.main:app",
-                "--host", "127.0.0.1", "--port", str(self.port),
-                "--ssl-keyfile", str(self.keydir / "server.key"),
-                "--ssl-certfile", str(self.keydir / "server.crt"),
-                *self.uvicorn_args,
-            ],
+            self.argv(),
             env=self.env,
             cwd=self.keydir,
             stdout=self._log,

@@ -56,25 +56,8 @@ MOZILLA_TLS12_SUITES = {
 class Serve(Server):
     """``python -m secure_ws serve --port P`` (the hardened TLS context), with Server's client helpers."""
 
-    def start(self, timeout: float = 20.0) -> "Serve":
-        self._log = open(self.log_path, "ab")
-        self.proc = subprocess.Popen(
-            [sys.executable, "-m", "secure_ws", "serve", "--port", str(self.port), *self.uvicorn_args],
-            env=self.env,
-            cwd=self.keydir,
-            stdout=self._log,
-            stderr=subprocess.STDOUT,
-        )
-        deadline = time.monotonic() + timeout
-        while time.monotonic() < deadline:
-            if self.proc.poll() is not None:
-                raise RuntimeError(f"secure-ws serve exited {self.proc.returncode}:\n{self.log()}")
-            try:
-                with socket.create_connection(("127.0.0.1", self.port), timeout=0.2):
-                    return self
-            except OSError:
-                time.sleep(0.05)
-        raise RuntimeError(f"secure-ws serve did not listen in {timeout}s:\n{self.log()}")
+    def argv(self) -> list[str]:
+        return [sys.executable, "-m", "secure_ws", "serve", "--port", str(self.port), *self.uvicorn_args]
 
 
 @pytest.fixture(scope="module")
