@@ -123,7 +123,7 @@ def _serve(settings: Settings, host: str, port: int, workers: int, **extra: Any)
         workers=workers,
         ssl_context_factory=uvicorn_context_factory,
         http=HTTP_PROTOCOL,
-        ws="websockets-sansio",
+        ws="secure_ws.websocket:WebSocketProtocol",
         ws_max_size=settings.max_message_bytes,
         ws_ping_interval=20.0,
         ws_ping_timeout=20.0,

@@ -9,10 +9,10 @@ from __future__ import annotations
 import sys
 
 from .app import create_app
-from .server import answer_refused_upgrades
 from .settings import ConfigError
+from .websocket import install
 
-answer_refused_upgrades()
+install()  # uvicorn's default WebSocket protocol builds ours (see secure_ws.websocket)
 
 try:
     app = create_app()

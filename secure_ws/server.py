@@ -1,5 +1,4 @@
-"""uvicorn integration: the TLS context factory and request-head deadline of ``secure-ws serve``,
-and the fix that answers upgrade requests ``websockets`` refuses (for every entry point).
+"""uvicorn integration: the TLS context factory and request-head deadline of ``secure-ws serve``.
 
 uvicorn times out idle keep-alive connections, but not a connection that
 finishes TLS and then sends a request line and headers slowly or never (a
@@ -17,7 +16,6 @@ import ssl
 from typing import Any
 
 from uvicorn.protocols.http.httptools_impl import HttpToolsProtocol
-from uvicorn.protocols.websockets.websockets_sansio_impl import WebSocketsSansIOProtocol
 
 from .settings import load_settings
 from .tls import server_context
@@ -77,29 +75,3 @@ class GuardedHttpToolsProtocol(RequestHeadDeadline, HttpToolsProtocol):
 
 
 HTTP_PROTOCOL = "secure_ws.server:GuardedHttpToolsProtocol"
-
-
-def answer_refused_upgrades() -> None:
-    """Make uvicorn's websockets-sansio protocol answer an upgrade request ``websockets`` refuses.
-
-    When ``websockets`` rejects the opening request itself (a header line over
-    8 KiB → HTTP 431, a request line too long → 414), it records
-    ``handshake_exc`` and queues that response, but uvicorn (0.54) only writes
-    output for parsed events, so the client hangs until it gives up. uvicorn
-    imports its protocol class before our app, so a subclass could not reach the
-    plain ``uvicorn secure_ws.main:app`` command line; the method is wrapped in
-    place instead, once, and only adds the missing write.
-    """
-    original = WebSocketsSansIOProtocol.data_received
-    if getattr(original, "_secure_ws", False):
-        return
-
-    def data_received(self: WebSocketsSansIOProtocol, data: bytes) -> None:
-        original(self, data)
-        if self.conn.handshake_exc is not None and not self.handshake_initiated and not self.transport.is_closing():
-            self.transport.write(b"".join(self.conn.data_to_send()))
-            self.close_sent = True
-            self.transport.close()
-
-    data_received._secure_ws = True  # type: ignore[attr-defined]
-    WebSocketsSansIOProtocol.data_received = data_received  # type: ignore[method-assign]

@@ -1,0 +1,188 @@
+"""secure_ws's WebSocket protocol for uvicorn: websockets-sansio's handshake, a lean open connection.
+
+uvicorn's ``websockets-sansio`` protocol spends more per frame than our whole
+application does: every message goes through an ``asyncio.Queue``, pauses and
+resumes the socket's reading, waits on an ``asyncio.Event`` before each send,
+and is parsed by ``websockets``' generator-based reader. This subclass keeps
+everything that happens rarely (the opening handshake and its 4xx answers, the
+``websocket.http.response`` extension, keepalive pings, closing, shutdown) and
+replaces what happens on every frame:
+
+* frames are parsed by :mod:`secure_ws.framing`;
+* a message goes straight to the application's pending ``receive()``; only when
+  the application is busy is it queued, and only then is reading paused, so
+  memory stays as bounded as before;
+* ``websocket.send`` frames the text and writes it, and waits only while the
+  transport has paused writing.
+
+permessage-deflate is never negotiated: our messages are small JSON objects
+that compress poorly, compression would cost CPU on every frame and tens of KiB
+of zlib state per connection, and compressing a client's token (in ``refresh``)
+together with data others choose is the CRIME/BREACH side channel.
+
+``secure-ws serve`` names this class as its ``ws`` protocol. Plain
+``uvicorn secure_ws.main:app`` imports its default protocol class before it
+imports our app, so :func:`install` (called by :mod:`secure_ws.main`) makes that
+class build this one instead; ``--ws websockets`` or ``--ws wsproto`` are left
+alone.
+"""
+
+from __future__ import annotations
+
+import asyncio
+from collections import deque
+from typing import Any
+
+from uvicorn.protocols.utils import ClientDisconnected
+from uvicorn.protocols.websockets.websockets_sansio_impl import WebSocketsSansIOProtocol
+from websockets.frames import Frame, Opcode
+
+from .framing import BINARY, CLOSE, PING, PONG, TEXT, Parser, Violation, close_frame, frame, parse_close
+
+# What a client may send after its upgrade request and before our 101 (it should send nothing, RFC 6455 §4.1).
+EARLY_DATA_LIMIT = 65536
+
+
+class Inbox:
+    """The application's receive queue: a message goes straight to a waiting ``receive()``."""
+
+    __slots__ = ("backlog", "waiter")
+
+    def __init__(self) -> None:
+        self.backlog: deque[dict[str, Any]] = deque()
+        self.waiter: asyncio.Future[dict[str, Any]] | None = None
+
+    def put_nowait(self, message: dict[str, Any]) -> bool:
+        """True when ``message`` had to wait in the backlog (the application was busy)."""
+        waiter = self.waiter
+        if waiter is not None:
+            self.waiter = None
+            if not waiter.done():  # not cancelled with its task
+                waiter.set_result(message)
+                return False
+        self.backlog.append(message)
+        return True
+
+
+class WebSocketProtocol(WebSocketsSansIOProtocol):
+    def __init__(self, *args: Any, **kwargs: Any) -> None:
+        super().__init__(*args, **kwargs)
+        self.queue: Inbox = Inbox()  # type: ignore[assignment]
+        self.conn.available_extensions = []
+        self._parser: Parser | None = None  # set once the 101 is sent
+        self._early = b""
+
+    # -- input ---------------------------------------------------------------------
+
+    def data_received(self, data: bytes) -> None:
+        parser = self._parser
+        if parser is None:
+            self._handshake_data(data)
+            return
+        for opcode, payload in parser.feed(data):
+            if opcode == TEXT:
+                self._deliver({"type": "websocket.receive", "text": payload})
+            elif opcode == BINARY:
+                self._deliver({"type": "websocket.receive", "bytes": payload})
+            elif opcode == PING:
+                self.transport.write(frame(PONG, payload))  # type: ignore[arg-type]
+            elif opcode == PONG:
+                self.handle_pong(Frame(Opcode.PONG, payload))  # type: ignore[arg-type]
+            else:
+                self._close_received(payload)  # type: ignore[arg-type]
+                return
+        if parser.error is not None:
+            self._fail(parser.error)
+
+    def _handshake_data(self, data: bytes) -> None:
+        if not self.handshake_initiated:
+            super().data_received(data)
+            if self.conn.handshake_exc is not None and not self.handshake_initiated and not self.transport.is_closing():
+                # websockets refused the request itself (a header over 8 KiB → 431, a request line too
+                # long → 414) and queued its answer, which uvicorn 0.54 never writes: the client would hang.
+                self.transport.write(b"".join(self.conn.data_to_send()))
+                self.close_sent = True
+                self.transport.close()
+        elif not self.handshake_complete:
+            # Frames sent before our 101: kept (up to a limit) for the parser the 101 starts.
+            self._early += data
+            if len(self._early) > EARLY_DATA_LIMIT:
+                self.transport.close()
+
+    def _deliver(self, message: dict[str, Any]) -> None:
+        if self.close_sent:
+            return  # the application is past `websocket.close`; keep reading for the peer's close reply
+        if self.queue.put_nowait(message) and not self.read_paused:
+            self.read_paused = True
+            self.transport.pause_reading()
+
+    def _close_received(self, payload: bytes) -> None:
+        if self.close_sent:
+            self.handle_close(None)  # type: ignore[arg-type]  # the reply to our close: uvicorn's handler ends it
+            return
+        try:
+            code, reason = parse_close(payload)
+        except Violation as exc:
+            self._fail(exc)
+            return
+        if not self.transport.is_closing():
+            self.queue.put_nowait({"type": "websocket.disconnect", "code": code, "reason": reason})
+            self.transport.write(frame(CLOSE, payload[:2]))  # echo the code, as RFC 6455 §5.5.1 suggests
+            self.transport.close()
+
+    def _fail(self, violation: Violation) -> None:
+        if self.close_sent:
+            self.transport.close()
+            return
+        if not self.transport.is_closing():
+            self.queue.put_nowait({"type": "websocket.disconnect", "code": violation.code, "reason": violation.reason})
+            self.transport.write(close_frame(violation.code, violation.reason))
+            self.close_sent = True
+            self.transport.close()
+
+    async def receive(self) -> Any:
+        inbox = self.queue
+        backlog = inbox.backlog
+        if backlog:
+            message = backlog.popleft()
+            if self.read_paused and not backlog:
+                self.read_paused = False
+                self.transport.resume_reading()
+            return message
+        inbox.waiter = waiter = self.loop.create_future()
+        return await waiter
+
+    # -- output --------------------------------------------------------------------
+
+    async def send(self, message: Any) -> None:
+        if self._parser is not None and message["type"] == "websocket.send" and not self.close_sent:
+            if not self.writable.is_set():
+                await self.writable.wait()
+            if self.disconnected or self.transport.is_closing():
+                raise ClientDisconnected()
+            text = message.get("text")
+            if text is not None:
+                self.transport.write(frame(TEXT, text.encode()))
+            else:
+                self.transport.write(frame(BINARY, message.get("bytes") or b""))
+            return
+        await super().send(message)
+        if self._parser is None and self.handshake_complete and not self.close_sent and self.initial_response is None:
+            self._parser = Parser(self.config.ws_max_size)
+            if self._early:
+                early, self._early = self._early, b""
+                self.data_received(early)
+
+
+def _build(cls: type, *args: Any, **kwargs: Any) -> Any:
+    return object.__new__(WebSocketProtocol if cls is WebSocketsSansIOProtocol else cls)
+
+
+def install() -> None:
+    """Have uvicorn's default WebSocket protocol class build :class:`WebSocketProtocol` instead.
+
+    ``type.__call__`` runs the ``__init__`` of the object ``__new__`` returns
+    when it is an instance of the class called, so uvicorn's
+    ``WebSocketsSansIOProtocol(config=…)`` yields a fully built subclass.
+    """
+    WebSocketsSansIOProtocol.__new__ = staticmethod(_build)  # type: ignore[method-assign,assignment]
