@@ -20,6 +20,7 @@ from .handshake import HandshakeMiddleware
 from .service import Service
 from .session import Session
 from .settings import Settings, load_settings
+from .websocket import DIRECT
 
 WS_PATH = "/ws"
 
@@ -57,7 +58,8 @@ def create_app(settings: Settings | None = None) -> Any:
     http = Starlette(routes=routes, lifespan=service.lifespan)
 
     async def session(scope: dict[str, Any], receive: Any, send: Any) -> None:
-        await Session(service, send, scope["secure_ws.principal"]).run(receive, scope["secure_ws.subprotocol"])
+        direct = scope.get("extensions", {}).get(DIRECT)
+        await Session(service, send, scope["secure_ws.principal"]).run(receive, scope["secure_ws.subprotocol"], direct)
 
     gate = HandshakeMiddleware(session, service)
 

@@ -134,16 +134,26 @@ class Limiter:
         """Storage keys for ``identity``, the same ``limits`` would build on every hit."""
         return tuple(item.key_for(self.namespace, identity) for item in self.items)
 
+    def take(self, keys: tuple[str, ...]) -> int | None:
+        """One hit decided without awaiting, when the storage is this process's sliding window:
+        -1 if allowed, else the index of the limit that refused. None: the storage is shared, use :meth:`hit`."""
+        local = self._local
+        if local is None:
+            return None
+        for index, (amount, expiry) in enumerate(self._windows):
+            if not local.take(keys[index], amount, expiry):
+                return index
+        return -1
+
+    async def retry_ms(self, index: int, identity: str) -> int:
+        """After :meth:`take` refused with ``index``: how many ms until a hit would be allowed."""
+        return await self._retry_ms(self.strategy, self.items[index], identity)
+
     async def hit(self, identity: str, keys: tuple[str, ...] | None = None) -> int:
         """One hit for ``identity``: 0 if allowed, else how many ms until it would be."""
-        local = self._local
-        if local is not None:
-            if keys is None:
-                keys = self.keys(identity)
-            for index, (amount, expiry) in enumerate(self._windows):
-                if not local.take(keys[index], amount, expiry):
-                    return await self._retry_ms(self.strategy, self.items[index], identity)
-            return 0
+        if self._local is not None:
+            refused = self.take(keys if keys is not None else self.keys(identity))
+            return 0 if refused is None or refused < 0 else await self.retry_ms(refused, identity)
         if not self.storage_errors:
             return await self._hit(self.strategy, identity)
         try:

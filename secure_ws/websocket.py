@@ -13,7 +13,13 @@ replaces what happens on every frame:
   the application is busy is it queued, and only then is reading paused, so
   memory stays as bounded as before;
 * ``websocket.send`` frames the text and writes it, and waits only while the
-  transport has paused writing.
+  transport has paused writing;
+* an application may go further through the ``secure_ws.direct`` scope
+  extension (this protocol object): :meth:`WebSocketProtocol.attach` a frame
+  handler, called with each text message straight from the socket's read while
+  the application is idle in ``receive()``, and get back a writer that sends
+  text without an ASGI message. :mod:`secure_ws.session` does; it is how a
+  frame is answered with no task switch at all.
 
 permessage-deflate is never negotiated: our messages are small JSON objects
 that compress poorly, compression would cost CPU on every frame and tens of KiB
@@ -31,6 +37,7 @@ from __future__ import annotations
 
 import asyncio
 from collections import deque
+from collections.abc import Callable
 from typing import Any
 
 from uvicorn.protocols.utils import ClientDisconnected
@@ -39,6 +46,9 @@ from websockets.frames import Frame, Opcode
 
 from .framing import BINARY, CLOSE, PING, PONG, TEXT, Parser, Violation, close_frame, frame, parse_close
 
+DIRECT = "secure_ws.direct"
+# The key of a `websocket.receive` that carries, instead of text, what the frame handler left to await.
+WORK = "secure_ws.work"
 # What a client may send after its upgrade request and before our 101 (it should send nothing, RFC 6455 §4.1).
 EARLY_DATA_LIMIT = 65536
 
@@ -71,6 +81,27 @@ class WebSocketProtocol(WebSocketsSansIOProtocol):
         self.conn.available_extensions = []
         self._parser: Parser | None = None  # set once the 101 is sent
         self._early = b""
+        self._on_text: Callable[[str], Any] | None = None
+
+    def handle_connect(self, event: Any) -> None:
+        super().handle_connect(event)
+        if self.handshake_initiated and not self.handshake_complete:  # the application is about to run
+            self.scope["extensions"][DIRECT] = self  # type: ignore[index]
+
+    def attach(self, on_text: Callable[[str], Any] | None) -> Callable[[str], bool]:
+        """Have ``on_text(text)`` handle text messages while the application waits in ``receive()``;
+        what it returns, unless None, reaches ``receive()`` as ``{"type": "websocket.receive", WORK: …}``.
+        Returns :meth:`write_text`."""
+        self._on_text = on_text
+        return self.write_text
+
+    def write_text(self, text: str) -> bool:
+        """Send a text message now; False (nothing sent) while the transport has paused writing."""
+        if not self.writable.is_set():
+            return False
+        if not (self.close_sent or self.transport.is_closing()):
+            self.transport.write(frame(TEXT, text.encode()))
+        return True
 
     # -- input ---------------------------------------------------------------------
 
@@ -81,7 +112,13 @@ class WebSocketProtocol(WebSocketsSansIOProtocol):
             return
         for opcode, payload in parser.feed(data):
             if opcode == TEXT:
-                self._deliver({"type": "websocket.receive", "text": payload})
+                handler = self._on_text
+                if handler is not None and self.queue.waiter is not None and not self.close_sent:
+                    work = handler(payload)
+                    if work is not None:
+                        self._deliver({"type": "websocket.receive", WORK: work})
+                else:
+                    self._deliver({"type": "websocket.receive", "text": payload})
             elif opcode == BINARY:
                 self._deliver({"type": "websocket.receive", "bytes": payload})
             elif opcode == PING:
