@@ -68,6 +68,19 @@ class Parser:
         if self._pending:
             data = self._pending + data
             self._pending = b""
+        elif (
+            not self._opcode
+            and len(data) >= 6
+            and data[0] == 0x81
+            and 0x80 <= data[1] < 0xFE
+            and len(data) - 6 == data[1] - 0x80 <= self.max_size
+        ):
+            # The common case, decided from two bytes: exactly one whole, final, masked text frame of
+            # under 126 bytes (0x81: FIN + TEXT, no reserved bits; 0x80 + 0..125: masked, short length).
+            try:
+                return [(TEXT, apply_mask(data[6:], data[2:6]).decode())]
+            except UnicodeDecodeError:
+                pass  # the general path below reports it
         try:
             pos = self._parse(data, events)
         except Violation as exc:

@@ -104,6 +104,16 @@ def test_several_frames_in_one_chunk():
     assert Parser(65536).feed(data) == [(TEXT, "a"), (BINARY, b"\x00\xff"), (TEXT, "c")]
 
 
+def test_a_longer_length_encoding_is_read_by_its_length_not_taken_for_a_short_frame():
+    """A 124-byte text in a 16-bit length field makes a 132-byte frame whose second byte is 0x80 + 126:
+    the one-frame shortcut must not read that 126 as the payload size."""
+    payload = "x" * 124
+    data = bytes((0x81, 0x80 | 126)) + len(payload).to_bytes(2, "big") + MASK
+    data += bytes(b ^ MASK[i % 4] for i, b in enumerate(payload.encode()))
+    assert len(data) - 6 == 126
+    assert Parser(65536).feed(data) == [(TEXT, payload)]
+
+
 @pytest.mark.parametrize("size", [125, 126, 65535, 65536, 70000], ids=["7-bit", "16-bit-min", "16-bit-max",
                                                                           "64-bit-min", "64-bit"])
 def test_length_encodings(size):
