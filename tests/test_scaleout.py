@@ -11,6 +11,7 @@ scope) and the slow-consumer guarantee of §4.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import json
 import re
 import secrets
@@ -636,3 +637,40 @@ def test_slow_consumer_is_cut_and_never_blocks_the_publisher(make_server, issue)
 
     run(go())
     assert re.search(r"closed 1008 slow consumer", srv.log()), "no slow-consumer close in the server log"
+
+
+def test_a_client_that_never_reads_its_replies_is_cut_not_buffered(make_server, issue):
+    """Replies go straight to the socket; once it is full they wait in the same bounded queue as
+    publications. A client that keeps sending requests and never reads is therefore closed 1008
+    "slow consumer" after at most a queue's worth of replies, and server memory stays flat."""
+    srv = make_server(SECURE_WS_RATE_LIMIT="100000/second")
+    payload = secrets.token_hex(FLOOD_BYTES // 2)
+
+    async def go():
+        sock = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 4096)
+        sock.connect(("127.0.0.1", srv.port))
+        sock.setblocking(False)
+        ws = await srv.connect(issue(), sock=sock, server_hostname="localhost", max_queue=1, compression=None)
+        await welcome(ws)
+        base = rss_kb(srv.proc.pid)
+        sent = 0
+        with contextlib.suppress(websockets.ConnectionClosed):
+            for sent in range(FLOOD_MESSAGES):
+                await ws.send(json.dumps({"type": "echo", "data": payload, "id": sent}))
+        growth_mb = (rss_kb(srv.proc.pid, "VmHWM") - base) / 1024
+        received, close = 0, None
+        try:
+            async with asyncio.timeout(20):
+                while True:
+                    frame = json.loads(await ws.recv())
+                    assert frame == {"type": "echo", "data": payload, "id": received}, frame["id"]
+                    received += 1
+        except websockets.ConnectionClosed as exc:
+            close = (exc.rcvd.code, exc.rcvd.reason) if exc.rcvd else "dropped without a close frame"
+        print(f"\nsent {sent + 1} requests unread, server RSS +{growth_mb:.0f} MB; got {received} replies, then {close}")
+        assert close == (1008, "slow consumer"), close
+        assert received < FLOOD_MESSAGES // 2
+        assert growth_mb < RSS_GROWTH_LIMIT_MB, f"server RSS grew {growth_mb:.0f} MB"
+
+    run(go())

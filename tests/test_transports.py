@@ -81,3 +81,39 @@ def test_other_websocket_paths_are_refused(server, issue):
         assert info.value.response.status_code == 403
 
     run(go())
+
+
+# -- any ASGI WebSocket server, not only ours ---------------------------------------------------------
+
+
+def test_the_protocol_holds_on_another_asgi_websocket_server(make_server, issue):
+    """secure_ws.main installs its own WebSocket protocol for uvicorn's default; with ``--ws websockets``
+    the session runs as a plain ASGI app (every reply through ASGI ``send``), with the same answers."""
+    legacy = make_server(("--ws", "websockets"), SECURE_WS_MAX_MESSAGE_BYTES="1024")
+    rooms = "subscribe:room.* publish:room.*"
+
+    async def go():
+        async with legacy.connect(issue(scope=rooms)) as ws:
+            await welcome(ws)
+            assert await request(ws, {"type": "echo", "data": [1, "é"], "id": 7}) == {
+                "type": "echo", "data": [1, "é"], "id": 7,
+            }
+            assert (await request(ws, {"type": "nope"}))["code"] == "unknown_type"
+            assert await request(ws, {"type": "subscribe", "channel": "room.1"}) == {
+                "type": "subscribed", "channel": "room.1",
+            }
+            assert await request(ws, {"type": "publish", "channel": "room.1", "data": 1}) == {
+                "type": "published", "channel": "room.1",
+            }
+            assert (await request(ws, {"type": "ping"}))["type"] == "message"  # our own publication, then…
+            assert (await request(ws, {"type": "ping"})) == {"type": "pong"}
+        async with legacy.connect(issue()) as ws:
+            await welcome(ws)
+            await ws.send("x" * 1025)
+            assert await closed_with(ws) == (1009, "message too big")
+        async with legacy.connect(issue()) as ws:
+            await welcome(ws)
+            await ws.send(b"\x00")
+            assert (await closed_with(ws))[0] == 1003
+
+    run(go())
