@@ -109,6 +109,7 @@ def _serve(settings: Settings, host: str, port: int, workers: int, **extra: Any)
     import uvicorn
 
     from .server import HTTP_PROTOCOL, uvicorn_context_factory
+    from .websocket import supported
     from .tls import server_context
 
     for variable, path in (("SECURE_WS_TLS_CERTFILE", settings.tls_certfile), ("SECURE_WS_TLS_KEYFILE", settings.tls_keyfile)):
@@ -123,7 +124,7 @@ def _serve(settings: Settings, host: str, port: int, workers: int, **extra: Any)
         workers=workers,
         ssl_context_factory=uvicorn_context_factory,
         http=HTTP_PROTOCOL,
-        ws="secure_ws.websocket:WebSocketProtocol",
+        ws="secure_ws.websocket:WebSocketProtocol" if supported() else "websockets-sansio",
         ws_max_size=settings.max_message_bytes,
         ws_ping_interval=20.0,
         ws_ping_timeout=20.0,

@@ -30,25 +30,34 @@ together with data others choose is the CRIME/BREACH side channel.
 ``uvicorn secure_ws.main:app`` imports its default protocol class before it
 imports our app, so :func:`install` (called by :mod:`secure_ws.main`) makes that
 class build this one instead; ``--ws websockets`` or ``--ws wsproto`` are left
-alone.
+alone. Both only on a uvicorn version it was tested with (:func:`supported`).
 """
 
 from __future__ import annotations
 
 import asyncio
+import logging
 from collections import deque
 from collections.abc import Callable
 from typing import Any
 
+import uvicorn
 from uvicorn.protocols.utils import ClientDisconnected
 from uvicorn.protocols.websockets.websockets_sansio_impl import WebSocketsSansIOProtocol
 from websockets.frames import Frame, Opcode
 
 from .framing import BINARY, CLOSE, PING, PONG, TEXT, Parser, Violation, close_frame, frame, parse_close
 
+log = logging.getLogger("secure_ws")
+
+# The subclass leans on uvicorn's internals (its attribute names, which method writes what), so it is
+# only installed on the uvicorn minor versions the test suite ran on; elsewhere uvicorn's own runs.
+TESTED_UVICORN = [["0", "54"]]
+
 DIRECT = "secure_ws.direct"
 # The key of a `websocket.receive` that carries, instead of text, what the frame handler left to await.
 WORK = "secure_ws.work"
+
 # What a client may send after its upgrade request and before our 101 (it should send nothing, RFC 6455 §4.1).
 EARLY_DATA_LIMIT = 65536
 
@@ -211,6 +220,11 @@ class WebSocketProtocol(WebSocketsSansIOProtocol):
                 self.data_received(early)
 
 
+def supported(version: str = uvicorn.__version__) -> bool:
+    """Whether this uvicorn is one whose ``websockets-sansio`` internals this subclass was tested on."""
+    return version.split(".")[:2] in TESTED_UVICORN
+
+
 def _build(cls: type, *args: Any, **kwargs: Any) -> Any:
     return object.__new__(WebSocketProtocol if cls is WebSocketsSansIOProtocol else cls)
 
@@ -222,4 +236,10 @@ def install() -> None:
     when it is an instance of the class called, so uvicorn's
     ``WebSocketsSansIOProtocol(config=…)`` yields a fully built subclass.
     """
+    if not supported():
+        log.warning(
+            "uvicorn %s is not one secure_ws's WebSocket protocol was tested with (%s): using uvicorn's own",
+            uvicorn.__version__, ", ".join(".".join(v) for v in TESTED_UVICORN),
+        )
+        return
     WebSocketsSansIOProtocol.__new__ = staticmethod(_build)  # type: ignore[method-assign,assignment]

@@ -390,3 +390,11 @@ def test_permessage_deflate_is_not_negotiated(server, issue):
     head, reply = on_wire(server, issue(), script, offer)
     assert b"sec-websocket-extensions" not in head.lower(), head
     assert reply == {"type": "pong"}
+
+
+def test_own_protocol_only_on_a_tested_uvicorn():
+    """The subclass leans on uvicorn's internals: on another minor version uvicorn's own protocol runs."""
+    from secure_ws.websocket import supported
+
+    assert supported("0.54.0") and supported("0.54.7")
+    assert not supported("0.55.0") and not supported("1.54.0") and not supported("0.5.4")

@@ -17,7 +17,6 @@ import json
 import signal
 import socket
 import ssl
-import subprocess
 import sys
 import threading
 import time
