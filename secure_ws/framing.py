@@ -168,11 +168,15 @@ def parse_close(payload: bytes) -> tuple[int, str]:
         raise Violation(1007, "invalid UTF-8 in close reason") from None
 
 
+# The two header bytes of every short text frame, built once: a reply is framed on every request.
+_TEXT_HEADS = tuple(bytes((0x80 | TEXT, size)) for size in range(126))
+
+
 def frame(opcode: int, payload: bytes) -> bytes:
     """One unmasked, final server frame."""
     size = len(payload)
     if size < 126:
-        return bytes((0x80 | opcode, size)) + payload
+        return (_TEXT_HEADS[size] if opcode == TEXT else bytes((0x80 | opcode, size))) + payload
     if size < 65536:
         return bytes((0x80 | opcode, 126)) + size.to_bytes(2, "big") + payload
     return bytes((0x80 | opcode, 127)) + size.to_bytes(8, "big") + payload
