@@ -398,3 +398,32 @@ def test_own_protocol_only_on_a_tested_uvicorn():
 
     assert supported("0.54.0") and supported("0.54.7")
     assert not supported("0.55.0") and not supported("1.54.0") and not supported("0.5.4")
+
+
+def test_keepalive_pings_keep_an_answering_client_and_cut_a_silent_one(make_server, issue):
+    """uvicorn's keepalive (kept by our protocol) sends pings; our parser hands the pongs back to it.
+    A client that answers stays; one that never answers is closed 1011 after the ping timeout."""
+    srv = make_server(("--ws-ping-interval", "0.2", "--ws-ping-timeout", "0.4"))
+
+    async def answering(raw: Raw) -> None:
+        pings = 0
+        loop = asyncio.get_running_loop()
+        until = loop.time() + 1.5
+        while loop.time() < until:
+            opcode, payload = await raw.recv()
+            assert opcode == PING, (opcode, payload)
+            pings += 1
+            await raw.send(client_frame(PONG, payload))
+        assert pings >= 3
+        await raw.send(text('{"type":"ping"}'))
+        while (frame_ := await raw.recv())[0] == PING:  # keepalive pings may come first
+            await raw.send(client_frame(PONG, frame_[1]))
+        assert frame_ == (TEXT, b'{"type":"pong"}')
+
+    async def silent(raw: Raw) -> int:
+        opcode, _ = await raw.recv()
+        assert opcode == PING
+        return await raw.close_code()  # no pong: the server gives up
+
+    on_wire(srv, issue(), answering)
+    assert on_wire(srv, issue(), silent) == 1011
