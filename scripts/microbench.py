@@ -25,6 +25,7 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
+from bench import client_frame  # noqa: E402  (scripts/bench.py, beside this script)
 from secure_ws.framing import Parser  # noqa: E402
 from secure_ws.ratelimit import Limiter  # noqa: E402
 from secure_ws.service import Service  # noqa: E402
@@ -39,11 +40,6 @@ def best(samples: list[float]) -> float:
 
 async def noop(value: object = None) -> None:
     pass
-
-
-def client_frame(payload: bytes) -> bytes:
-    mask = os.urandom(4)
-    return bytes((0x81, 0x80 | len(payload))) + mask + bytes(b ^ mask[i % 4] for i, b in enumerate(payload))
 
 
 async def timeit(fn, n: int, rounds: int = 5) -> float:  # noqa: ANN001
