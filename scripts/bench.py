@@ -59,15 +59,16 @@ PAYLOAD = b'{"type":"echo","data":"hello, world"}'
 # -- a minimal WebSocket client ------------------------------------------------------------
 
 
-def client_frame(payload: bytes, opcode: int = 1) -> bytes:
+def client_frame(payload: bytes, opcode: int = 1, fin: bool = True) -> bytes:
     mask = os.urandom(4)
     n = len(payload)
+    b0 = (0x80 if fin else 0) | opcode
     if n < 126:
-        head = struct.pack("!BB", 0x80 | opcode, 0x80 | n)
+        head = struct.pack("!BB", b0, 0x80 | n)
     elif n < 65536:
-        head = struct.pack("!BBH", 0x80 | opcode, 0x80 | 126, n)
+        head = struct.pack("!BBH", b0, 0x80 | 126, n)
     else:
-        head = struct.pack("!BBQ", 0x80 | opcode, 0x80 | 127, n)
+        head = struct.pack("!BBQ", b0, 0x80 | 127, n)
     masked = bytes(b ^ mask[i % 4] for i, b in enumerate(payload))
     return head + mask + masked
 

@@ -11,6 +11,13 @@ frames of at most 125 bytes and never fragmented, fragments of one message at a
 time. A message's size is checked from each frame header, before its payload is
 buffered, so an announced 8 EiB frame costs nothing. Anything else stops the
 parser with the close code RFC 6455 §7.4.1 gives for it.
+
+Bounds: a fragmented message is gathered in one ``bytearray`` of at most
+``max_size`` bytes, and may have at most ``max_size // FRAGMENT_COST`` fragments (at least 16)
+(1,024 for the default 64 KiB), so a message that never ends (``FIN=0`` then
+empty continuations forever) is refused with 1009 long before it costs anything. An incomplete frame waits in
+``_pending``, which never holds more than one frame header plus the payload the
+size check allowed.
 """
 
 from __future__ import annotations
@@ -28,6 +35,11 @@ CONT, TEXT, BINARY, CLOSE, PING, PONG = 0x0, 0x1, 0x2, 0x8, 0x9, 0xA
 _WIRE_CLOSE_CODES = frozenset((1000, 1001, 1002, 1003, 1007, 1008, 1009, 1010, 1011, 1012, 1013, 1014))
 
 Event = tuple[int, Union[str, bytes]]
+
+# A message of max_size bytes may come in at most max_size // FRAGMENT_COST fragments: handling a frame
+# costs far more than copying its bytes, so empty or 1-byte fragments must not be unlimited.
+FRAGMENT_COST = 64
+MIN_FRAGMENTS = 16  # however small max_size is
 
 
 class Violation(Exception):
@@ -49,7 +61,7 @@ class Parser:
     further input is ignored; so is anything after a ``CLOSE``.
     """
 
-    __slots__ = ("max_size", "error", "_closed", "_pending", "_opcode", "_parts", "_size")
+    __slots__ = ("max_size", "error", "_closed", "_pending", "_opcode", "_parts", "_size", "_fragments_left")
 
     def __init__(self, max_size: int) -> None:
         self.max_size = max_size
@@ -57,8 +69,9 @@ class Parser:
         self._closed = False  # a CLOSE frame ends the stream: what follows it is ignored
         self._pending = b""  # an incomplete frame, waiting for the rest
         self._opcode = 0  # of the fragmented message in progress, 0 when none
-        self._parts: list[bytes] = []
+        self._parts = bytearray()  # the fragmented message's payload so far
         self._size = 0
+        self._fragments_left = 0  # fragments the message in progress may still have
 
     def feed(self, data: bytes) -> list[Event]:
         """The events completed by ``data``; those before a violation are still returned."""
@@ -134,16 +147,20 @@ class Parser:
             if opcode == CONT:
                 if not self._opcode:
                     raise Violation(1002, "continuation without a message")
-                self._parts.append(payload)
+                self._fragments_left -= 1
+                if self._fragments_left < 0:
+                    raise Violation(1009, "message too big")
+                self._parts += payload
                 self._size += size
                 if not b0 & 0x80:
                     continue
-                opcode, payload = self._opcode, b"".join(self._parts)
-                self._opcode, self._parts, self._size = 0, [], 0
+                opcode, payload = self._opcode, bytes(self._parts)
+                self._opcode, self._parts, self._size = 0, bytearray(), 0
             elif self._opcode:
                 raise Violation(1002, "new message inside a fragmented one")
             elif not b0 & 0x80:
-                self._opcode, self._parts, self._size = opcode, [payload], size
+                self._opcode, self._parts, self._size = opcode, bytearray(payload), size
+                self._fragments_left = max(MIN_FRAGMENTS, self.max_size // FRAGMENT_COST) - 1
                 continue
             if opcode == TEXT:
                 try:

@@ -9,8 +9,10 @@ but never an HTTP status. The details go to the log; the token never does.
 
 from __future__ import annotations
 
+import ipaddress
 import logging
 import time
+from collections.abc import Sequence
 from typing import TYPE_CHECKING, Any
 from urllib.parse import parse_qsl
 
@@ -29,6 +31,11 @@ AMBIGUOUS = "ambiguous credentials"
 TOO_MANY = "too many connections"
 UNAVAILABLE = "service unavailable"
 QUERY_NAMES = ("access_token", "token")
+# The scope extension in which a server tells the TCP peer ``(host, port)`` as the socket reports it
+# (secure_ws.websocket sets it): uvicorn's proxy-headers middleware may have rewritten scope["client"].
+PEER = "secure_ws.peer"
+
+Network = ipaddress.IPv4Network | ipaddress.IPv6Network
 
 
 class Refusal(Exception):
@@ -62,6 +69,34 @@ def credentials(scope: dict[str, Any]) -> tuple[str | None, str | None]:
     return (found.pop() if found else None), origin
 
 
+def _trusted(address: str, proxies: Sequence[Network]) -> bool:
+    try:
+        ip = ipaddress.ip_address(address)
+    except ValueError:
+        return False
+    return any(ip in network for network in proxies)
+
+
+def client_ip(scope: dict[str, Any], proxies: Sequence[Network]) -> str:
+    """The address the per-IP throttle counts: the TCP peer, unless the peer is a proxy the operator
+    named in ``SECURE_WS_FORWARDED_ALLOW_IPS``; then the rightmost ``X-Forwarded-For`` entry that is
+    not one of those proxies (entries left of it were written by the client and prove nothing)."""
+    peer = scope.get("extensions", {}).get(PEER) or scope.get("client")
+    address = peer[0] if peer else "unknown"
+    if not proxies or not _trusted(address, proxies):
+        return address
+    # The head is bounded (secure_ws.server), so this list is too.
+    hops = [h.strip() for k, v in scope["headers"] if k == b"x-forwarded-for" for h in v.decode("latin-1").split(",")]
+    for hop in reversed(hops):
+        if not _trusted(hop, proxies):
+            try:
+                return str(ipaddress.ip_address(hop))
+            except ValueError:
+                return address  # the proxy passed garbage: count it against the proxy, not a made-up name
+        address = hop
+    return address
+
+
 def origin_allowed(origin: str | None, allowed: frozenset[str]) -> bool:
     # No Origin header: a native or mobile client, which no browser-based CSRF can forge.
     return origin is None or "*" in allowed or origin in allowed
@@ -74,8 +109,7 @@ class HandshakeMiddleware:
 
     async def __call__(self, scope: dict[str, Any], receive: Any, send: Any) -> None:
         service = self.service
-        client = scope.get("client")
-        ip = client[0] if client else "unknown"
+        ip = client_ip(scope, service.settings.forwarded_allow_ips)
         retry_ms = await service.handshake_limiter.hit(ip)
         if retry_ms:
             metrics.HANDSHAKES.labels(result="throttled").inc()

@@ -10,9 +10,9 @@ import sys
 
 from .app import create_app
 from .settings import ConfigError
-from .websocket import install
+from .server import install
 
-install()  # uvicorn's default WebSocket protocol builds ours (see secure_ws.websocket)
+install()  # uvicorn's default HTTP and WebSocket protocols build ours (see secure_ws.server)
 
 try:
     app = create_app()

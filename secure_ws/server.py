@@ -1,12 +1,22 @@
-"""uvicorn integration: the TLS context factory and request-head deadline of ``secure-ws serve``.
+"""uvicorn integration: TLS context factory, request-head bounds, and the install hook.
 
 uvicorn times out idle keep-alive connections, but not a connection that
 finishes TLS and then sends a request line and headers slowly or never (a
-slowloris), neither first nor after a kept-alive response. The protocol class
-here gives every request head ``REQUEST_HEAD_TIMEOUT`` seconds from the
-connection's start or the request's first byte; complete headers (or the
-upgrade to WebSocket) disarm it. The TLS handshake itself is bounded by
-asyncio's 60 s ``ssl_handshake_timeout``.
+slowloris), neither first nor after a kept-alive response; and its httptools
+protocol buffers a request head of any size (endless header lines). The
+protocol class here bounds every request head:
+
+* in time: ``REQUEST_HEAD_TIMEOUT`` seconds from the connection's start or the
+  request's first byte; complete headers (or the upgrade to WebSocket) disarm it;
+* in size: a head that has not ended within ``MAX_REQUEST_HEAD`` bytes is
+  answered 431 and the connection closed. The parser is only ever fed up to the
+  bound, so a head costs at most ``MAX_REQUEST_HEAD`` bytes however much arrives.
+
+The TLS handshake itself is bounded by asyncio's 60 s ``ssl_handshake_timeout``.
+
+``secure-ws serve`` names :class:`GuardedHttpToolsProtocol`; under plain
+``uvicorn secure_ws.main:app``, :func:`install` has uvicorn's default classes
+build ours (uvicorn imports its protocol classes before it imports our app).
 """
 
 from __future__ import annotations
@@ -16,11 +26,21 @@ import ssl
 from typing import Any
 
 from uvicorn.protocols.http.httptools_impl import HttpToolsProtocol
+from uvicorn.protocols.websockets.websockets_sansio_impl import WebSocketsSansIOProtocol
 
 from .settings import load_settings
 from .tls import server_context
+from .websocket import WebSocketProtocol, log, supported
 
 REQUEST_HEAD_TIMEOUT = 10.0
+# In line with the 8 KiB a single upgrade header may have: a request line and a few headers.
+MAX_REQUEST_HEAD = 16384
+
+_TOO_LARGE = (
+    b"HTTP/1.1 431 Request Header Fields Too Large\r\n"
+    b"content-type: text/plain; charset=utf-8\r\ncontent-length: 32\r\nconnection: close\r\n\r\n"
+    b"Request header fields too large\n"
+)
 
 
 def uvicorn_context_factory(config: object, default_factory: object) -> ssl.SSLContext:
@@ -29,49 +49,119 @@ def uvicorn_context_factory(config: object, default_factory: object) -> ssl.SSLC
     return server_context(s.tls_certfile, s.tls_keyfile, s.tls_min_version, s.tls_client_ca)
 
 
-class RequestHeadDeadline:
-    """Mixin for a uvicorn HTTP protocol: close a connection whose request head does not arrive in time."""
+class RequestHeadGuard:
+    """Mixin for uvicorn's httptools protocol: a request head must end in time and within a size."""
 
     _deadline: asyncio.TimerHandle | None = None
+    _head_room: int | None = None  # bytes the head being read may still take; None while a body is read
+    _heads = 0  # request heads completed on this connection
+    _upgraded = False
+
+    def _open_head(self) -> None:
+        self._head_room = MAX_REQUEST_HEAD
+        self._arm()
 
     def _arm(self) -> None:
         if self._deadline is None:
             self._deadline = self.loop.call_later(REQUEST_HEAD_TIMEOUT, self._head_late)  # type: ignore[attr-defined]
-
-    def connection_made(self, transport: Any) -> None:
-        super().connection_made(transport)  # type: ignore[misc]
-        self._arm()
-
-    def on_message_begin(self) -> None:
-        super().on_message_begin()  # type: ignore[misc]
-        self._arm()
-
-    def _head_late(self) -> None:
-        self._deadline = None
-        if not self.transport.is_closing():  # type: ignore[attr-defined]
-            self.transport.close()  # type: ignore[attr-defined]
 
     def _disarm(self) -> None:
         if self._deadline is not None:
             self._deadline.cancel()
             self._deadline = None
 
+    def connection_made(self, transport: Any) -> None:
+        super().connection_made(transport)  # type: ignore[misc]
+        self._open_head()
+
+    def data_received(self, data: bytes) -> None:
+        room = self._head_room
+        if room is None or len(data) <= room:
+            if room is not None:
+                self._head_room = room - len(data)
+            super().data_received(data)  # type: ignore[misc]
+            return
+        # This read would take the head past its bound: parse only what fits.
+        heads = self._heads
+        if room:
+            self._head_room = 0
+            super().data_received(data[:room])  # type: ignore[misc]
+        if self._upgraded or self.transport.is_closing():  # type: ignore[attr-defined]
+            return  # what follows an upgrade request is dropped, as uvicorn does (RFC 6455 §4.1: wait for the 101)
+        if self._heads > heads:
+            self.data_received(data[room:])  # the head ended within the bound: the rest is body or the next request
+        else:
+            self._head_too_large()
+
+    def on_message_begin(self) -> None:
+        super().on_message_begin()  # type: ignore[misc]
+        self._arm()
+
     def on_headers_complete(self) -> None:
         self._disarm()
+        self._heads += 1
+        self._head_room = None
         super().on_headers_complete()  # type: ignore[misc]
+
+    def on_message_complete(self) -> None:
+        super().on_message_complete()  # type: ignore[misc]
+        if not self._upgraded:
+            self._head_room = MAX_REQUEST_HEAD  # what comes next is the next request's head
 
     def handle_websocket_upgrade(self, *args: Any) -> None:
         self._disarm()
+        self._upgraded = True
         super().handle_websocket_upgrade(*args)  # type: ignore[misc]
+
+    def _head_late(self) -> None:
+        self._deadline = None
+        if not self.transport.is_closing():  # type: ignore[attr-defined]
+            self.transport.close()  # type: ignore[attr-defined]
+
+    def _head_too_large(self) -> None:
+        self._disarm()
+        self._head_room = None
+        self.transport.write(_TOO_LARGE)  # type: ignore[attr-defined]
+        self.transport.close()  # type: ignore[attr-defined]
 
     def connection_lost(self, exc: Exception | None) -> None:
         self._disarm()
         super().connection_lost(exc)  # type: ignore[misc]
 
 
-class GuardedHttpToolsProtocol(RequestHeadDeadline, HttpToolsProtocol):
-    """uvicorn's httptools protocol with the request-head deadline (a module-level class: it must
+class GuardedHttpToolsProtocol(RequestHeadGuard, HttpToolsProtocol):
+    """uvicorn's httptools protocol with the request-head bounds (a module-level class: it must
     pickle into ``--workers`` processes, so ``secure-ws serve`` names it as ``module:attr``)."""
 
 
 HTTP_PROTOCOL = "secure_ws.server:GuardedHttpToolsProtocol"
+
+# uvicorn's default class → ours.
+_REPLACEMENTS: dict[type, type] = {
+    HttpToolsProtocol: GuardedHttpToolsProtocol,
+    WebSocketsSansIOProtocol: WebSocketProtocol,
+}
+
+
+def _build(cls: type, *args: Any, **kwargs: Any) -> Any:
+    return object.__new__(_REPLACEMENTS.get(cls, cls))
+
+
+def install() -> None:
+    """Have uvicorn's default HTTP (httptools) and WebSocket (websockets-sansio) protocol classes
+    build :class:`GuardedHttpToolsProtocol` and :class:`WebSocketProtocol` instead.
+
+    ``type.__call__`` runs the ``__init__`` of the object ``__new__`` returns
+    when it is an instance of the class called, so uvicorn's
+    ``HttpToolsProtocol(config=…)`` yields a fully built subclass. ``--http h11``,
+    ``--ws websockets`` and ``--ws wsproto`` are left alone.
+    """
+    if not supported():
+        import uvicorn
+
+        log.warning(
+            "uvicorn %s is not one secure_ws's protocols were tested with: using uvicorn's own", uvicorn.__version__
+        )
+        return
+    for original in _REPLACEMENTS:
+        original.__new__ = staticmethod(_build)  # type: ignore[assignment]

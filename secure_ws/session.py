@@ -110,9 +110,9 @@ class Session:
         service = self.service
         if (await receive())["type"] != "websocket.connect":
             return
+        if direct is not None:  # before the accept, so the first frame already meets our message limit
+            self._write = direct.attach(self.frame, self._max_bytes)
         await self.send_raw({"type": "websocket.accept", "subprotocol": subprotocol})
-        if direct is not None:
-            self._write = direct.attach(self.frame)
         service.hub.add(self)
         metrics.CONNECTIONS.inc()
         log.info("session %s sub=%s open", self.id, self._sub, extra=self._log_fields("open"))

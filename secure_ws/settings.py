@@ -7,6 +7,7 @@ traceback or, worse, as a silently weaker default.
 
 from __future__ import annotations
 
+import ipaddress
 import os
 import re
 from collections.abc import Mapping
@@ -65,6 +66,7 @@ class Settings:
     max_message_bytes: int = 65536
     send_queue_size: int = 256
     allowed_origins: frozenset[str] = frozenset()
+    forwarded_allow_ips: tuple[ipaddress.IPv4Network | ipaddress.IPv6Network, ...] = ()
     storage_url: str = "memory://"
     revocation_file: Path = Path("certs/revocations.json")
     tls_certfile: Path = Path("certs/server.crt")
@@ -169,6 +171,18 @@ def load_settings(
                 "SECURE_WS_ALLOWED_ORIGINS", f"not an origin: {origin!r} (use scheme://host[:port], no path)"
             )
 
+    proxies: list[ipaddress.IPv4Network | ipaddress.IPv6Network] = []
+    for entry in (e.strip() for e in get("FORWARDED_ALLOW_IPS").split(",")):
+        if entry == "*":
+            proxies += [ipaddress.ip_network("0.0.0.0/0"), ipaddress.ip_network("::/0")]
+        elif entry:
+            try:
+                proxies.append(ipaddress.ip_network(entry, strict=False))
+            except ValueError:
+                raise ConfigError(
+                    "SECURE_WS_FORWARDED_ALLOW_IPS", f"not an IP address or network: {entry[:100]!r}"
+                ) from None
+
     storage_url = get("STORAGE_URL", "memory://")
     if not (storage_url == "memory://" or re.match(r"^rediss?://", storage_url)):
         raise ConfigError("SECURE_WS_STORAGE_URL", f"use memory:// or redis://host:port/db, got {storage_url!r}")
@@ -196,6 +210,7 @@ def load_settings(
         max_message_bytes=integer("MAX_MESSAGE_BYTES", 65536, minimum=64),
         send_queue_size=integer("SEND_QUEUE_SIZE", 256, minimum=1),
         allowed_origins=origins,
+        forwarded_allow_ips=tuple(proxies),
         storage_url=storage_url,
         revocation_file=path("REVOCATION_FILE", "certs/revocations.json"),
         tls_certfile=path("TLS_CERTFILE", "certs/server.crt"),

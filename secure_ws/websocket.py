@@ -28,9 +28,9 @@ together with data others choose is the CRIME/BREACH side channel.
 
 ``secure-ws serve`` names this class as its ``ws`` protocol. Plain
 ``uvicorn secure_ws.main:app`` imports its default protocol class before it
-imports our app, so :func:`install` (called by :mod:`secure_ws.main`) makes that
-class build this one instead; ``--ws websockets`` or ``--ws wsproto`` are left
-alone. Both only on a uvicorn version it was tested with (:func:`supported`).
+imports our app, so :func:`secure_ws.server.install` (called by :mod:`secure_ws.main`)
+makes that class build this one instead; ``--ws websockets`` or ``--ws wsproto``
+are left alone. Both only on a uvicorn version it was tested with (:func:`supported`).
 """
 
 from __future__ import annotations
@@ -46,6 +46,7 @@ from uvicorn.protocols.utils import ClientDisconnected
 from uvicorn.protocols.websockets.websockets_sansio_impl import WebSocketsSansIOProtocol
 from websockets.frames import Frame, Opcode
 
+from .handshake import PEER
 from .framing import BINARY, CLOSE, PING, PONG, TEXT, Parser, Violation, close_frame, frame, parse_close
 
 log = logging.getLogger("secure_ws")
@@ -91,17 +92,26 @@ class WebSocketProtocol(WebSocketsSansIOProtocol):
         self._parser: Parser | None = None  # set once the 101 is sent
         self._early = b""
         self._on_text: Callable[[str], Any] | None = None
+        self._max_size: int = self.config.ws_max_size
+        self._app_closed = False  # the application sent websocket.close
 
     def handle_connect(self, event: Any) -> None:
         super().handle_connect(event)
         if self.handshake_initiated and not self.handshake_complete:  # the application is about to run
-            self.scope["extensions"][DIRECT] = self  # type: ignore[index]
+            extensions: dict[str, Any] = self.scope["extensions"]  # type: ignore[index,assignment]
+            extensions[DIRECT] = self
+            extensions[PEER] = self.client
 
-    def attach(self, on_text: Callable[[str], Any] | None) -> Callable[[str], bool]:
+    def attach(self, on_text: Callable[[str], Any] | None, max_size: int | None = None) -> Callable[[str], bool]:
         """Have ``on_text(text)`` handle text messages while the application waits in ``receive()``;
         what it returns, unless None, reaches ``receive()`` as ``{"type": "websocket.receive", WORK: …}``.
-        Returns :meth:`write_text`."""
+        ``max_size``, if given, is the largest message the application takes: larger ones are refused
+        with 1009 from the frame header, whatever uvicorn's ``ws_max_size``. Returns :meth:`write_text`."""
         self._on_text = on_text
+        if max_size is not None:
+            self._max_size = min(max_size, self._max_size)
+            if self._parser is not None:
+                self._parser.max_size = self._max_size
         return self.write_text
 
     def write_text(self, text: str) -> bool:
@@ -119,6 +129,7 @@ class WebSocketProtocol(WebSocketsSansIOProtocol):
         if parser is None:
             self._handshake_data(data)
             return
+        ping: bytes | None = None
         for opcode, payload in parser.feed(data):
             if opcode == TEXT:
                 handler = self._on_text
@@ -131,14 +142,23 @@ class WebSocketProtocol(WebSocketsSansIOProtocol):
             elif opcode == BINARY:
                 self._deliver({"type": "websocket.receive", "bytes": payload})
             elif opcode == PING:
-                self.transport.write(frame(PONG, payload))  # type: ignore[arg-type]
+                ping = payload  # type: ignore[assignment]
             elif opcode == PONG:
                 self.handle_pong(Frame(Opcode.PONG, payload))  # type: ignore[arg-type]
             else:
                 self._close_received(payload)  # type: ignore[arg-type]
                 return
+        if ping is not None:
+            self._pong(ping)
         if parser.error is not None:
             self._fail(parser.error)
+
+    def _pong(self, payload: bytes) -> None:
+        # One pong per read, for the last ping in it (RFC 6455 §5.5.3 allows answering only the most
+        # recent), and none while the transport has paused writing or after our close frame: a client
+        # that sends pings and never reads must not grow our write buffer.
+        if self.writable.is_set() and not self.close_sent and not self.transport.is_closing():
+            self.transport.write(frame(PONG, payload))
 
     def _handshake_data(self, data: bytes) -> None:
         if not self.handshake_initiated:
@@ -201,20 +221,30 @@ class WebSocketProtocol(WebSocketsSansIOProtocol):
     # -- output --------------------------------------------------------------------
 
     async def send(self, message: Any) -> None:
-        if self._parser is not None and message["type"] == "websocket.send" and not self.close_sent:
-            if not self.writable.is_set():
-                await self.writable.wait()
-            if self.disconnected or self.transport.is_closing():
-                raise ClientDisconnected()
-            text = message.get("text")
-            if text is not None:
-                self.transport.write(frame(TEXT, text.encode()))
-            else:
-                self.transport.write(frame(BINARY, message.get("bytes") or b""))
-            return
+        kind = message["type"]
+        if self._parser is not None and kind in ("websocket.send", "websocket.close"):
+            if self.close_sent and not self._app_closed:
+                # We failed the connection (a protocol violation) while the application still held a
+                # message: ASGI asks for an OSError here (uvicorn's ClientDisconnected), not a RuntimeError.
+                if kind == "websocket.send":
+                    raise ClientDisconnected()
+                return
+            if kind == "websocket.close":
+                self._app_closed = True
+            elif not self.close_sent:
+                if not self.writable.is_set():
+                    await self.writable.wait()
+                if self.disconnected or self.transport.is_closing():
+                    raise ClientDisconnected()
+                text = message.get("text")
+                if text is not None:
+                    self.transport.write(frame(TEXT, text.encode()))
+                else:
+                    self.transport.write(frame(BINARY, message.get("bytes") or b""))
+                return
         await super().send(message)
         if self._parser is None and self.handshake_complete and not self.close_sent and self.initial_response is None:
-            self._parser = Parser(self.config.ws_max_size)
+            self._parser = Parser(self._max_size)
             if self._early:
                 early, self._early = self._early, b""
                 self.data_received(early)
@@ -223,23 +253,3 @@ class WebSocketProtocol(WebSocketsSansIOProtocol):
 def supported(version: str = uvicorn.__version__) -> bool:
     """Whether this uvicorn is one whose ``websockets-sansio`` internals this subclass was tested on."""
     return version.split(".")[:2] in TESTED_UVICORN
-
-
-def _build(cls: type, *args: Any, **kwargs: Any) -> Any:
-    return object.__new__(WebSocketProtocol if cls is WebSocketsSansIOProtocol else cls)
-
-
-def install() -> None:
-    """Have uvicorn's default WebSocket protocol class build :class:`WebSocketProtocol` instead.
-
-    ``type.__call__`` runs the ``__init__`` of the object ``__new__`` returns
-    when it is an instance of the class called, so uvicorn's
-    ``WebSocketsSansIOProtocol(config=…)`` yields a fully built subclass.
-    """
-    if not supported():
-        log.warning(
-            "uvicorn %s is not one secure_ws's WebSocket protocol was tested with (%s): using uvicorn's own",
-            uvicorn.__version__, ", ".join(".".join(v) for v in TESTED_UVICORN),
-        )
-        return
-    WebSocketsSansIOProtocol.__new__ = staticmethod(_build)  # type: ignore[method-assign,assignment]

@@ -197,6 +197,13 @@ class Server:
         )
 
 
+class Serve(Server):
+    """``python -m secure_ws serve --port P`` (the hardened TLS context), with Server's client helpers."""
+
+    def argv(self) -> list[str]:
+        return [sys.executable, "-m", "secure_ws", "serve", "--port", str(self.port), *self.uvicorn_args]
+
+
 async def closed_with(ws: Any, timeout: float = 5.0) -> tuple[int, str]:
     """Read until the server closes; return its (code, reason). Fails if it never does."""
     try:

@@ -29,6 +29,7 @@ import pytest
 import websockets
 
 from conftest import (
+    Serve,
     Server,
     base_env,
     cli,
@@ -50,13 +51,6 @@ MOZILLA_TLS12_SUITES = {
 
 
 # -- `secure-ws serve` as a subprocess ------------------------------------------------------
-
-
-class Serve(Server):
-    """``python -m secure_ws serve --port P`` (the hardened TLS context), with Server's client helpers."""
-
-    def argv(self) -> list[str]:
-        return [sys.executable, "-m", "secure_ws", "serve", "--port", str(self.port), *self.uvicorn_args]
 
 
 @pytest.fixture(scope="module")
@@ -273,7 +267,8 @@ def _slow_client(port: int, keydir: Path, mode: str, watch: float) -> dict[str, 
                 assert chunk, "the first (complete) request got no response"
                 first += chunk
         started = time.monotonic()
-        tls.sendall(b"GET /healthz HTTP/1.1\r\nHost: localhost\r\n")
+        if mode != "idle":
+            tls.sendall(b"GET /healthz HTTP/1.1\r\nHost: localhost\r\n")
         tls.settimeout(0.5)
         received, i = b"", 0
         while (elapsed := time.monotonic() - started) < watch:
@@ -298,30 +293,37 @@ def _slow_client(port: int, keydir: Path, mode: str, watch: float) -> dict[str, 
             tls.close()
 
 
-@pytest.fixture(scope="module")
-def slow_clients(serve):
-    """All slow clients run at once, so the ~10 s they take is paid once for the module."""
-    pool = concurrent.futures.ThreadPoolExecutor(max_workers=4)
+@pytest.fixture(scope="module", params=["serve", "uvicorn"])
+def slow_clients(request, keydir):
+    """All slow clients run at once against one server of each entry point, so the ~10 s they take is
+    paid once per entry point."""
+    srv = (Serve if request.param == "serve" else Server)(keydir, base_env(keydir)).start()
+    pool = concurrent.futures.ThreadPoolExecutor(max_workers=5)
     futures = {
-        mode: pool.submit(_slow_client, serve.port, serve.keydir, mode, SLOW_DEADLINE + 8)
-        for mode in ("silent", "trickle", "keepalive-silent", "keepalive-trickle")
+        mode: pool.submit(_slow_client, srv.port, srv.keydir, mode, SLOW_DEADLINE + 8)
+        for mode in ("idle", "silent", "trickle", "keepalive-silent", "keepalive-trickle")
     }
-    yield futures
+    yield srv, futures
     pool.shutdown(wait=True)
+    srv.stop()
 
 
-def test_slowloris_first_request_head_is_cut_after_10s(serve, slow_clients):
+def test_slowloris_first_request_head_is_cut_after_10s(slow_clients):
+    """A TLS connection that sends nothing, or a partial head and then nothing or a trickle, is cut at
+    10 s by both entry points (plain uvicorn held them past its 65 s)."""
+    srv, slow_clients = slow_clients
     # control: a prompt request on a fresh connection is answered (the guard does not hit normal clients)
-    assert https_get_raw(serve.port, client_context(serve.keydir)).startswith(b"HTTP/1.1 200")
-    for mode in ("silent", "trickle"):
+    assert https_get_raw(srv.port, client_context(srv.keydir)).startswith(b"HTTP/1.1 200")
+    for mode in ("idle", "silent", "trickle"):
         result = slow_clients[mode].result(timeout=30)
         assert result["closed"], f"{mode}: still open {result['after']:.1f}s after a partial request head"
         assert SLOW_DEADLINE - 1.5 <= result["after"] <= SLOW_DEADLINE + 2.5, (mode, result)
         assert result["received"] == b"", (mode, result)
 
 
-def test_slowloris_on_a_kept_alive_connection_is_cut_too(serve, slow_clients):
+def test_slowloris_on_a_kept_alive_connection_is_cut_too(slow_clients):
     """After one complete request, a second request head trickled forever must not hold the connection."""
+    srv, slow_clients = slow_clients
     for mode in ("keepalive-silent", "keepalive-trickle"):
         result = slow_clients[mode].result(timeout=30)
         assert result["closed"], (
