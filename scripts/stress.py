@@ -199,7 +199,7 @@ def main() -> None:
     parser.add_argument("--attack", choices=sorted(ATTACKS), action="append", help="only these (repeatable)")
     args = parser.parse_args()
     modes = ("uvicorn", "serve") if args.mode == "both" else (args.mode,)
-    print(f"{'entry point':<9} {'attack':<15} {'sent MiB':>9} {'answer':<28} {'peak +MiB':>9} {'closed +MiB':>11}")
+    print(f"{'entry point':<9} {'attack':<15} {'sent MiB':>9} {'answer':<48} {'peak +MiB':>9} {'closed +MiB':>11}")
     with tempfile.TemporaryDirectory() as tmp:
         folder = Path(tmp)
         for mode in modes:
@@ -213,7 +213,7 @@ def main() -> None:
                 finally:
                     target.stop()
                 answer = r["answer"] + (f", {r['pongs_after_close']} pongs after close" if "pongs" in r else "")
-                print(f"{mode:<9} {attack:<15} {r['sent'] / MIB:>9.1f} {answer:<28} "
+                print(f"{mode:<9} {attack:<15} {r['sent'] / MIB:>9.1f} {answer:<48} "
                       f"{r['peak_growth_mib']:>9.1f} {r['after_close_growth_mib']:>11.1f}", flush=True)
 
 

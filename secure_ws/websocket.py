@@ -21,6 +21,13 @@ replaces what happens on every frame:
   text without an ASGI message. :mod:`secure_ws.session` does; it is how a
   frame is answered with no task switch at all.
 
+Bounds, since a client controls every byte: a message is at most the application's
+limit (given to :meth:`WebSocketProtocol.attach`), decided from the frame header;
+the application's backlog is one socket read at most (reading pauses as soon as
+a message has to wait); a read gets at most one pong, none while the transport
+has paused writing and none after our close frame; bytes before our 101 are kept
+up to ``EARLY_DATA_LIMIT``.
+
 permessage-deflate is never negotiated: our messages are small JSON objects
 that compress poorly, compression would cost CPU on every frame and tens of KiB
 of zlib state per connection, and compressing a client's token (in ``refresh``)
