@@ -64,6 +64,7 @@ class Settings:
     max_connections_per_client: int = 10
     max_message_bytes: int = 65536
     send_queue_size: int = 256
+    max_subscriptions: int = 128
     allowed_origins: frozenset[str] = frozenset()
     storage_url: str = "memory://"
     revocation_file: Path = Path("certs/revocations.json")
@@ -195,6 +196,7 @@ def load_settings(
         max_connections_per_client=integer("MAX_CONNECTIONS_PER_CLIENT", 10, minimum=1),
         max_message_bytes=integer("MAX_MESSAGE_BYTES", 65536, minimum=64),
         send_queue_size=integer("SEND_QUEUE_SIZE", 256, minimum=1),
+        max_subscriptions=integer("MAX_SUBSCRIPTIONS", 128, minimum=1),
         allowed_origins=origins,
         storage_url=storage_url,
         revocation_file=path("REVOCATION_FILE", "certs/revocations.json"),
