@@ -12,7 +12,7 @@ from json.encoder import c_make_encoder, encode_basestring
 from typing import Any
 
 MAX_CHANNEL_CHARS = 128
-CHANNEL = re.compile(r"[A-Za-z0-9_.:-]{1,%d}" % MAX_CHANNEL_CHARS)
+CHANNEL = re.compile(rf"[A-Za-z0-9_.:-]{{1,{MAX_CHANNEL_CHARS}}}")
 
 BAD_REQUEST = "bad_request"
 UNKNOWN_TYPE = "unknown_type"
