@@ -140,7 +140,7 @@ class ClientClosed(ClientError):
 class RequestError(ClientError):
     """The server answered a request with ``{"type": "error", "code": …}``.
 
-    ``code`` is one of ``bad_request``, ``unknown_type``, ``forbidden``,
+    ``code`` is one of ``bad_request``, ``unknown_type``, ``forbidden``, ``limit_exceeded``,
     ``rate_limited`` (see :exc:`RateLimited`); ``frame`` is the whole error frame.
     """
 
@@ -537,7 +537,7 @@ class Client:
         """Subscribe to ``channel``, and again after every reconnect, until :meth:`unsubscribe`.
 
         Returns once the subscription is live. Raises :exc:`RequestError`
-        (``forbidden``, ``bad_request``) if the server refuses it.
+        (``forbidden``, ``bad_request``, ``limit_exceeded``) if the server refuses it.
         """
         self._channels.add(channel)  # first: a reconnect during this call re-subscribes it too
         try:

@@ -23,6 +23,16 @@ _REDACTIONS = (
     (re.compile(r"(?i)(bearer[ .])[A-Za-z0-9_.~+/=-]+"), r"\1[redacted]"),
 )
 
+# C0 and C1 controls, DEL, and the Unicode line and paragraph separators: each can end a log line
+# (CR, LF, VT, FF, NEL, U+2028/2029 to str.splitlines and to log viewers) or drive a terminal (ESC).
+_CONTROL = re.compile("[\x00-\x1f\x7f-\x9f\u2028\u2029]")
+_ESCAPES = {c: f"\\x{c:02x}" if c < 0x100 else f"\\u{c:04x}" for c in [*range(0x20), *range(0x7F, 0xA0), 0x2028, 0x2029]}
+# Tracebacks are multi-line by design; their line breaks are kept, every other control is escaped.
+_TRACEBACK_ESCAPES = {c: e for c, e in _ESCAPES.items() if c != 0x0A}
+
+# The structured fields our records carry (``extra=``); the JSON format writes them out.
+FIELDS = ("connection_id", "sub", "event", "close_code", "reason", "client")
+
 LOGGERS = ("", "uvicorn", "uvicorn.error", "uvicorn.access", "websockets", "websockets.server", "secure_ws")
 
 
@@ -32,30 +42,46 @@ def redact(text: str) -> str:
     return text
 
 
+def escape_controls(text: str) -> str:
+    """``\\x1b``-style escapes for control characters, so that one record stays one line of plain text."""
+    return text.translate(_ESCAPES) if _CONTROL.search(text) else text
+
+
 def _clean(arg: object) -> object:
-    # Numbers stay numbers for %d; anything else is logged as its redacted text.
+    # Numbers stay numbers for %d; anything else is logged as its redacted, escaped text.
     if arg is None or isinstance(arg, (int, float)):
         return arg
-    return redact(arg if isinstance(arg, str) else str(arg))
+    return escape_controls(redact(arg if isinstance(arg, str) else str(arg)))
 
 
 class RedactingFilter(logging.Filter):
     def filter(self, record: logging.LogRecord) -> bool:
         # Redact the arguments in place rather than flattening the message: formatters such as
         # uvicorn's AccessFormatter unpack record.args themselves.
+        # Every value a client can influence (a sub, a path, a header) arrives in msg, args or one of
+        # the structured fields; escaping all of them here covers every logger and formatter.
+        # Escaping is idempotent (a backslash is not a control), so a second pass through a handler's
+        # copy of this filter changes nothing.
         if isinstance(record.msg, str):
-            record.msg = redact(record.msg)
+            record.msg = escape_controls(redact(record.msg))
+        else:
+            record.msg = _clean(record.msg)
         if isinstance(record.args, tuple):
             record.args = tuple(_clean(a) for a in record.args)
         elif isinstance(record.args, dict):
             record.args = {k: _clean(v) for k, v in record.args.items()}
+        for name in FIELDS:
+            value = record.__dict__.get(name)
+            if isinstance(value, str):
+                setattr(record, name, escape_controls(value))
         if record.exc_info and record.exc_text is None and record.exc_info[0] is not None:
-            record.exc_text = redact(logging.Formatter().formatException(record.exc_info))
+            text = redact(logging.Formatter().formatException(record.exc_info))
+            record.exc_text = text.translate(_TRACEBACK_ESCAPES) if _CONTROL.search(text) else text
         return True
 
 
 class JsonFormatter(logging.Formatter):
-    FIELDS = ("connection_id", "sub", "event", "close_code", "reason", "client")
+    FIELDS = FIELDS
 
     def format(self, record: logging.LogRecord) -> str:
         entry = {

@@ -35,6 +35,7 @@ from . import metrics
 from .protocol import (
     BAD_REQUEST,
     FORBIDDEN,
+    LIMIT_EXCEEDED,
     RATE_LIMITED,
     UNAVAILABLE,
     UNKNOWN_TYPE,
@@ -269,6 +270,10 @@ class Session:
             channel = channel_of(request)
             if not self.grants.may_subscribe(channel):
                 raise ProtocolError(FORBIDDEN, f"scope does not grant subscribe:{channel}", request.get("id"))
+            # Each held channel costs memory here and a subscription in storage; one already held is free.
+            limit = self.service.settings.max_subscriptions
+            if len(self.channels) >= limit and channel not in self.channels:
+                raise ProtocolError(LIMIT_EXCEEDED, f"at most {limit} subscriptions per connection", request.get("id"))
             await self.service.hub.join(self, channel)
             self.send(reply(request, {"type": "subscribed", "channel": channel}))
         elif kind == "unsubscribe":

@@ -65,6 +65,7 @@ class Settings:
     max_connections_per_client: int = 10
     max_message_bytes: int = 65536
     send_queue_size: int = 256
+    max_subscriptions: int = 128
     allowed_origins: frozenset[str] = frozenset()
     forwarded_allow_ips: tuple[ipaddress.IPv4Network | ipaddress.IPv6Network, ...] = ()
     storage_url: str = "memory://"
@@ -209,6 +210,7 @@ def load_settings(
         max_connections_per_client=integer("MAX_CONNECTIONS_PER_CLIENT", 10, minimum=1),
         max_message_bytes=integer("MAX_MESSAGE_BYTES", 65536, minimum=64),
         send_queue_size=integer("SEND_QUEUE_SIZE", 256, minimum=1),
+        max_subscriptions=integer("MAX_SUBSCRIPTIONS", 128, minimum=1),
         allowed_origins=origins,
         forwarded_allow_ips=tuple(proxies),
         storage_url=storage_url,

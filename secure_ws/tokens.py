@@ -8,12 +8,12 @@ never ``token expired``.
 
 from __future__ import annotations
 
+import math
 import re
 import time
 from dataclasses import dataclass, field
 
 import jwt
-from jwt.exceptions import ExpiredSignatureError
 
 from .keys import KeyStore
 from .settings import Settings
@@ -74,7 +74,9 @@ class Verifier:
         self.settings = settings
         self.keys = keys
         self._jwt = jwt.PyJWT()
-        self._options = {"require": _REQUIRED_CLAIMS, "verify_sub": True, "verify_jti": True}
+        # exp is checked here, after the NumericDate type check: PyJWT's int() would read `true` as 1
+        # and "5" as 5, and answer such a token "token expired" instead of "invalid token".
+        self._options = {"require": _REQUIRED_CLAIMS, "verify_sub": True, "verify_jti": True, "verify_exp": False}
         self._cache: dict[str, Principal] = {}
         keys.on_change(lambda old, new: self._cache.clear())
 
@@ -132,20 +134,24 @@ class Verifier:
                 leeway=s.leeway,
                 options=self._options,
             )
-        except ExpiredSignatureError:
-            raise AuthError(EXPIRED, "exp has passed") from None
         except Exception as exc:  # every malformed input is just an invalid token
             raise AuthError(INVALID, f"{exc.__class__.__name__}: {str(exc)[:120]}") from None
         sub = claims["sub"]
         if not sub or len(sub) > MAX_SUB_CHARS:
             raise AuthError(INVALID, "sub empty or too long")
         for name in ("exp", "iat", "nbf"):
-            # RFC 7519 NumericDate is a JSON number; PyJWT alone would also take "1795260012" or true.
+            # RFC 7519 NumericDate is a finite JSON number; PyJWT alone would also take "1795260012" or
+            # true (bool is a subclass of int, hence type() and not isinstance()); its json.loads reads
+            # NaN and Infinity, which no JSON encoder writes. Ints are always finite (and may be too big
+            # for a float, so they are not passed to isfinite).
             value = claims.get(name, 0)
-            if type(value) not in (int, float) or value != value:
+            if not (type(value) is int or type(value) is float and math.isfinite(value)):
                 raise AuthError(INVALID, f"{name} is not a number")
         exp = int(claims["exp"])
-        iat = float(claims["iat"])
-        if exp - iat > s.max_token_ttl + s.leeway:
-            raise AuthError(INVALID, f"lifetime {exp - iat:.0f}s exceeds SECURE_WS_JWT_MAX_TTL")
+        if exp <= time.time() - s.leeway:  # PyJWT's own rule, run only once the type is known good
+            raise AuthError(EXPIRED, "exp has passed")
+        iat = float(claims["iat"])  # PyJWT refused an iat in the future, so it fits a float
+        # In ints: an exp of 10**400 is a valid JSON number but too big for float arithmetic.
+        if exp - int(iat) > s.max_token_ttl + s.leeway:
+            raise AuthError(INVALID, f"lifetime (exp - iat) exceeds SECURE_WS_JWT_MAX_TTL ({s.max_token_ttl}s)")
         return Principal(sub=sub, exp=exp, iat=iat, jti=claims.get("jti"), kid=key.kid, scopes=_scopes(claims))
