@@ -92,6 +92,19 @@ async def main(n: int) -> None:
     ):
         results[f"{label} (hit + parse + dispatch + encode)"] = await timeit(lambda: noop(session.frame(text)), n)
 
+    # The JSON codecs on our real messages: the standard library's (what decode keeps) and orjson (what
+    # encode uses), so the choice in secure_ws.protocol can be checked on any machine.
+    import orjson
+
+    from secure_ws.protocol import _encoder, _parse
+
+    request = '{"type":"publish","channel":"room.lobby","data":{"text":"hello there","n":[1,2,3]}}'
+    message = {"type": "message", "channel": "room.lobby", "from": "user-42", "data": {"text": "hello", "n": [1, 2]}}
+    results["decode a publish request: json (C scanner)"] = await timeit(lambda: noop(_parse(request)), n)
+    results["decode a publish request: orjson"] = await timeit(lambda: noop(orjson.loads(request)), n)
+    results["encode a channel message: json (C encoder)"] = await timeit(lambda: noop(_encoder.encode(message)), n)
+    results["encode a channel message: orjson"] = await timeit(lambda: noop(orjson.dumps(message).decode()), n)
+
     width = max(map(len, results))
     print(f"{'operation':<{width}}  µs/op (best of 5)")
     for name, us in results.items():

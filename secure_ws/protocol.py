@@ -8,8 +8,9 @@ from __future__ import annotations
 
 import json
 import re
-from json.encoder import c_make_encoder, encode_basestring
 from typing import Any
+
+import orjson
 
 MAX_CHANNEL_CHARS = 128
 CHANNEL = re.compile(rf"[A-Za-z0-9_.:-]{{1,{MAX_CHANNEL_CHARS}}}")
@@ -46,19 +47,22 @@ def _finite_float(text: str) -> float:
 
 
 _INF = float("inf")
+# Decoding stays with the standard library: orjson turns integers beyond 64 bits into floats, and an
+# echo must give back exactly what it was sent. Encoding goes to orjson (4x faster on our replies,
+# measured with scripts/microbench.py), with the standard encoder for what orjson cannot take.
 _decoder = json.JSONDecoder(parse_constant=_refuse_constant, parse_float=_finite_float)
 _encoder = json.JSONEncoder(ensure_ascii=False, separators=(",", ":"), check_circular=False, allow_nan=False)
 
-if c_make_encoder is not None:
-    # JSONEncoder.encode builds a new C encoder on every call, which costs more than encoding a
-    # small reply; this is the same C encoder with the same settings, built once.
-    _chunks = c_make_encoder(None, _encoder.default, encode_basestring, None, ":", ",", False, False, False)
 
-    def encode(obj: Any) -> str:
-        return "".join(_chunks(obj, 0))
-
-else:  # pragma: no cover (a Python without the _json accelerator)
-    encode = _encoder.encode
+def encode(obj: Any) -> str:
+    """Compact JSON text, or ``TypeError`` for what is not JSON. (NaN and infinities, which no decoded
+    request holds, come out as ``null``.)"""
+    try:
+        return orjson.dumps(obj).decode()
+    except TypeError:
+        # Integers beyond 64 bits (a client may echo them), and lone surrogates, which the standard
+        # encoder writes as escapes. Anything really not JSON raises TypeError from there too.
+        return _encoder.encode(obj)
 
 
 def _parse(text: str) -> Any:
