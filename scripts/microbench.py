@@ -69,7 +69,7 @@ async def main(n: int) -> None:
         settings = load_settings(env_file=None)
         service = Service(settings)
         token = issue_token(settings, "bench", 900)
-        results[f"verify {alg} (first sight)"] = await timeit(lambda: service.verifier._verify(token), n // 4)
+        results[f"verify {alg} (first sight)"] = await timeit(lambda service=service, token=token: service.verifier._verify(token), n // 4)
     results["verify EdDSA, cached (a reconnect with the same token)"] = await timeit(
         lambda: service.verifier.verify(token), n
     )
@@ -90,7 +90,7 @@ async def main(n: int) -> None:
         ("frame: echo", json.dumps({"type": "echo", "data": {"n": 1, "text": "hello"}})),
         ("frame: ping", '{"type":"ping"}'),
     ):
-        results[f"{label} (hit + parse + dispatch + encode)"] = await timeit(lambda: noop(session.frame(text)), n)
+        results[f"{label} (hit + parse + dispatch + encode)"] = await timeit(lambda text=text: noop(session.frame(text)), n)
 
     # The JSON codecs on our real messages: the standard library's (what decode keeps) and orjson (what
     # encode uses), so the choice in secure_ws.protocol can be checked on any machine.

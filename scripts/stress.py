@@ -83,7 +83,7 @@ async def _send(writer: asyncio.StreamWriter, chunk: bytes, total: int, stop: Ca
             writer.write(chunk)
             await asyncio.wait_for(writer.drain(), ANSWER_TIMEOUT)
             sent += len(chunk)
-    except (ConnectionError, ssl.SSLError, asyncio.TimeoutError):
+    except (TimeoutError, ConnectionError, ssl.SSLError):
         pass
     return sent
 

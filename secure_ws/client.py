@@ -251,7 +251,7 @@ class _Connection:
         self.pending.clear()
 
 
-class _QuietLogger(logging.LoggerAdapter):  # type: ignore[type-arg]
+class _QuietLogger(logging.LoggerAdapter):
     """The ``websockets`` logger without its DEBUG output, which would print the
     ``Authorization`` header and the ``refresh`` frames, i.e. the token."""
 

@@ -22,8 +22,6 @@ size check allowed.
 
 from __future__ import annotations
 
-from typing import Union
-
 try:
     from websockets.speedups import apply_mask  # C; websockets comes with uvicorn[standard]
 except ImportError:  # pragma: no cover (a websockets build without its C extension)
@@ -34,7 +32,7 @@ CONT, TEXT, BINARY, CLOSE, PING, PONG = 0x0, 0x1, 0x2, 0x8, 0x9, 0xA
 # Codes a peer may put in a close frame (RFC 6455 §7.4, IANA registry); 1005, 1006 and 1015 never go on the wire.
 _WIRE_CLOSE_CODES = frozenset((1000, 1001, 1002, 1003, 1007, 1008, 1009, 1010, 1011, 1012, 1013, 1014))
 
-Event = tuple[int, Union[str, bytes]]
+Event = tuple[int, str | bytes]
 
 # A message of max_size bytes may come in at most max_size // FRAGMENT_COST fragments: handling a frame
 # costs far more than copying its bytes, so empty or 1-byte fragments must not be unlimited.

@@ -122,7 +122,7 @@ class HandshakeMiddleware:
         try:
             token, origin = credentials(scope)
             if not origin_allowed(origin, service.settings.allowed_origins):
-                raise Refusal(ORIGIN_NOT_ALLOWED, f"origin {origin[:200]!r} not in SECURE_WS_ALLOWED_ORIGINS")
+                raise Refusal(ORIGIN_NOT_ALLOWED, f"origin {(origin or '')[:200]!r} not in SECURE_WS_ALLOWED_ORIGINS")
             if token is None:
                 raise Refusal(MISSING, "no token in header, subprotocol or query")
             principal: Principal = await service.authenticate(token)

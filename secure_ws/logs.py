@@ -118,8 +118,8 @@ def configure(log_format: str) -> None:
         logger = logging.getLogger(name)
         if _FILTER not in logger.filters:
             logger.addFilter(_FILTER)
-        for handler in logger.handlers:
-            if _FILTER not in handler.filters:
-                handler.addFilter(_FILTER)
+        for existing in logger.handlers:
+            if _FILTER not in existing.filters:
+                existing.addFilter(_FILTER)
             if log_format == "json":
-                handler.setFormatter(JsonFormatter())
+                existing.setFormatter(JsonFormatter())

@@ -9,8 +9,8 @@ from __future__ import annotations
 import sys
 
 from .app import create_app
-from .settings import ConfigError
 from .server import install
+from .settings import ConfigError
 
 install()  # uvicorn's default HTTP and WebSocket protocols build ours (see secure_ws.server)
 

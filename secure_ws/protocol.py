@@ -69,7 +69,7 @@ def _parse(text: str) -> Any:
     # JSONDecoder.decode runs two whitespace regexes around the C scanner; a request without
     # surrounding whitespace needs neither, and anything else goes the stock way.
     try:
-        value, end = _decoder.scan_once(text, 0)
+        value, end = _decoder.scan_once(text, 0)  # type: ignore[attr-defined]  # set by JSONDecoder.__init__
     except StopIteration:
         return _decoder.decode(text)
     return value if end == len(text) else _decoder.decode(text)

@@ -88,7 +88,7 @@ def load_settings(
     """Read and validate every ``SECURE_WS_*`` variable; the real environment wins over ``.env``."""
     if env_file is not None and not Path(env_file).is_file():
         env_file = None  # a missing .env is normal, not worth Starlette's warning
-    config = Config(env_file=env_file, environ=dict(os.environ if environ is None else environ))
+    config = Config(env_file=Path(env_file) if env_file is not None else None, environ=dict(os.environ if environ is None else environ))
 
     def get(name: str, default: str = "") -> str:
         return config(f"SECURE_WS_{name}", default=default).strip()

@@ -13,6 +13,7 @@ Two files, always written together and atomically:
 from __future__ import annotations
 
 import base64
+import builtins  # `list` is a method name in SigningKeys
 import hashlib
 import json
 import secrets
@@ -123,7 +124,7 @@ class SigningKeys:
             key["retired"] = int(time.time())
             self._save(keys)
 
-    def retire_unused(self, max_token_lifetime: int, now: float | None = None) -> list[str]:
+    def retire_unused(self, max_token_lifetime: int, now: float | None = None) -> builtins.list[str]:
         """Retire every previous key that cannot have signed a still-valid token.
 
         A key stops signing when it is superseded, so its last token expires at

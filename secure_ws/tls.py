@@ -73,7 +73,7 @@ def _load_or_create_ca(out: Path, now: datetime.datetime) -> tuple[x509.Certific
 
 def make_dev_certs(out: Path, hosts: tuple[str, ...] = DEFAULT_HOSTS) -> dict[str, Path]:
     """A dev CA (kept if present) and a fresh server certificate for ``hosts``; keys 0600."""
-    now = datetime.datetime.now(datetime.timezone.utc)
+    now = datetime.datetime.now(datetime.UTC)
     ca_cert, ca_key = _load_or_create_ca(out, now)
     names: list[x509.GeneralName] = []
     for host in hosts:

@@ -12,6 +12,7 @@ import math
 import re
 import time
 from dataclasses import dataclass, field
+from typing import Any
 
 import jwt
 
@@ -76,7 +77,7 @@ class Verifier:
         self._jwt = jwt.PyJWT()
         # exp is checked here, after the NumericDate type check: PyJWT's int() would read `true` as 1
         # and "5" as 5, and answer such a token "token expired" instead of "invalid token".
-        self._options = {"require": _REQUIRED_CLAIMS, "verify_sub": True, "verify_jti": True, "verify_exp": False}
+        self._options: Any = {"require": _REQUIRED_CLAIMS, "verify_sub": True, "verify_jti": True, "verify_exp": False}
         self._cache: dict[str, Principal] = {}
         keys.on_change(lambda old, new: self._cache.clear())
 

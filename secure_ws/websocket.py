@@ -53,8 +53,8 @@ from uvicorn.protocols.utils import ClientDisconnected
 from uvicorn.protocols.websockets.websockets_sansio_impl import WebSocketsSansIOProtocol
 from websockets.frames import Frame, Opcode
 
-from .handshake import PEER
 from .framing import BINARY, CLOSE, PING, PONG, TEXT, Parser, Violation, close_frame, frame, parse_close
+from .handshake import PEER
 
 log = logging.getLogger("secure_ws")
 
@@ -105,7 +105,7 @@ class WebSocketProtocol(WebSocketsSansIOProtocol):
     def handle_connect(self, event: Any) -> None:
         super().handle_connect(event)
         if self.handshake_initiated and not self.handshake_complete:  # the application is about to run
-            extensions: dict[str, Any] = self.scope["extensions"]  # type: ignore[index,assignment]
+            extensions: dict[str, Any] = self.scope["extensions"]
             extensions[DIRECT] = self
             extensions[PEER] = self.client
 
@@ -141,7 +141,7 @@ class WebSocketProtocol(WebSocketsSansIOProtocol):
             if opcode == TEXT:
                 handler = self._on_text
                 if handler is not None and self.queue.waiter is not None and not self.close_sent:
-                    work = handler(payload)
+                    work = handler(payload)  # type: ignore[arg-type]  # a TEXT event carries str
                     if work is not None:
                         self._deliver({"type": "websocket.receive", WORK: work})
                 else:

@@ -20,11 +20,20 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from secure_ws.framing import (
-    BINARY, CLOSE, CONT, PING, PONG, TEXT, Parser, Violation, close_frame, frame, parse_close,
-)
-
 from conftest import Server, run
+from secure_ws.framing import (
+    BINARY,
+    CLOSE,
+    CONT,
+    PING,
+    PONG,
+    TEXT,
+    Parser,
+    Violation,
+    close_frame,
+    frame,
+    parse_close,
+)
 
 MASK = b"\x37\xfa\x21\x3d"
 
@@ -206,13 +215,13 @@ def test_any_fragmentation_and_chunking_gives_back_the_messages(messages, data):
     for message in messages:
         encoded = message.encode()
         cuts = sorted(data.draw(st.lists(st.integers(0, len(encoded)), max_size=4)))
-        pieces = [encoded[a:b] for a, b in zip([0, *cuts], [*cuts, len(encoded)])]
+        pieces = [encoded[a:b] for a, b in zip([0, *cuts], [*cuts, len(encoded)], strict=True)]
         for i, piece in enumerate(pieces):
             mask = data.draw(st.binary(min_size=4, max_size=4))
             stream += client_frame(CONT if i else TEXT, piece, fin=i == len(pieces) - 1, mask=mask)
     splits = sorted(data.draw(st.lists(st.integers(0, len(stream)), max_size=10)))
     parser = Parser(1 << 20)
-    events = [e for a, b in zip([0, *splits], [*splits, len(stream)]) for e in parser.feed(stream[a:b])]
+    events = [e for a, b in zip([0, *splits], [*splits, len(stream)], strict=True) for e in parser.feed(stream[a:b])]
     assert parser.error is None
     assert events == [(TEXT, message) for message in messages]
 

@@ -23,13 +23,12 @@ import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
+from conftest import closed_with, run, unique_sub, welcome
 from secure_ws.protocol import CHANNEL, Grants, ProtocolError, channel_of, decode, reply
 from secure_ws.service import Service
 from secure_ws.session import Session
 from secure_ws.settings import load_settings
 from secure_ws.signing import SigningKeys, issue_token
-
-from conftest import closed_with, run, unique_sub, welcome
 
 REPLY_TYPES = {"welcome", "pong", "echo", "subscribed", "unsubscribed", "published", "message", "refreshed", "error"}
 ERROR_CODES = {"bad_request", "unknown_type", "forbidden", "rate_limited"}
@@ -456,7 +455,7 @@ def random_frame(rng: random.Random, tokens: dict[str, str]) -> str:
                 message[field] = rng.choice(["room.1", "room.2", "room." + "z" * 123, "x" * 129, "other", "secret.1",
                                              "", "a b", None, 3, ["room.1"]])
             elif field == "id":
-                message[field] = rng.choice([rng.randint(-99, 10**12), "req-%d" % rng.randrange(1000), None, 1.5,
+                message[field] = rng.choice([rng.randint(-99, 10**12), f"req-{rng.randrange(1000)}", None, 1.5,
                                              "x" * 129, [1]])
             elif field == "token":
                 message[field] = rng.choice([tokens["same-sub"], 5, None])  # refresh with a bad token closes by design

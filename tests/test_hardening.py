@@ -17,7 +17,6 @@ import json
 import signal
 import socket
 import ssl
-import sys
 import threading
 import time
 import warnings
@@ -33,8 +32,8 @@ from conftest import (
     Server,
     base_env,
     cli,
-    free_port,
     closed_with,
+    free_port,
     refusal,
     request,
     run,
@@ -153,7 +152,7 @@ def permissive_tls(keydir: Path):
         while not stop.is_set():
             try:
                 conn, _ = listener.accept()
-            except (socket.timeout, OSError):
+            except (TimeoutError, OSError):
                 continue
             conn.settimeout(5)
             with contextlib.suppress(Exception), ctx.wrap_socket(conn, server_side=True) as tls:
@@ -274,7 +273,7 @@ def _slow_client(port: int, keydir: Path, mode: str, watch: float) -> dict[str, 
         while (elapsed := time.monotonic() - started) < watch:
             try:
                 chunk = tls.recv(4096)
-            except socket.timeout:
+            except TimeoutError:
                 if mode.endswith("trickle"):
                     try:
                         tls.sendall(b"X-Slow-%d: y\r\n" % i)  # one header line every half second, never the blank line
@@ -342,7 +341,7 @@ def _ca(common_name: str):
     from cryptography.hazmat.primitives.asymmetric import ec
     from cryptography.x509.oid import NameOID
 
-    now = datetime.datetime.now(datetime.timezone.utc)
+    now = datetime.datetime.now(datetime.UTC)
     key = ec.generate_private_key(ec.SECP256R1())
     name = x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, common_name)])
     cert = (
@@ -364,7 +363,7 @@ def _client_cert(ca_cert, ca_key, common_name: str):
     from cryptography.hazmat.primitives.asymmetric import ec
     from cryptography.x509.oid import ExtendedKeyUsageOID, NameOID
 
-    now = datetime.datetime.now(datetime.timezone.utc)
+    now = datetime.datetime.now(datetime.UTC)
     key = ec.generate_private_key(ec.SECP256R1())
     cert = (
         x509.CertificateBuilder()
@@ -925,7 +924,7 @@ def _answer_within(tls: ssl.SSLSocket, seconds: float) -> bytes | None:
     tls.settimeout(seconds)
     try:
         return tls.recv(4096)
-    except socket.timeout:
+    except TimeoutError:
         return None
     except (ssl.SSLError, ConnectionError):
         return b""
@@ -957,7 +956,7 @@ def test_sigterm_with_an_oversized_handshake_in_flight_still_shuts_down_cleanly(
     pending.settimeout(2)
     try:
         answered = pending.recv(4096)  # a fixed server answers 431 at once; then the client goes away
-    except socket.timeout:
+    except TimeoutError:
         answered = None  # left hanging: keep it open while the server shuts down
     except (ssl.SSLError, ConnectionError):
         answered = b""

@@ -16,7 +16,6 @@ from pathlib import Path
 import pytest
 
 from conftest import Server, base_env, free_port, run, welcome
-
 from secure_ws.settings import ConfigError, load_settings
 
 SECRET_32 = "s" * 32
@@ -38,7 +37,7 @@ def start_failure(keydir: Path, cwd: Path, env: dict[str, str], how: str = "uvic
     except subprocess.TimeoutExpired:
         proc.kill()
         out, err = proc.communicate()
-        raise AssertionError(f"the server started despite the bad value (still running after 30 s):\n{out}{err}")
+        raise AssertionError(f"the server started despite the bad value (still running after 30 s):\n{out}{err}") from None
     return proc.returncode, out + err
 
 

@@ -816,7 +816,7 @@ def test_server_stays_healthy_and_never_logs_tokens(server, issue, forge, ours, 
     ]
     expected = [INVALID] * 5 + [EXPIRED] + [INVALID] * 3
     for transport in ("header", "subprotocol", "query", "token"):
-        for token, want in zip(hostile, expected):
+        for token, want in zip(hostile, expected, strict=True):
             assert refused(server, token, transport) == want, (transport, token)
 
     status, _, body = server.get("/healthz")
