@@ -34,10 +34,7 @@ def create_app(settings: Settings | None = None) -> Any:
         return JSONResponse({"status": "ok"})
 
     async def readyz(request: Request) -> Response:
-        try:
-            ok = await service.storage.ping()
-        except Exception:
-            ok = False
+        ok = await service.ready()
         return JSONResponse({"status": "ok" if ok else "unavailable"}, status_code=200 if ok else 503)
 
     async def metrics_endpoint(request: Request) -> Response:

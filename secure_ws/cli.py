@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import math
 import os
 import sys
 import time
@@ -90,7 +91,7 @@ def cmd_token_revoke(args: argparse.Namespace) -> None:
         cutoff = sub_cutoff(now)
 
         def change(r: Revocations) -> Revocations:
-            return r.with_sub(args.sub, cutoff, until + (cutoff - now))
+            return r.with_sub(args.sub, cutoff, until)
 
     async def revoke(storage: Storage) -> object:
         return await storage.update_revocations(change)
@@ -101,7 +102,7 @@ def cmd_token_revoke(args: argparse.Namespace) -> None:
     else:
         # Tokens issued later in this same second would carry the same iat; wait it out so that
         # every token issued after this command returns is unaffected.
-        time.sleep(max(0.0, cutoff + 1 - time.time()))
+        time.sleep(max(0.0, math.floor(cutoff) + 1 - time.time()))
         print(f"revoked every token of sub {args.sub} issued until now")
 
 

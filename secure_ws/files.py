@@ -73,3 +73,13 @@ def fingerprint(path: Path) -> tuple[int, int, int] | None:
     except FileNotFoundError:
         return None
     return st.st_ino, st.st_mtime_ns, st.st_size
+
+
+def change_stamp(path: Path) -> tuple[int, int, int, int] | None:
+    """Like :func:`fingerprint`, plus ``ctime``: an in-place edit that keeps size and mtime (``utime``
+    restores mtime, never ctime) still shows. One ``stat``, so cheap to poll however large the file."""
+    try:
+        st = path.stat()
+    except FileNotFoundError:
+        return None
+    return st.st_ino, st.st_mtime_ns, st.st_size, st.st_ctime_ns

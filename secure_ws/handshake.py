@@ -137,12 +137,12 @@ class HandshakeMiddleware:
             )
             await refuse(receive, send, exc.reason, subprotocol)
             return
-        except service.storage.errors as exc:
-            # Without storage, revocations and connection caps cannot be checked: refuse rather than
-            # admit unchecked. 1013 "try again later" tells clients to back off and retry.
+        except service.unavailable as exc:
+            # Without storage, or without a revocation list known complete, revocations and connection caps
+            # cannot be checked: refuse rather than admit unchecked. 1013 "try again later": back off and retry.
             metrics.HANDSHAKES.labels(result="unavailable").inc()
             log.warning(
-                "handshake refused ip=%s: storage unreachable: %s", ip, exc,
+                "handshake refused ip=%s: storage or revocations unavailable: %s", ip, exc,
                 extra={"event": "handshake_refused", "client": ip, "close_code": 1013, "reason": UNAVAILABLE},
             )
             await refuse(receive, send, UNAVAILABLE, subprotocol, code=1013)

@@ -83,7 +83,7 @@ class Hub:
                     session.close_soon(1008, REVOKED)
 
     def enforce_keyring(self, old: Keyring, new: Keyring) -> None:
-        gone = old.kids() - new.kids()
+        gone = old.invalidated_by(new)
         if gone:
             for session in tuple(self.sessions):
                 if session.principal.kid in gone:

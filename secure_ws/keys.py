@@ -53,6 +53,10 @@ class VerificationKey:
     public_jwk: Mapping[str, Any] | None = None
 
 
+def _material(key: VerificationKey) -> tuple[str, str]:
+    return key.algorithm, repr(sorted((key.public_jwk or {}).items()))
+
+
 class Keyring:
     """An immutable kid → key map; a reload builds a new one and swaps it in."""
 
@@ -75,7 +79,13 @@ class Keyring:
 
     def identity(self) -> frozenset[tuple[str | None, str, str]]:
         """What makes two keyrings verify differently: kid, algorithm and key material."""
-        return frozenset((k.kid, k.algorithm, repr(sorted((k.public_jwk or {}).items()))) for k in self._by_kid.values())
+        return frozenset((k.kid, *_material(k)) for k in self._by_kid.values())
+
+    def invalidated_by(self, new: Keyring) -> set[str | None]:
+        """Kids whose key ``new`` drops *or replaces*: a token verified with the old material is unproven now."""
+        return {
+            kid for kid, key in self._by_kid.items() if (other := new.get(kid)) is None or _material(other) != _material(key)
+        }
 
     def public_jwks(self) -> dict[str, list[dict[str, Any]]]:
         return {"keys": [dict(k.public_jwk) for k in self._by_kid.values() if k.public_jwk is not None]}

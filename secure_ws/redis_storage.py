@@ -9,7 +9,12 @@ Keys (all under ``sws:``):
   frees its subs within ``LEASE_SECONDS`` instead of locking them out forever;
 * ``sws:rev:jti`` / ``sws:rev:sub`` — the revocation hashes, with a
   ``PUBLISH sws:revocations`` nudge so every worker re-reads them at once
-  (plus a periodic re-read, so a nudge lost during a reconnect is not lost);
+  (plus a periodic re-read, so a nudge lost during a reconnect is not lost).
+  They are a fast copy, not the truth: the revocation file is written first,
+  what a worker reads is merged into what it knows, and whatever it knows that
+  Redis lacks (Redis restarted empty, flushed, a failover to a replica behind)
+  it writes back. Writes only ever strengthen an entry (``_MERGE``), so a worker
+  writing back an older entry cannot weaken a newer one;
 * ``sws:ch:<channel>`` — pub/sub channels, subscribed once per process.
 """
 
@@ -18,7 +23,10 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
+import time
 from collections.abc import Callable
+from pathlib import Path
+from urllib.parse import urlsplit
 
 import redis.asyncio as aioredis
 from limits.aio.storage import RedisStorage as LimitsRedisStorage
@@ -58,13 +66,72 @@ return #KEYS
 """
 
 
+# KEYS: jti hash, sub hash. ARGV: n_jti, then (jti, until) pairs, then (sub, before, until) triples.
+# Values are compared as numbers but stored as the caller's strings: no float is re-formatted (and rounded) in Lua.
+_MERGE = """
+local function num(s) return tonumber(s) or 0 end
+local n = tonumber(ARGV[1])
+local i = 2
+for _ = 1, n do
+  local old = redis.call('HGET', KEYS[1], ARGV[i])
+  if not old or num(old) < num(ARGV[i + 1]) then redis.call('HSET', KEYS[1], ARGV[i], ARGV[i + 1]) end
+  i = i + 2
+end
+while i <= #ARGV do
+  local before, untl = ARGV[i + 1], ARGV[i + 2]
+  local old = redis.call('HGET', KEYS[2], ARGV[i])
+  if old then
+    local ob, ou = string.match(old, '^([^:]*):(.*)$')
+    if ob and num(ob) > num(before) then before = ob end
+    if ou and num(ou) > num(untl) then untl = ou end
+  end
+  redis.call('HSET', KEYS[2], ARGV[i], before .. ':' .. untl)
+  i = i + 3
+end
+return 1
+"""
+
+# KEYS: jti hash, sub hash. ARGV: now, n_jti, jtis…, subs…. Deletes only entries still expired, so an entry
+# strengthened by a concurrent revoke since it was read is kept.
+_PRUNE = """
+local now = tonumber(ARGV[1])
+local n = tonumber(ARGV[2])
+for i = 3, #ARGV do
+  local key = (i < 3 + n) and KEYS[1] or KEYS[2]
+  local v = redis.call('HGET', key, ARGV[i])
+  if v then
+    local untl = (key == KEYS[1]) and v or string.match(v, ':(.*)$')
+    if (tonumber(untl) or 0) <= now then redis.call('HDEL', key, ARGV[i]) end
+  end
+end
+return 1
+"""
+
+
 def _conn_key(sub: str) -> str:
     return f"sws:conn:{{{sub}}}"
 
 
+def _redacted(url: str) -> str:
+    """The URL without its password, for the log."""
+    parts = urlsplit(url)
+    port = f":{parts.port}" if parts.port else ""
+    return f"{parts.scheme}://{parts.hostname}{port}{parts.path}"
+
+
+def _stronger(known: Revocations, stored: Revocations) -> Revocations:
+    """The entries of ``known`` that ``stored`` lacks or holds weaker."""
+    subs = {}
+    for sub, (before, until) in known.subs.items():
+        held = stored.subs.get(sub)
+        if held is None or held[0] < before or held[1] < until:
+            subs[sub] = (before, until)
+    return Revocations({j: u for j, u in known.jtis.items() if stored.jtis.get(j, 0.0) < u}, subs)
+
+
 class RedisStorage(Storage):
-    def __init__(self, url: str) -> None:
-        super().__init__()
+    def __init__(self, url: str, revocation_file: Path) -> None:
+        super().__init__(revocation_file)
         self.url = url
         self.errors = (RedisError, OSError, asyncio.TimeoutError)
         self.redis = aioredis.Redis.from_url(
@@ -75,17 +142,24 @@ class RedisStorage(Storage):
         )
         self._acquire = self.redis.register_script(_ACQUIRE)
         self._renew = self.redis.register_script(_RENEW)
+        self._merge_script = self.redis.register_script(_MERGE)
+        self._prune_script = self.redis.register_script(_PRUNE)
         self._leases: dict[str, str] = {}  # slot → sub, for renewal
         self._wanted: set[str] = set()  # channels this process has local subscribers for
         self._pubsub = self.redis.pubsub(ignore_subscribe_messages=True)
         self._tasks: list[asyncio.Task[None]] = []
-        self._revocations = Revocations()
+        self._redis_read = False  # until then, revocations only Redis holds (none in the file) are unknown
 
     async def start(self) -> None:
+        await super().start()
         try:
             await self._pubsub.subscribe(REVOCATION_CHANNEL)
-        except RedisError as exc:
-            log.error("redis: %s; will keep retrying", exc)
+            await self._reload()
+        except self.errors as exc:
+            log.error(
+                "SECURE_WS_STORAGE_URL %s does not answer (%s); /readyz answers 503 and handshakes are "
+                "refused (1013) until it does", _redacted(self.url), exc,
+            )
         self._tasks = [
             asyncio.create_task(self._listen(), name="secure-ws redis pubsub"),
             asyncio.create_task(self._renew_leases(), name="secure-ws redis leases"),
@@ -93,6 +167,7 @@ class RedisStorage(Storage):
         ]
 
     async def close(self) -> None:
+        await super().close()
         for task in self._tasks:
             task.cancel()
         with contextlib.suppress(Exception):
@@ -134,58 +209,87 @@ class RedisStorage(Storage):
 
     # -- revocations ---------------------------------------------------------------
 
-    async def load_revocations(self) -> Revocations:
+    @property
+    def revocations_problem(self) -> str | None:
+        return super().revocations_problem or (None if self._redis_read else "Redis not read since start-up")
+
+    async def _read(self) -> Revocations:
         async with self.redis.pipeline(transaction=False) as pipe:
             pipe.hgetall(REV_JTI)
             pipe.hgetall(REV_SUB)
             jtis_raw, subs_raw = await pipe.execute()
-        jtis = {k.decode(): float(v) for k, v in jtis_raw.items()}
-        subs = {}
+        jtis: dict[str, float] = {}
+        subs: dict[str, tuple[float, float]] = {}
+        bad = 0
+        for k, v in jtis_raw.items():
+            try:
+                jtis[k.decode()] = float(v)
+            except ValueError:  # UnicodeDecodeError included
+                bad += 1
         for k, v in subs_raw.items():
-            before, _, until = v.decode().partition(":")
-            subs[k.decode()] = (float(before), float(until))
-        revocations = Revocations(jtis, subs)
-        live = revocations.pruned()
-        expired_jtis = revocations.jtis.keys() - live.jtis.keys()
-        expired_subs = revocations.subs.keys() - live.subs.keys()
+            try:
+                before, _, until = v.decode().partition(":")
+                subs[k.decode()] = (float(before), float(until))
+            except ValueError:
+                bad += 1
+        if bad:
+            log.warning("redis: skipped %d unreadable revocation entries", bad)
+        return Revocations(jtis, subs)
+
+    async def _merge(self, revocations: Revocations) -> None:
+        args: list[object] = [len(revocations.jtis)]
+        for jti, until in revocations.jtis.items():
+            args += [jti, repr(until)]
+        for sub, (before, until) in revocations.subs.items():
+            args += [sub, repr(before), repr(until)]
+        await self._merge_script(keys=[REV_JTI, REV_SUB], args=args)
+
+    async def _reload(self) -> None:
+        """Read Redis, learn from it, and write back what this worker knows and Redis lacks."""
+        stored = await self._read()
+        live = stored.pruned()
+        expired_jtis = stored.jtis.keys() - live.jtis.keys()
+        expired_subs = stored.subs.keys() - live.subs.keys()
         if expired_jtis or expired_subs:
-            async with self.redis.pipeline(transaction=False) as pipe:
-                if expired_jtis:
-                    pipe.hdel(REV_JTI, *expired_jtis)
-                if expired_subs:
-                    pipe.hdel(REV_SUB, *expired_subs)
-                await pipe.execute()
-        self._revocations = live
-        return live
+            await self._prune_script(
+                keys=[REV_JTI, REV_SUB], args=[time.time(), len(expired_jtis), *expired_jtis, *expired_subs]
+            )
+        self._redis_read = True
+        known = self.learn(live)
+        lacking = _stronger(known, live)
+        if lacking:
+            await self._merge(lacking)
+            await self.redis.publish(REVOCATION_CHANNEL, b"changed")
+            log.warning(
+                "revocations: Redis lacked %d that this worker knows (restarted empty, flushed or failed over?); "
+                "wrote them back", len(lacking.jtis) + len(lacking.subs),
+            )
 
     async def update_revocations(self, change: Callable[[Revocations], Revocations]) -> Revocations:
-        current = await self.load_revocations()
-        updated = change(current)
-        async with self.redis.pipeline(transaction=True) as pipe:
-            # Only the entries this change touched: merges from concurrent ops commands are not overwritten.
-            for jti, until in updated.jtis.items():
-                if current.jtis.get(jti) != until:
-                    pipe.hset(REV_JTI, jti, repr(until))
-            for sub, (before, until) in updated.subs.items():
-                if current.subs.get(sub) != (before, until):
-                    pipe.hset(REV_SUB, sub, f"{before!r}:{until!r}")
-            pipe.publish(REVOCATION_CHANNEL, b"changed")
-            await pipe.execute()
-        self.on_revocations(updated)
-        return updated
+        durable = await asyncio.to_thread(self.revocation_file.update, change)  # first: Redis may lose it
+        try:
+            await self._merge(change(Revocations()))  # only this change: concurrent ops commands are not overwritten
+            await self.redis.publish(REVOCATION_CHANNEL, b"changed")
+        except self.errors as exc:
+            raise ConnectionError(
+                f"recorded in {self.revocation_file.path}, but SECURE_WS_STORAGE_URL {_redacted(self.url)} does not "
+                f"answer ({exc}); workers reading that file apply it, the others once Redis answers again"
+            ) from None
+        return self.learn(durable)
 
-    async def _reload_and_notify(self) -> None:
-        before = self._revocations
-        revocations = await self.load_revocations()
-        if revocations != before:
-            self.on_revocations(revocations)
+    async def reload_revocations(self) -> None:
+        try:
+            await self._reload()
+        except self.errors as exc:
+            log.warning("revocations: Redis not re-read on SIGHUP: %s", exc)
+        await super().reload_revocations()
 
     async def _resync_revocations(self) -> None:
-        """Safety net for a nudge or an unsubscribe lost while Redis was away."""
+        """Safety net for a nudge or an unsubscribe lost while Redis was away, and the repair of an emptied Redis."""
         while True:
             await asyncio.sleep(REVOCATION_RESYNC_INTERVAL)
             with contextlib.suppress(*self.errors):
-                await self._reload_and_notify()
+                await self._reload()
                 await self._reconcile()
 
     # -- channels ------------------------------------------------------------------
@@ -231,14 +335,14 @@ class RedisStorage(Storage):
                 await asyncio.sleep(backoff)
                 backoff = min(backoff * 2, 2.0)
                 with contextlib.suppress(*self.errors):
-                    await self._reload_and_notify()
+                    await self._reload()
                     await self._reconcile()
                 continue
             if message is None:
                 continue
             channel = message["channel"].decode()
             if channel == REVOCATION_CHANNEL:
-                with contextlib.suppress(RedisError, OSError):
-                    await self._reload_and_notify()
+                with contextlib.suppress(*self.errors):
+                    await self._reload()
             else:
                 self.on_message(channel[prefix:], message["data"].decode())

@@ -7,9 +7,10 @@ connections whenever the list changes:
 * by ``sub`` — every token of that subject issued (``iat``) at or before a cut-off.
 
 An entry is kept only as long as a token it covers could still be valid, so the
-list stays small without any manual clean-up. Where the list lives (a file for
-``memory://``, Redis for ``redis://``) is the storage's business
-(:mod:`secure_ws.storage`); this module is the pure data.
+list stays small without any manual clean-up. Entries are only ever added or
+made stronger (:meth:`Revocations.merged`) until they expire: no source going
+empty (a Redis restart, a deleted file) can take one back. Where the list lives
+is the storage's business (:mod:`secure_ws.storage`); this module is the pure data.
 """
 
 from __future__ import annotations
@@ -42,6 +43,17 @@ class Revocations:
             {s: c for s, c in self.subs.items() if c[1] > now},
         )
 
+    def merged(self, other: Revocations) -> Revocations:
+        """Both lists in one, each entry at its strongest: what either source knows stays revoked."""
+        jtis = dict(self.jtis)
+        for jti, until in other.jtis.items():
+            jtis[jti] = max(until, jtis.get(jti, 0.0))
+        subs = dict(self.subs)
+        for sub, (before, until) in other.subs.items():
+            old = subs.get(sub, (0.0, 0.0))
+            subs[sub] = (max(before, old[0]), max(until, old[1]))
+        return Revocations(jtis, subs)
+
     def with_jti(self, jti: str, until: float) -> Revocations:
         return Revocations({**self.jtis, jti: max(until, self.jtis.get(jti, 0.0))}, self.subs)
 
@@ -61,12 +73,13 @@ class Revocations:
         return cls(jtis, subs)
 
 
-def sub_cutoff(now: float | None = None) -> int:
-    """The ``iat`` at or below which a ``--sub`` revocation applies.
+def sub_cutoff(now: float | None = None) -> float:
+    """The ``iat`` at or below which a ``--sub`` revocation applies: the moment of the revocation itself.
 
-    Token ``iat`` values are whole seconds, so tokens issued later within the
-    same second are indistinguishable from earlier ones: the cut-off is that
-    second, and the ops command waits for the next one before it returns, so
-    any token issued after it comes back is valid.
+    Not rounded down: another issuer's ``iat`` may carry a fraction, and a token
+    issued a few ms before the revocation (``iat`` = N.3 when the revocation runs
+    at N.7) must be covered. Our own tokens carry whole seconds, so one issued
+    later within that second (``iat`` = N) is covered too; the ops command waits
+    for the next second before it returns, so any token issued after it is valid.
     """
-    return int(time.time() if now is None else now)
+    return time.time() if now is None else now

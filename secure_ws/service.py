@@ -18,12 +18,15 @@ from typing import Any
 from .hub import Hub
 from .keys import KeyringError, KeyStore
 from .ratelimit import Limiter
-from .revocation import Revocations
 from .settings import ConfigError, Settings
-from .storage import MemoryStorage, storage_from_url
+from .storage import storage_from_url
 from .tokens import REVOKED, AuthError, Principal, Verifier
 
 log = logging.getLogger("secure_ws")
+
+
+class RevocationsUnavailable(Exception):
+    """The revocation list may be incomplete (its file unreadable, Redis not read yet): refuse, retry later."""
 
 
 class Service:
@@ -40,24 +43,28 @@ class Service:
             )
         self.verifier = Verifier(settings, self.keys)
         self.storage = storage_from_url(settings.storage_url, settings.revocation_file)
-        self.revocations = Revocations()
-        if isinstance(self.storage, MemoryStorage):
-            try:
-                self.revocations = self.storage.read_revocations()
-            except (OSError, ValueError) as exc:
-                raise ConfigError("SECURE_WS_REVOCATION_FILE", str(exc)) from None
+        try:
+            self.storage.load_initial()
+        except (OSError, ValueError) as exc:
+            raise ConfigError("SECURE_WS_REVOCATION_FILE", str(exc)) from None
         errors = self.storage.errors
+        # What makes a request wait rather than fail: storage unreachable, or a revocation list not known complete.
+        self.unavailable: tuple[type[BaseException], ...] = (RevocationsUnavailable, *errors)
         strategy, limiter_storage = settings.rate_limit_strategy, self.storage.limiter_storage
         self.limiter = Limiter(settings.rate_limits, strategy, limiter_storage, "msg", errors)
         self.handshake_limiter = Limiter(settings.handshake_rate_limits, strategy, limiter_storage, "hs", errors)
         self.hub = Hub(self.storage)
-        self.storage.on_revocations = self._revocations_changed
+        self.storage.on_revocations = self.hub.enforce_revocations
         self.keys.on_change(self.hub.enforce_keyring)
         self._tasks: list[asyncio.Task[Any]] = []
 
     async def authenticate(self, token: str) -> Principal:
+        problem = self.storage.revocations_problem
+        if problem is not None:
+            # Never fail open: a token this process cannot prove unrevoked is not let in.
+            raise RevocationsUnavailable(problem)
         principal = await self.verifier.verify(token)
-        if self.revocations.covers(principal):
+        if self.storage.revocations.covers(principal):
             raise AuthError(REVOKED, f"sub {principal.sub!r} jti {principal.jti!r} is revoked")
         return principal
 
@@ -73,18 +80,24 @@ class Service:
         except Exception:  # storage down: the slot's lease expires by itself
             log.warning("could not release connection slot for sub %r", sub)
 
-    def _revocations_changed(self, revocations: Revocations) -> None:
-        self.revocations = revocations
-        self.hub.enforce_revocations(revocations)
+    async def ready(self) -> bool:
+        """For ``/readyz``: storage answers and the revocation list is known complete."""
+        if self.storage.revocations_problem is not None:
+            return False
+        try:
+            return await self.storage.ping()
+        except Exception:
+            return False
 
     def _sighup(self) -> None:
         log.info("SIGHUP: reloading keys and revocations")
-        self._tasks.append(asyncio.get_running_loop().create_task(self.keys.reload_file(force=True)))
+        loop = asyncio.get_running_loop()
+        self._tasks.append(loop.create_task(self.keys.reload_file(force=True)))
+        self._tasks.append(loop.create_task(self.storage.reload_revocations()))
 
     @contextlib.asynccontextmanager
     async def lifespan(self, app: Any) -> AsyncIterator[None]:
         await self.storage.start()
-        self.revocations = await self.storage.load_revocations()
         self._tasks.append(asyncio.create_task(self.keys.run(), name="secure-ws keyring"))
         loop = asyncio.get_running_loop()
         with contextlib.suppress(NotImplementedError, RuntimeError, ValueError):

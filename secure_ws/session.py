@@ -253,7 +253,7 @@ class Session:
     def _settle(self, exc: Exception, id: Any) -> Awaitable[None] | None:
         """A request that raised: an error frame for the client's mistakes and for storage outages,
         a 1011 close (and the traceback in our log only) for a fault of ours."""
-        if isinstance(exc, self.service.storage.errors):
+        if isinstance(exc, self.service.unavailable):
             log.warning("session %s: storage unreachable", self.id, extra=self._log_fields("storage_unavailable"))
             exc = ProtocolError(UNAVAILABLE, "shared storage unreachable; retry shortly", id)
         if isinstance(exc, ProtocolError):

@@ -4,6 +4,11 @@ What workers must agree on: rate-limit windows (``limits``' own storage),
 connection counts per ``sub``, revocations (and a nudge when they change), and
 channel fan-out. :func:`storage_from_url` picks the implementation from
 ``SECURE_WS_STORAGE_URL``.
+
+Revocations, with either storage, are what this process has *learnt* from every
+source — the revocation file (:mod:`secure_ws.revocation_file`) and, with Redis,
+the Redis hashes — merged, never replaced: a source that suddenly says less
+(Redis restarted empty, the file deleted) takes nothing back before it expires.
 """
 
 from __future__ import annotations
@@ -17,9 +22,9 @@ from pathlib import Path
 
 from limits.aio.storage import Storage as LimitsStorage
 
-from .files import fingerprint, locked, read_json, write_json
 from .ratelimit import LocalStorage
 from .revocation import Revocations
+from .revocation_file import RevocationFile
 
 log = logging.getLogger("secure_ws.storage")
 
@@ -34,15 +39,52 @@ class Storage(ABC):
     # What this storage raises when it cannot be reached: callers degrade instead of failing with 1011.
     errors: tuple[type[BaseException], ...] = ()
 
-    def __init__(self) -> None:
+    def __init__(self, revocation_file: Path) -> None:
         self.on_revocations: RevocationListener = lambda revocations: None
         self.on_message: MessageListener = lambda channel, payload: None
+        self.revocation_file = RevocationFile(revocation_file)
+        self.revocations = Revocations()  # everything this process knows is revoked
+        self._watcher: asyncio.Task[None] | None = None
+
+    def load_initial(self) -> None:
+        """Blocking, before the server listens: an unreadable revocation file stops start-up (OSError, ValueError)."""
+        self.revocations = self.revocation_file.load_initial()
+
+    @property
+    def revocations_problem(self) -> str | None:
+        """Why the revocation list may be incomplete right now (handshakes are refused meanwhile), or None."""
+        return self.revocation_file.problem
+
+    def learn(self, revocations: Revocations) -> Revocations:
+        """Merge what a source says into what this process knows; tell the listener if that changed."""
+        merged = self.revocations.merged(revocations).pruned()
+        if merged != self.revocations:
+            self.revocations = merged
+            self.on_revocations(merged)
+        return merged
 
     async def start(self) -> None:
         """Connect and begin watching; called from the app's lifespan."""
+        self._watcher = asyncio.create_task(self._watch_file(), name="secure-ws revocation file watcher")
 
     async def close(self) -> None:
         """Release connections and background tasks."""
+        if self._watcher is not None:
+            self._watcher.cancel()
+
+    async def reload_revocations(self) -> None:
+        """SIGHUP: re-read every source now, changed or not."""
+        revocations = await self.revocation_file.poll(force=True)
+        if revocations is not None:
+            self.learn(revocations)
+        log.info("revocations: reloaded, %d known", len(self.revocations.jtis) + len(self.revocations.subs))
+
+    async def _watch_file(self) -> None:
+        while True:
+            await asyncio.sleep(POLL_INTERVAL)
+            revocations = await self.revocation_file.poll()
+            if revocations is not None:
+                self.learn(revocations)
 
     @abstractmethod
     async def ping(self) -> bool: ...
@@ -54,11 +96,8 @@ class Storage(ABC):
     async def release_connection(self, sub: str, connection_id: str) -> None: ...
 
     @abstractmethod
-    async def load_revocations(self) -> Revocations: ...
-
-    @abstractmethod
     async def update_revocations(self, change: Callable[[Revocations], Revocations]) -> Revocations:
-        """Apply ``change`` atomically and make every worker see the result."""
+        """For the ops command: apply ``change`` to the file (durable first), then make every worker see it."""
 
     @abstractmethod
     async def subscribe(self, channel: str) -> None:
@@ -73,23 +112,13 @@ class Storage(ABC):
 
 
 class MemoryStorage(Storage):
-    """One process. Revocations persist in a JSON file that the ops commands write and this polls."""
+    """One process: revocations live only in the file, which the ops commands write and this polls."""
 
     def __init__(self, revocation_file: Path) -> None:
-        super().__init__()
+        super().__init__(revocation_file)
         self.limiter_storage = LocalStorage()
-        self.revocation_file = revocation_file
         self._connections: defaultdict[str, set[str]] = defaultdict(set)
         self._channels: set[str] = set()
-        self._print: tuple[int, int, int] | None = None
-        self._watcher: asyncio.Task[None] | None = None
-
-    async def start(self) -> None:
-        self._watcher = asyncio.create_task(self._watch(), name="secure-ws revocation watcher")
-
-    async def close(self) -> None:
-        if self._watcher is not None:
-            self._watcher.cancel()
 
     async def ping(self) -> bool:
         return True
@@ -108,40 +137,8 @@ class MemoryStorage(Storage):
             if not held:
                 del self._connections[sub]
 
-    def read_revocations(self) -> Revocations:
-        try:
-            return Revocations.from_json(read_json(self.revocation_file, default={})).pruned()
-        except (ValueError, TypeError, AttributeError, IndexError) as exc:
-            raise ValueError(f"{self.revocation_file}: {exc}") from None
-
-    async def load_revocations(self) -> Revocations:
-        self._print = await asyncio.to_thread(fingerprint, self.revocation_file)
-        return await asyncio.to_thread(self.read_revocations)
-
-    def _update(self, change: Callable[[Revocations], Revocations]) -> Revocations:
-        with locked(self.revocation_file):
-            revocations = change(self.read_revocations()).pruned()
-            write_json(self.revocation_file, revocations.to_json())
-        return revocations
-
     async def update_revocations(self, change: Callable[[Revocations], Revocations]) -> Revocations:
-        revocations = await asyncio.to_thread(self._update, change)
-        self.on_revocations(revocations)
-        return revocations
-
-    async def _watch(self) -> None:
-        while True:
-            await asyncio.sleep(POLL_INTERVAL)
-            try:
-                current = await asyncio.to_thread(fingerprint, self.revocation_file)
-                if current == self._print:
-                    continue
-                self._print = current
-                revocations = await asyncio.to_thread(self.read_revocations)
-            except (OSError, ValueError) as exc:
-                log.error("revocations: %s; keeping the last good list", exc)
-                continue
-            self.on_revocations(revocations)
+        return self.learn(await asyncio.to_thread(self.revocation_file.update, change))
 
     async def subscribe(self, channel: str) -> None:
         self._channels.add(channel)
@@ -159,7 +156,7 @@ def storage_from_url(url: str, revocation_file: Path) -> Storage:
         return MemoryStorage(revocation_file)
     from .redis_storage import RedisStorage  # imported only when used: keeps memory mode light
 
-    return RedisStorage(url)
+    return RedisStorage(url, revocation_file)
 
 
 async def run_storage(url: str, revocation_file: Path, action: Callable[[Storage], Awaitable[object]]) -> object:
