@@ -13,7 +13,7 @@ import math
 import os
 import sys
 import time
-from datetime import datetime, timezone
+from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
@@ -55,7 +55,7 @@ def cmd_keys_list(args: argparse.Namespace) -> None:
         return
     print(f"{'kid':<44} {'alg':<6} {'created (UTC)':<20} status")
     for k in keys:
-        created = datetime.fromtimestamp(k.created, timezone.utc).strftime("%Y-%m-%d %H:%M:%S")
+        created = datetime.fromtimestamp(k.created, UTC).strftime("%Y-%m-%d %H:%M:%S")
         print(f"{k.kid:<44} {k.alg:<6} {created:<20} {k.status}")
 
 
@@ -110,8 +110,8 @@ def _serve(settings: Settings, host: str, port: int, workers: int, **extra: Any)
     import uvicorn
 
     from .server import HTTP_PROTOCOL, uvicorn_context_factory
-    from .websocket import supported
     from .tls import server_context
+    from .websocket import supported
 
     for variable, path in (("SECURE_WS_TLS_CERTFILE", settings.tls_certfile), ("SECURE_WS_TLS_KEYFILE", settings.tls_keyfile)):
         if not path.is_file():

@@ -138,7 +138,7 @@ class RedisStorage(Storage):
             url, socket_connect_timeout=2, socket_timeout=2, health_check_interval=10, retry_on_timeout=False
         )
         self.limiter_storage = LimitsRedisStorage(
-            "async+" + url, implementation="redispy", connection_pool=self.redis.connection_pool
+            "async+" + url, implementation="redispy", connection_pool=self.redis.connection_pool  # type: ignore[arg-type]
         )
         self._acquire = self.redis.register_script(_ACQUIRE)
         self._renew = self.redis.register_script(_RENEW)
@@ -178,7 +178,7 @@ class RedisStorage(Storage):
     async def ping(self) -> bool:
         try:
             return bool(await asyncio.wait_for(self.redis.ping(), 2))
-        except (RedisError, OSError, asyncio.TimeoutError):
+        except (TimeoutError, RedisError, OSError):
             return False
 
     # -- connection leases ---------------------------------------------------------
@@ -237,7 +237,7 @@ class RedisStorage(Storage):
         return Revocations(jtis, subs)
 
     async def _merge(self, revocations: Revocations) -> None:
-        args: list[object] = [len(revocations.jtis)]
+        args: list[str | int] = [len(revocations.jtis)]
         for jti, until in revocations.jtis.items():
             args += [jti, repr(until)]
         for sub, (before, until) in revocations.subs.items():

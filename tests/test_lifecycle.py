@@ -36,7 +36,17 @@ from cryptography.hazmat.primitives.asymmetric import ed25519
 from jwt.algorithms import OKPAlgorithm
 
 from conftest import (
-    ROOT, Server, base_env, cli, closed_with, refusal, request, run, signing_key, unique_sub, welcome,
+    ROOT,
+    Server,
+    base_env,
+    cli,
+    closed_with,
+    refusal,
+    request,
+    run,
+    signing_key,
+    unique_sub,
+    welcome,
 )
 
 PRIVATE_MEMBERS = {"d", "p", "q", "dp", "dq", "qi", "oth", "k"}

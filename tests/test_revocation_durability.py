@@ -27,9 +27,9 @@ import pytest
 import redis
 from cryptography.hazmat.primitives import serialization
 from cryptography.hazmat.primitives.asymmetric import ed25519
+from test_redis_outage import RedisProcess, handshake_outcome
 
 from conftest import Server, base_env, cli, closed_with, free_port, refusal, request, run, unique_sub, welcome
-from test_redis_outage import RedisProcess, handshake_outcome
 
 REVOKE_WITHIN = 2.0  # SPEC §4
 RECOVERY_DEADLINE = 10.0
