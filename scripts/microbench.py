@@ -26,12 +26,12 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 from bench import client_frame  # noqa: E402  (scripts/bench.py, beside this script)
-from secure_ws.framing import Parser  # noqa: E402
 from secure_ws.ratelimit import Limiter  # noqa: E402
 from secure_ws.service import Service  # noqa: E402
 from secure_ws.session import Session  # noqa: E402
 from secure_ws.settings import load_settings  # noqa: E402
 from secure_ws.signing import SigningKeys, issue_token  # noqa: E402
+from secure_ws.wire.framing import Parser  # noqa: E402
 
 
 def best(samples: list[float]) -> float:
@@ -93,10 +93,10 @@ async def main(n: int) -> None:
         results[f"{label} (hit + parse + dispatch + encode)"] = await timeit(lambda text=text: noop(session.frame(text)), n)
 
     # The JSON codecs on our real messages: the standard library's (what decode keeps) and orjson (what
-    # encode uses), so the choice in secure_ws.protocol can be checked on any machine.
+    # encode uses), so the choice in secure_ws.wire.messages can be checked on any machine.
     import orjson
 
-    from secure_ws.protocol import _encoder, _parse
+    from secure_ws.wire.messages import _encoder, _parse
 
     request = '{"type":"publish","channel":"room.lobby","data":{"text":"hello there","n":[1,2,3]}}'
     message = {"type": "message", "channel": "room.lobby", "from": "user-42", "data": {"text": "hello", "n": [1, 2]}}

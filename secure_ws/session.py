@@ -32,14 +32,16 @@ from time import perf_counter
 from typing import TYPE_CHECKING, Any
 
 from . import metrics
-from .protocol import (
+from .auth.scopes import Grants
+from .tokens import EXPIRED, INVALID, AuthError, Principal
+from .websocket import WORK
+from .wire.messages import (
     BAD_REQUEST,
     FORBIDDEN,
     LIMIT_EXCEEDED,
     RATE_LIMITED,
     UNAVAILABLE,
     UNKNOWN_TYPE,
-    Grants,
     ProtocolError,
     channel_of,
     decode,
@@ -47,8 +49,6 @@ from .protocol import (
     error,
     reply,
 )
-from .tokens import EXPIRED, INVALID, AuthError, Principal
-from .websocket import WORK
 
 if TYPE_CHECKING:
     from .service import Service

@@ -8,7 +8,7 @@ everything that happens rarely (the opening handshake and its 4xx answers, the
 ``websocket.http.response`` extension, keepalive pings, closing, shutdown) and
 replaces what happens on every frame:
 
-* frames are parsed by :mod:`secure_ws.framing`;
+* frames are parsed by :mod:`secure_ws.wire.framing`;
 * a message goes straight to the application's pending ``receive()``; only when
   the application is busy is it queued, and only then is reading paused, so
   memory stays as bounded as before;
@@ -53,8 +53,8 @@ from uvicorn.protocols.utils import ClientDisconnected
 from uvicorn.protocols.websockets.websockets_sansio_impl import WebSocketsSansIOProtocol
 from websockets.frames import Frame, Opcode
 
-from .framing import BINARY, CLOSE, PING, PONG, TEXT, Parser, Violation, close_frame, frame, parse_close
 from .handshake import PEER
+from .wire.framing import BINARY, CLOSE, PING, PONG, TEXT, Parser, Violation, close_frame, frame, parse_close
 
 log = logging.getLogger("secure_ws")
 

@@ -16,7 +16,7 @@ from hypothesis import strategies as st
 from test_settings import assert_one_clear_line, start_failure
 
 from conftest import Server, base_env, refusal, request, run, welcome
-from secure_ws.protocol import Glob, Grants
+from secure_ws.auth.scopes import Glob, Grants
 from secure_ws.settings import load_settings
 
 

@@ -1,4 +1,4 @@
-"""RFC 6455 framing: ``secure_ws.framing`` in process, then ``secure_ws.websocket`` on the real wire.
+"""RFC 6455 framing: ``secure_ws.wire.framing`` in process, then ``secure_ws.websocket`` on the real wire.
 
 (a) The sans-I/O parser fed hand-built masked client frames, no socket: whole and split frames, the three
     length encodings, fragmentation with control frames in between, every violation and its close code,
@@ -21,7 +21,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from conftest import Server, run
-from secure_ws.framing import (
+from secure_ws.wire.framing import (
     BINARY,
     CLOSE,
     CONT,

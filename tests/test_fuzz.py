@@ -1,6 +1,6 @@
 """Fuzzing the message layer (SPEC §4, §5) with hypothesis.
 
-(a) ``secure_ws.protocol`` in process: ``decode`` is total (a request dict or ``ProtocolError``, nothing
+(a) ``secure_ws.wire.messages`` in process: ``decode`` is total (a request dict or ``ProtocolError``, nothing
     else), agrees with a reference on random JSON, and what it accepts can be sent back as strict JSON;
     ``channel_of`` and ``Grants`` against reference implementations.
 (b) a whole ``Session`` in process, driven through fake ASGI ``receive``/``send`` like
@@ -24,11 +24,12 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 from conftest import closed_with, run, unique_sub, welcome
-from secure_ws.protocol import CHANNEL, Grants, ProtocolError, channel_of, decode, reply
+from secure_ws.auth.scopes import Grants
 from secure_ws.service import Service
 from secure_ws.session import Session
 from secure_ws.settings import load_settings
 from secure_ws.signing import SigningKeys, issue_token
+from secure_ws.wire.messages import CHANNEL, ProtocolError, channel_of, decode, reply
 
 REPLY_TYPES = {"welcome", "pong", "echo", "subscribed", "unsubscribed", "published", "message", "refreshed", "error"}
 ERROR_CODES = {"bad_request", "unknown_type", "forbidden", "rate_limited"}
