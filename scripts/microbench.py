@@ -82,7 +82,7 @@ async def main(n: int) -> None:
     masked = client_frame(b'{"type":"echo","data":"hello, world"}')
     parser = Parser(65536)
     results["parse one masked 37-byte text frame"] = await timeit(lambda: noop(parser.feed(masked)), n)
-    # As secure_ws.websocket drives it: Session.frame called from the socket's read, replies handed to a
+    # As secure_ws.uvicorn.ws_protocol drives it: Session.frame called from the socket's read, replies handed to a
     # writer (here one that discards them) instead of the transport.
     session = Session(service, None, principal)
     session._write = lambda text: True

@@ -18,9 +18,8 @@ from starlette.routing import Route
 from . import demo, logs, metrics
 from .handshake import HandshakeMiddleware
 from .service import Service
-from .session import Session
+from .session import DIRECT, Session
 from .settings import Settings, load_settings
-from .websocket import DIRECT
 
 WS_PATH = "/ws"
 

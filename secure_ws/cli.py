@@ -78,7 +78,8 @@ def cmd_token_issue(args: argparse.Namespace) -> None:
 
 def cmd_token_revoke(args: argparse.Namespace) -> None:
     from .revocation import Revocations, sub_cutoff
-    from .storage import Storage, run_storage
+    from .storage import Storage
+    from .storage_url import run_storage
 
     settings = _settings()
     now = time.time()
@@ -109,9 +110,9 @@ def cmd_token_revoke(args: argparse.Namespace) -> None:
 def _serve(settings: Settings, host: str, port: int, workers: int, **extra: Any) -> None:
     import uvicorn
 
-    from .server import HTTP_PROTOCOL, uvicorn_context_factory
     from .tls import server_context
-    from .websocket import supported
+    from .uvicorn.http_protocol import HTTP_PROTOCOL, uvicorn_context_factory
+    from .uvicorn.ws_protocol import supported
 
     for variable, path in (("SECURE_WS_TLS_CERTFILE", settings.tls_certfile), ("SECURE_WS_TLS_KEYFILE", settings.tls_keyfile)):
         if not path.is_file():
@@ -125,7 +126,7 @@ def _serve(settings: Settings, host: str, port: int, workers: int, **extra: Any)
         workers=workers,
         ssl_context_factory=uvicorn_context_factory,
         http=HTTP_PROTOCOL,
-        ws="secure_ws.websocket:WebSocketProtocol" if supported() else "websockets-sansio",
+        ws="secure_ws.uvicorn.ws_protocol:WebSocketProtocol" if supported() else "websockets-sansio",
         ws_max_size=settings.max_message_bytes,
         ws_ping_interval=20.0,
         ws_ping_timeout=20.0,

@@ -32,7 +32,7 @@ TOO_MANY = "too many connections"
 UNAVAILABLE = "service unavailable"
 QUERY_NAMES = ("access_token", "token")
 # The scope extension in which a server tells the TCP peer ``(host, port)`` as the socket reports it
-# (secure_ws.websocket sets it): uvicorn's proxy-headers middleware may have rewritten scope["client"].
+# (secure_ws.uvicorn.ws_protocol sets it): uvicorn's proxy-headers middleware may have rewritten scope["client"].
 PEER = "secure_ws.peer"
 
 Network = ipaddress.IPv4Network | ipaddress.IPv6Network
@@ -85,7 +85,7 @@ def client_ip(scope: dict[str, Any], proxies: Sequence[Network]) -> str:
     address = peer[0] if peer else "unknown"
     if not proxies or not _trusted(address, proxies):
         return address
-    # The head is bounded (secure_ws.server), so this list is too.
+    # The head is bounded (secure_ws.uvicorn.http_protocol), so this list is too.
     hops = [h.strip() for k, v in scope["headers"] if k == b"x-forwarded-for" for h in v.decode("latin-1").split(",")]
     for hop in reversed(hops):
         if not _trusted(hop, proxies):

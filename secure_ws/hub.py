@@ -32,10 +32,6 @@ class Hub:
         self.sessions.add(session)
         self._by_sub[session.principal.sub].add(session)
 
-    def rekey(self, session: Session, old_sub: str) -> None:
-        self._discard_sub(session, old_sub)
-        self._by_sub[session.principal.sub].add(session)
-
     def _discard_sub(self, session: Session, sub: str) -> None:
         peers = self._by_sub.get(sub)
         if peers is not None:

@@ -49,7 +49,6 @@ class VerificationKey:
     kid: str | None
     algorithm: str
     key: Any
-    source: str  # "file", "url" or "secret"
     public_jwk: Mapping[str, Any] | None = None
 
 
@@ -67,9 +66,6 @@ class Keyring:
 
     def get(self, kid: str | None) -> VerificationKey | None:
         return self._by_kid.get(kid)
-
-    def __contains__(self, kid: object) -> bool:
-        return kid in self._by_kid
 
     def __len__(self) -> int:
         return len(self._by_kid)
@@ -136,7 +132,6 @@ def parse_jwks(document: Any, allowed: tuple[str, ...], source: str) -> list[Ver
                 kid=kid,
                 algorithm=alg,
                 key=parsed.key,
-                source=source,
                 public_jwk={**public, "kid": kid, "alg": alg, "use": "sig"},
             )
         )
@@ -180,7 +175,7 @@ def secret_key(settings: Settings) -> list[VerificationKey]:
         return []
     alg = next(a for a in settings.algorithms if a in HMAC_ALGORITHMS)
     # A shared secret has no kid: it is tried only for tokens without one, and never published.
-    return [VerificationKey(kid=None, algorithm=alg, key=settings.jwt_secret, source="secret")]
+    return [VerificationKey(kid=None, algorithm=alg, key=settings.jwt_secret)]
 
 
 class KeyStore:

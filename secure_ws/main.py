@@ -9,10 +9,10 @@ from __future__ import annotations
 import sys
 
 from .app import create_app
-from .server import install
 from .settings import ConfigError
+from .uvicorn.install import install
 
-install()  # uvicorn's default HTTP and WebSocket protocols build ours (see secure_ws.server)
+install()  # uvicorn's default HTTP and WebSocket protocols build ours (see secure_ws.uvicorn.install)
 
 try:
     app = create_app()

@@ -19,7 +19,7 @@ from .hub import Hub
 from .keys import KeyringError, KeyStore
 from .ratelimit import Limiter
 from .settings import ConfigError, Settings
-from .storage import storage_from_url
+from .storage_url import storage_from_url
 from .tokens import REVOKED, AuthError, Principal, Verifier
 
 log = logging.getLogger("secure_ws")

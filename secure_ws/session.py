@@ -7,7 +7,7 @@ then. What must wait (a shared rate limiter, storage, a key fetch, a close) is
 returned as an awaitable that the receive loop finishes before the next frame,
 so replies keep the order of requests.
 
-Under secure_ws's own WebSocket protocol (:mod:`secure_ws.websocket`), the
+Under secure_ws's own WebSocket protocol (:mod:`secure_ws.uvicorn.ws_protocol`), the
 protocol calls :meth:`Session.frame` straight from the socket's read while the
 loop is idle in ``receive()``, and replies are written straight to the
 transport: no task switch and no ASGI message per frame. Under any other ASGI
@@ -34,7 +34,6 @@ from typing import TYPE_CHECKING, Any
 from . import metrics
 from .auth.scopes import Grants
 from .tokens import EXPIRED, INVALID, AuthError, Principal
-from .websocket import WORK
 from .wire.messages import (
     BAD_REQUEST,
     FORBIDDEN,
@@ -54,6 +53,11 @@ if TYPE_CHECKING:
     from .service import Service
 
 log = logging.getLogger("secure_ws.session")
+
+# The scope extension under which a server offers the direct frame path (secure_ws.uvicorn.ws_protocol does),
+# and the key of a `websocket.receive` that carries, instead of text, what the frame handler left to await.
+DIRECT = "secure_ws.direct"
+WORK = "secure_ws.work"
 
 PONG = encode({"type": "pong"})
 # Request types whose handling waits on storage or a key fetch.
@@ -107,7 +111,7 @@ class Session:
     # -- lifecycle -----------------------------------------------------------------
 
     async def run(self, receive: Any, subprotocol: str | None, direct: Any = None) -> None:
-        """Serve the connection; ``direct`` is secure_ws.websocket's protocol when it is the server."""
+        """Serve the connection; ``direct`` is secure_ws.uvicorn.ws_protocol's protocol when it is the server."""
         service = self.service
         if (await receive())["type"] != "websocket.connect":
             return

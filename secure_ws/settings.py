@@ -77,10 +77,6 @@ class Settings:
     log_format: str = "text"
     demo: bool = False
 
-    @property
-    def allow_any_origin(self) -> bool:
-        return "*" in self.allowed_origins
-
 
 def load_settings(
     environ: Mapping[str, str] | None = None, env_file: str | os.PathLike[str] | None = ".env"

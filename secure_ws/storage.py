@@ -2,8 +2,8 @@
 
 What workers must agree on: rate-limit windows (``limits``' own storage),
 connection counts per ``sub``, revocations (and a nudge when they change), and
-channel fan-out. :func:`storage_from_url` picks the implementation from
-``SECURE_WS_STORAGE_URL``.
+channel fan-out. :func:`secure_ws.storage_url.storage_from_url` picks the
+implementation from ``SECURE_WS_STORAGE_URL``.
 
 Revocations, with either storage, are what this process has *learnt* from every
 source — the revocation file (:mod:`secure_ws.revocation_file`) and, with Redis,
@@ -17,7 +17,7 @@ import asyncio
 import logging
 from abc import ABC, abstractmethod
 from collections import defaultdict
-from collections.abc import Awaitable, Callable
+from collections.abc import Callable
 from pathlib import Path
 
 from limits.aio.storage import Storage as LimitsStorage
@@ -149,20 +149,3 @@ class MemoryStorage(Storage):
     async def publish(self, channel: str, payload: str) -> None:
         if channel in self._channels:
             self.on_message(channel, payload)
-
-
-def storage_from_url(url: str, revocation_file: Path) -> Storage:
-    if url == "memory://":
-        return MemoryStorage(revocation_file)
-    from .redis_storage import RedisStorage  # imported only when used: keeps memory mode light
-
-    return RedisStorage(url, revocation_file)
-
-
-async def run_storage(url: str, revocation_file: Path, action: Callable[[Storage], Awaitable[object]]) -> object:
-    """For the ops commands: open storage, do one thing, close."""
-    storage = storage_from_url(url, revocation_file)
-    try:
-        return await action(storage)
-    finally:
-        await storage.close()

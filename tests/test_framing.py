@@ -1,4 +1,4 @@
-"""RFC 6455 framing: ``secure_ws.wire.framing`` in process, then ``secure_ws.websocket`` on the real wire.
+"""RFC 6455 framing: ``secure_ws.wire.framing`` in process, then ``secure_ws.uvicorn.ws_protocol`` on the real wire.
 
 (a) The sans-I/O parser fed hand-built masked client frames, no socket: whole and split frames, the three
     length encodings, fragmentation with control frames in between, every violation and its close code,
@@ -412,7 +412,7 @@ def test_permessage_deflate_is_not_negotiated(server, issue):
 
 def test_own_protocol_only_on_a_tested_uvicorn():
     """The subclass leans on uvicorn's internals: on another minor version uvicorn's own protocol runs."""
-    from secure_ws.websocket import supported
+    from secure_ws.uvicorn.ws_protocol import supported
 
     assert supported("0.54.0") and supported("0.54.7")
     assert not supported("0.55.0") and not supported("1.54.0") and not supported("0.5.4")

@@ -245,7 +245,7 @@ def test_serve_http_routes(serve):
 
 # -- slowloris -------------------------------------------------------------------------------
 
-SLOW_DEADLINE = 10.0  # secure_ws.server.FIRST_REQUEST_TIMEOUT, as promised to operators
+SLOW_DEADLINE = 10.0  # secure_ws.uvicorn.http_protocol.REQUEST_HEAD_TIMEOUT, as promised to operators
 
 
 def _slow_client(port: int, keydir: Path, mode: str, watch: float) -> dict[str, Any]:

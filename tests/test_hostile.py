@@ -200,7 +200,7 @@ def test_reply_to_a_message_before_a_bad_frame_is_a_client_disconnect_not_a_runt
             return [sys.executable, "-m", "uvicorn", "replying_app:app", "--app-dir", str(tmp_path),
                     "--host", "127.0.0.1", "--port", str(self.port),
                     "--ssl-keyfile", str(keydir / "server.key"), "--ssl-certfile", str(keydir / "server.crt"),
-                    "--ws", "secure_ws.websocket:WebSocketProtocol"]
+                    "--ws", "secure_ws.uvicorn.ws_protocol:WebSocketProtocol"]
 
     srv = ReplyingApp(keydir, base_env(keydir)).start()
     try:

@@ -1,6 +1,6 @@
 """RFC 6455 framing for the server side, with no I/O: bytes in, messages out.
 
-:mod:`secure_ws.websocket` feeds this what the socket delivers once the
+:mod:`secure_ws.uvicorn.ws_protocol` feeds this what the socket delivers once the
 handshake is done. It is kept apart from the transport, as ``websockets``
 keeps its protocol apart from its I/O, so hostile byte streams can be tested
 without a socket.

@@ -1,4 +1,4 @@
-"""uvicorn integration: TLS context factory, request-head bounds, and the install hook.
+"""uvicorn's httptools protocol with request-head bounds, and the TLS context factory of ``secure-ws serve``.
 
 uvicorn times out idle keep-alive connections, but not a connection that
 finishes TLS and then sends a request line and headers slowly or never (a
@@ -15,8 +15,8 @@ protocol class here bounds every request head:
 The TLS handshake itself is bounded by asyncio's 60 s ``ssl_handshake_timeout``.
 
 ``secure-ws serve`` names :class:`GuardedHttpToolsProtocol`; under plain
-``uvicorn secure_ws.main:app``, :func:`install` has uvicorn's default classes
-build ours (uvicorn imports its protocol classes before it imports our app).
+``uvicorn secure_ws.main:app``, :func:`secure_ws.uvicorn.install.install` has
+uvicorn's default classes build ours.
 """
 
 from __future__ import annotations
@@ -26,11 +26,9 @@ import ssl
 from typing import Any
 
 from uvicorn.protocols.http.httptools_impl import HttpToolsProtocol
-from uvicorn.protocols.websockets.websockets_sansio_impl import WebSocketsSansIOProtocol
 
-from .settings import load_settings
-from .tls import server_context
-from .websocket import WebSocketProtocol, log, supported
+from ..settings import load_settings
+from ..tls import server_context
 
 REQUEST_HEAD_TIMEOUT = 10.0
 # In line with the 8 KiB a single upgrade header may have: a request line and a few headers.
@@ -134,34 +132,4 @@ class GuardedHttpToolsProtocol(RequestHeadGuard, HttpToolsProtocol):
     pickle into ``--workers`` processes, so ``secure-ws serve`` names it as ``module:attr``)."""
 
 
-HTTP_PROTOCOL = "secure_ws.server:GuardedHttpToolsProtocol"
-
-# uvicorn's default class → ours.
-_REPLACEMENTS: dict[type, type] = {
-    HttpToolsProtocol: GuardedHttpToolsProtocol,
-    WebSocketsSansIOProtocol: WebSocketProtocol,
-}
-
-
-def _build(cls: type, *args: Any, **kwargs: Any) -> Any:
-    return object.__new__(_REPLACEMENTS.get(cls, cls))
-
-
-def install() -> None:
-    """Have uvicorn's default HTTP (httptools) and WebSocket (websockets-sansio) protocol classes
-    build :class:`GuardedHttpToolsProtocol` and :class:`WebSocketProtocol` instead.
-
-    ``type.__call__`` runs the ``__init__`` of the object ``__new__`` returns
-    when it is an instance of the class called, so uvicorn's
-    ``HttpToolsProtocol(config=…)`` yields a fully built subclass. ``--http h11``,
-    ``--ws websockets`` and ``--ws wsproto`` are left alone.
-    """
-    if not supported():
-        import uvicorn
-
-        log.warning(
-            "uvicorn %s is not one secure_ws's protocols were tested with: using uvicorn's own", uvicorn.__version__
-        )
-        return
-    for original in _REPLACEMENTS:
-        original.__new__ = staticmethod(_build)  # type: ignore[assignment]
+HTTP_PROTOCOL = "secure_ws.uvicorn.http_protocol:GuardedHttpToolsProtocol"

@@ -35,7 +35,7 @@ together with data others choose is the CRIME/BREACH side channel.
 
 ``secure-ws serve`` names this class as its ``ws`` protocol. Plain
 ``uvicorn secure_ws.main:app`` imports its default protocol class before it
-imports our app, so :func:`secure_ws.server.install` (called by :mod:`secure_ws.main`)
+imports our app, so :func:`secure_ws.uvicorn.install.install` (called by :mod:`secure_ws.main`)
 makes that class build this one instead; ``--ws websockets`` or ``--ws wsproto``
 are left alone. Both only on a uvicorn version it was tested with (:func:`supported`).
 """
@@ -53,8 +53,9 @@ from uvicorn.protocols.utils import ClientDisconnected
 from uvicorn.protocols.websockets.websockets_sansio_impl import WebSocketsSansIOProtocol
 from websockets.frames import Frame, Opcode
 
-from .handshake import PEER
-from .wire.framing import BINARY, CLOSE, PING, PONG, TEXT, Parser, Violation, close_frame, frame, parse_close
+from ..handshake import PEER
+from ..session import DIRECT, WORK
+from ..wire.framing import BINARY, CLOSE, PING, PONG, TEXT, Parser, Violation, close_frame, frame, parse_close
 
 log = logging.getLogger("secure_ws")
 
@@ -62,9 +63,6 @@ log = logging.getLogger("secure_ws")
 # only installed on the uvicorn minor versions the test suite ran on; elsewhere uvicorn's own runs.
 TESTED_UVICORN = [["0", "54"]]
 
-DIRECT = "secure_ws.direct"
-# The key of a `websocket.receive` that carries, instead of text, what the frame handler left to await.
-WORK = "secure_ws.work"
 
 # What a client may send after its upgrade request and before our 101 (it should send nothing, RFC 6455 §4.1).
 EARLY_DATA_LIMIT = 65536

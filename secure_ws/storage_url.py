@@ -1,0 +1,25 @@
+"""``SECURE_WS_STORAGE_URL`` → the storage it names (kept apart from both, so neither imports the other)."""
+
+from __future__ import annotations
+
+from collections.abc import Awaitable, Callable
+from pathlib import Path
+
+from .storage import MemoryStorage, Storage
+
+
+def storage_from_url(url: str, revocation_file: Path) -> Storage:
+    if url == "memory://":
+        return MemoryStorage(revocation_file)
+    from .redis_storage import RedisStorage  # imported only when used: keeps memory mode light
+
+    return RedisStorage(url, revocation_file)
+
+
+async def run_storage(url: str, revocation_file: Path, action: Callable[[Storage], Awaitable[object]]) -> object:
+    """For the ops commands: open storage, do one thing, close."""
+    storage = storage_from_url(url, revocation_file)
+    try:
+        return await action(storage)
+    finally:
+        await storage.close()
