@@ -56,6 +56,8 @@ import weakref
 from collections.abc import Awaitable, Callable
 from typing import TYPE_CHECKING, Any
 
+from .wire.closes import AMBIGUOUS, INVALID, MISSING, ORIGIN_NOT_ALLOWED, REVOKED, Close  # the client needs only wire/
+
 if TYPE_CHECKING:
     import ssl as _ssl
 
@@ -81,9 +83,7 @@ TokenProvider = Callable[[], str | Awaitable[str]]
 MessageHandler = Callable[[dict[str, Any]], Awaitable[None] | None]
 
 #: 1008 close reasons that no fresh token can fix: the client stops instead of reconnecting.
-FATAL_REASONS = frozenset(
-    {"invalid token", "token revoked", "origin not allowed", "ambiguous credentials", "missing token"}
-)
+FATAL_REASONS = frozenset({INVALID, REVOKED, ORIGIN_NOT_ALLOWED, AMBIGUOUS, MISSING})
 
 #: HTTP statuses at the handshake that are worth retrying (anything else in 4xx stops the client).
 _RETRYABLE_STATUS = frozenset({408, 425, 429, 500, 502, 503, 504})
@@ -597,7 +597,7 @@ class Client:
                 else:
                     if self._closing:
                         return
-                    if code == 1008 and reason in FATAL_REASONS:
+                    if code == Close.POLICY_VIOLATION and reason in FATAL_REASONS:
                         self._stop(AuthenticationFailed(code, reason))
                         log.error("secure_ws client stopped: server closed %d %s", code, reason)
                         return

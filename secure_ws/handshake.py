@@ -17,7 +17,8 @@ from typing import TYPE_CHECKING, Any
 from urllib.parse import parse_qsl
 
 from . import metrics
-from .tokens import MISSING, AuthError, Principal
+from .tokens import AuthError, Principal
+from .wire.closes import AMBIGUOUS, MISSING, ORIGIN_NOT_ALLOWED, SERVICE_UNAVAILABLE, TOO_MANY, Close
 
 if TYPE_CHECKING:
     from .service import Service
@@ -26,10 +27,6 @@ log = logging.getLogger("secure_ws.handshake")
 
 SUBPROTOCOL = "secure-ws.v1"
 BEARER_PREFIX = "bearer."
-ORIGIN_NOT_ALLOWED = "origin not allowed"
-AMBIGUOUS = "ambiguous credentials"
-TOO_MANY = "too many connections"
-UNAVAILABLE = "service unavailable"
 QUERY_NAMES = ("access_token", "token")
 # The scope extension in which a server tells the TCP peer ``(host, port)`` as the socket reports it
 # (secure_ws.uvicorn.ws_protocol sets it): uvicorn's proxy-headers middleware may have rewritten scope["client"].
@@ -133,7 +130,7 @@ class HandshakeMiddleware:
             metrics.HANDSHAKES.labels(result=exc.reason.replace(" ", "_")).inc()
             log.info(
                 "handshake refused ip=%s reason=%r: %s", ip, exc.reason, exc.detail,
-                extra={"event": "handshake_refused", "client": ip, "close_code": 1008, "reason": exc.reason},
+                extra={"event": "handshake_refused", "client": ip, "close_code": Close.POLICY_VIOLATION, "reason": exc.reason},
             )
             await refuse(receive, send, exc.reason, subprotocol)
             return
@@ -143,9 +140,9 @@ class HandshakeMiddleware:
             metrics.HANDSHAKES.labels(result="unavailable").inc()
             log.warning(
                 "handshake refused ip=%s: storage or revocations unavailable: %s", ip, exc,
-                extra={"event": "handshake_refused", "client": ip, "close_code": 1013, "reason": UNAVAILABLE},
+                extra={"event": "handshake_refused", "client": ip, "close_code": Close.TRY_AGAIN_LATER, "reason": SERVICE_UNAVAILABLE},
             )
-            await refuse(receive, send, UNAVAILABLE, subprotocol, code=1013)
+            await refuse(receive, send, SERVICE_UNAVAILABLE, subprotocol, code=Close.TRY_AGAIN_LATER)
             return
         metrics.HANDSHAKE_SECONDS.observe(time.perf_counter() - started)
         metrics.HANDSHAKES.labels(result="accepted").inc()
@@ -157,7 +154,7 @@ class HandshakeMiddleware:
             await service.release_slot(principal.sub, slot)
 
 
-async def refuse(receive: Any, send: Any, reason: str, subprotocol: str | None, code: int = 1008) -> None:
+async def refuse(receive: Any, send: Any, reason: str, subprotocol: str | None, code: int = Close.POLICY_VIOLATION) -> None:
     """Accept, then close 1008 at once: the only refusal a browser's WebSocket API can read."""
     message = await receive()
     if message["type"] != "websocket.connect":

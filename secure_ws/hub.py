@@ -14,7 +14,7 @@ from typing import TYPE_CHECKING
 from .keys import Keyring
 from .revocation import Revocations
 from .storage import Storage
-from .tokens import REVOKED
+from .wire.closes import REVOKED, Close
 
 if TYPE_CHECKING:
     from .session import Session
@@ -72,18 +72,18 @@ class Hub:
         for sub in revocations.subs:
             for session in tuple(self._by_sub.get(sub, ())):
                 if revocations.covers(session.principal):
-                    session.close_soon(1008, REVOKED)
+                    session.close_soon(Close.POLICY_VIOLATION, REVOKED)
         if revocations.jtis:
             for session in tuple(self.sessions):
                 if session.principal.jti in revocations.jtis:
-                    session.close_soon(1008, REVOKED)
+                    session.close_soon(Close.POLICY_VIOLATION, REVOKED)
 
     def enforce_keyring(self, old: Keyring, new: Keyring) -> None:
         gone = old.invalidated_by(new)
         if gone:
             for session in tuple(self.sessions):
                 if session.principal.kid in gone:
-                    session.close_soon(1008, REVOKED)
+                    session.close_soon(Close.POLICY_VIOLATION, REVOKED)
 
     def close_all(self, code: int, reason: str) -> None:
         for session in tuple(self.sessions):

@@ -20,7 +20,8 @@ from .keys import KeyringError, KeyStore
 from .ratelimit import Limiter
 from .settings import ConfigError, Settings
 from .storage_url import storage_from_url
-from .tokens import REVOKED, AuthError, Principal, Verifier
+from .tokens import AuthError, Principal, Verifier
+from .wire.closes import REVOKED, SHUTTING_DOWN, Close
 
 log = logging.getLogger("secure_ws")
 
@@ -107,7 +108,7 @@ class Service:
         finally:
             with contextlib.suppress(NotImplementedError, RuntimeError, ValueError):
                 loop.remove_signal_handler(signal.SIGHUP)
-            self.hub.close_all(1001, "server shutting down")
+            self.hub.close_all(Close.GOING_AWAY, SHUTTING_DOWN)
             for task in self._tasks:
                 task.cancel()
             await self.storage.close()

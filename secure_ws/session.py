@@ -33,7 +33,17 @@ from typing import TYPE_CHECKING, Any
 
 from . import metrics
 from .auth.scopes import Grants
-from .tokens import EXPIRED, INVALID, AuthError, Principal
+from .tokens import AuthError, Principal
+from .wire.closes import (
+    BINARY_REFUSED,
+    EXPIRED,
+    INTERNAL_ERROR,
+    INVALID,
+    MESSAGE_TOO_BIG,
+    RATE_LIMIT_EXCEEDED,
+    SLOW_CONSUMER,
+    Close,
+)
 from .wire.messages import (
     BAD_REQUEST,
     FORBIDDEN,
@@ -198,18 +208,18 @@ class Session:
 
     def _misfit(self, text: str | None) -> Awaitable[None] | None:
         if text is None:
-            return self.close(1003, "binary frames are not accepted")
+            return self.close(Close.UNSUPPORTED_DATA, BINARY_REFUSED)
         max_bytes = self._max_bytes
         if len(text) > max_bytes or (len(text) * 4 > max_bytes and len(text.encode()) > max_bytes):
-            return self.close(1009, "message too big")
+            return self.close(Close.MESSAGE_TOO_BIG, MESSAGE_TOO_BIG)
         return None
 
     def _rate_limited(self, retry_ms: int) -> Awaitable[None] | None:
         metrics.STATS.rate_limited += 1
         self._rejections += 1
-        self.send(error(RATE_LIMITED, "rate limit exceeded", retry_after_ms=retry_ms))
+        self.send(error(RATE_LIMITED, RATE_LIMIT_EXCEEDED, retry_after_ms=retry_ms))
         if self._rejections >= self.service.settings.rate_limit_close_after:
-            return self.close(1008, "rate limit exceeded")
+            return self.close(Close.POLICY_VIOLATION, RATE_LIMIT_EXCEEDED)
         return None
 
     def _accept(self, text: str) -> Awaitable[None] | None:
@@ -263,8 +273,8 @@ class Session:
         if isinstance(exc, ProtocolError):
             self.send(error(exc.code, exc.message, exc.id))
             return None
-        log.error("session %s: server fault", self.id, exc_info=exc, extra=self._log_fields("fault", 1011))
-        return self.close(1011, "internal error")
+        log.error("session %s: server fault", self.id, exc_info=exc, extra=self._log_fields("fault", Close.INTERNAL_ERROR))
+        return self.close(Close.INTERNAL_ERROR, INTERNAL_ERROR)
 
     async def _handle(self, request: dict[str, Any]) -> None:
         kind = request["type"]
@@ -309,11 +319,11 @@ class Session:
             log.info(
                 "session %s: refresh refused (%s): %s", self.id, exc.reason, exc.detail, extra=self._log_fields("refresh_refused")
             )
-            await self.close(1008, INVALID)
+            await self.close(Close.POLICY_VIOLATION, INVALID)
             return
         if principal.sub != self.principal.sub:
             log.info("session %s: refresh with another sub refused", self.id, extra=self._log_fields("refresh_refused"))
-            await self.close(1008, INVALID)
+            await self.close(Close.POLICY_VIOLATION, INVALID)
             return
         self.principal = principal
         self.grants = Grants(principal.scopes)
@@ -333,7 +343,7 @@ class Session:
         if self._timer is not None:
             self._timer.cancel()
         delay = self.principal.exp + self.service.settings.leeway - time.time()
-        self._timer = asyncio.get_running_loop().call_later(max(0.0, delay), self.close_soon, 1008, EXPIRED)
+        self._timer = asyncio.get_running_loop().call_later(max(0.0, delay), self.close_soon, Close.POLICY_VIOLATION, EXPIRED)
 
     # -- output ----------------------------------------------------------------------
 
@@ -358,7 +368,7 @@ class Session:
 
     def _enqueue(self, queue: deque[str] | list[str], text: str) -> bool:
         if len(queue) >= self.service.settings.send_queue_size:
-            self.close_soon(1008, "slow consumer")
+            self.close_soon(Close.POLICY_VIOLATION, SLOW_CONSUMER)
             return False
         queue.append(text)
         return True
@@ -370,7 +380,7 @@ class Session:
                 await self.send_raw({"type": "websocket.send", "text": queue.popleft()})
         except Exception:  # noqa: BLE001 (the peer is gone, or a fault: either way this connection ends)
             log.warning("session %s: delivery failed", self.id, exc_info=True)
-            await self.close(1011, "internal error")
+            await self.close(Close.INTERNAL_ERROR, INTERNAL_ERROR)
         finally:
             self._drainer = None
 

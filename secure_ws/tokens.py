@@ -18,6 +18,7 @@ import jwt
 
 from .keys import KeyStore
 from .settings import Settings
+from .wire.closes import EXPIRED, INVALID
 
 MAX_TOKEN_CHARS = 8192
 MAX_SUB_CHARS = 256
@@ -27,10 +28,6 @@ _UNTRUSTED_HEADERS = ("jwk", "jku", "x5u", "x5c")
 _REQUIRED_CLAIMS = ["exp", "iat", "sub", "iss", "aud"]
 CACHE_SIZE = 4096
 
-MISSING = "missing token"
-INVALID = "invalid token"
-EXPIRED = "token expired"
-REVOKED = "token revoked"
 
 
 class AuthError(Exception):
