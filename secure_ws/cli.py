@@ -108,32 +108,15 @@ def cmd_token_revoke(args: argparse.Namespace) -> None:
 
 
 def _serve(settings: Settings, host: str, port: int, workers: int, **extra: Any) -> None:
-    import uvicorn
-
     from .tls import server_context
-    from .uvicorn.http_protocol import HTTP_PROTOCOL, uvicorn_context_factory
-    from .uvicorn.ws_protocol import supported
+    from .uvicorn.serve import serve
 
     for variable, path in (("SECURE_WS_TLS_CERTFILE", settings.tls_certfile), ("SECURE_WS_TLS_KEYFILE", settings.tls_keyfile)):
         if not path.is_file():
             raise ConfigError(variable, f"{path} not found (run `secure-ws certs`)")
     # Build the context once here, so a bad file stops start-up with one line naming its variable.
     server_context(settings.tls_certfile, settings.tls_keyfile, settings.tls_min_version, settings.tls_client_ca)
-    uvicorn.run(
-        "secure_ws.main:app",
-        host=host,
-        port=port,
-        workers=workers,
-        ssl_context_factory=uvicorn_context_factory,
-        http=HTTP_PROTOCOL,
-        ws="secure_ws.uvicorn.ws_protocol:WebSocketProtocol" if supported() else "websockets-sansio",
-        ws_max_size=settings.max_message_bytes,
-        ws_ping_interval=20.0,
-        ws_ping_timeout=20.0,
-        ws_per_message_deflate=False,
-        timeout_graceful_shutdown=10,
-        **extra,
-    )
+    serve(settings, host, port, workers, **extra)
 
 
 def cmd_serve(args: argparse.Namespace) -> None:

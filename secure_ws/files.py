@@ -66,20 +66,18 @@ def locked(path: Path) -> Iterator[None]:
         os.close(fd)
 
 
-def fingerprint(path: Path) -> tuple[int, int, int] | None:
-    """What changes when a file is replaced: atomic writes give a new inode even within one mtime tick."""
-    try:
-        st = path.stat()
-    except FileNotFoundError:
-        return None
-    return st.st_ino, st.st_mtime_ns, st.st_size
-
-
 def change_stamp(path: Path) -> tuple[int, int, int, int] | None:
-    """Like :func:`fingerprint`, plus ``ctime``: an in-place edit that keeps size and mtime (``utime``
+    """What changes when a file changes: inode (atomic writes give a new one even within one mtime
+    tick), mtime, size, and ``ctime``, so an in-place edit that keeps size and mtime (``utime``
     restores mtime, never ctime) still shows. One ``stat``, so cheap to poll however large the file."""
     try:
         st = path.stat()
     except FileNotFoundError:
         return None
     return st.st_ino, st.st_mtime_ns, st.st_size, st.st_ctime_ns
+
+
+def fingerprint(path: Path) -> tuple[int, int, int] | None:
+    """:func:`change_stamp` without ``ctime``: what the key-file watcher compares (see its SIGHUP test)."""
+    stamp = change_stamp(path)
+    return None if stamp is None else stamp[:3]

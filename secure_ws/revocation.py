@@ -55,11 +55,10 @@ class Revocations:
         return Revocations(jtis, subs)
 
     def with_jti(self, jti: str, until: float) -> Revocations:
-        return Revocations({**self.jtis, jti: max(until, self.jtis.get(jti, 0.0))}, self.subs)
+        return self.merged(Revocations({jti: until}))
 
     def with_sub(self, sub: str, issued_before: float, until: float) -> Revocations:
-        old = self.subs.get(sub, (0.0, 0.0))
-        return Revocations(self.jtis, {**self.subs, sub: (max(issued_before, old[0]), max(until, old[1]))})
+        return self.merged(Revocations({}, {sub: (issued_before, until)}))
 
     def to_json(self) -> dict[str, Any]:
         return {"jti": self.jtis, "sub": {s: list(c) for s, c in self.subs.items()}}
