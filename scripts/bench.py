@@ -426,8 +426,8 @@ def measure_fanout(t: Target, ca: str, subscribers: int = 1000, messages: int = 
 
 
 def make_targets(folder: Path, mode: str, storage: str = "memory://", workers: int = 1) -> tuple[Target, Target]:
+    from secure_ws.auth.signing import SigningKeys, issue_token
     from secure_ws.settings import load_settings
-    from secure_ws.signing import SigningKeys, issue_token
     from secure_ws.tls import make_dev_certs
 
     make_dev_certs(folder)

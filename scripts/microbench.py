@@ -26,11 +26,11 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 from bench import client_frame  # noqa: E402  (scripts/bench.py, beside this script)
-from secure_ws.ratelimit import Limiter  # noqa: E402
+from secure_ws.auth.signing import SigningKeys, issue_token  # noqa: E402
+from secure_ws.core.ratelimit import Limiter  # noqa: E402
+from secure_ws.core.session import Session  # noqa: E402
 from secure_ws.service import Service  # noqa: E402
-from secure_ws.session import Session  # noqa: E402
 from secure_ws.settings import load_settings  # noqa: E402
-from secure_ws.signing import SigningKeys, issue_token  # noqa: E402
 from secure_ws.wire.framing import Parser  # noqa: E402
 
 

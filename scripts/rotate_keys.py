@@ -26,8 +26,8 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
+from secure_ws.auth.signing import SigningError, SigningKeys  # noqa: E402
 from secure_ws.settings import ConfigError, load_settings  # noqa: E402
-from secure_ws.signing import SigningError, SigningKeys  # noqa: E402
 
 
 def main(argv: list[str] | None = None) -> int:

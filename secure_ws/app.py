@@ -16,9 +16,9 @@ from starlette.responses import JSONResponse, Response
 from starlette.routing import Route
 
 from . import demo, logs, metrics
-from .handshake import HandshakeMiddleware
+from .core.handshake import HandshakeMiddleware
+from .core.session import DIRECT, Session
 from .service import Service
-from .session import DIRECT, Session
 from .settings import Settings, load_settings
 
 WS_PATH = "/ws"

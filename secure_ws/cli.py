@@ -41,13 +41,13 @@ def cmd_certs(args: argparse.Namespace) -> None:
 
 
 def cmd_keys_rotate(args: argparse.Namespace) -> None:
-    from .signing import SigningKeys
+    from .auth.signing import SigningKeys
 
     print(SigningKeys(_settings()).rotate(args.alg))
 
 
 def cmd_keys_list(args: argparse.Namespace) -> None:
-    from .signing import SigningKeys
+    from .auth.signing import SigningKeys
 
     keys = SigningKeys(_settings()).list()
     if not keys:
@@ -60,14 +60,14 @@ def cmd_keys_list(args: argparse.Namespace) -> None:
 
 
 def cmd_keys_retire(args: argparse.Namespace) -> None:
-    from .signing import SigningKeys
+    from .auth.signing import SigningKeys
 
     SigningKeys(_settings()).retire(args.kid)
     print(f"retired {args.kid}: its tokens stop working within 2 s, live connections included")
 
 
 def cmd_token_issue(args: argparse.Namespace) -> None:
-    from .signing import issue_token
+    from .auth.signing import issue_token
 
     try:
         ttl = parse_duration(args.ttl)
@@ -77,9 +77,9 @@ def cmd_token_issue(args: argparse.Namespace) -> None:
 
 
 def cmd_token_revoke(args: argparse.Namespace) -> None:
-    from .revocation import Revocations, sub_cutoff
-    from .storage import Storage
-    from .storage_url import run_storage
+    from .auth.revocation import Revocations, sub_cutoff
+    from .state.storage import Storage
+    from .state.url import run_storage
 
     settings = _settings()
     now = time.time()
@@ -124,7 +124,7 @@ def cmd_serve(args: argparse.Namespace) -> None:
 
 
 def cmd_dev(args: argparse.Namespace) -> None:
-    from .signing import SigningKeys, issue_token
+    from .auth.signing import SigningKeys, issue_token
     from .tls import make_dev_certs
 
     os.environ.setdefault("SECURE_WS_DEMO", "1")
@@ -224,7 +224,7 @@ def _protect_dashes(argv: list[str]) -> list[str]:
 
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(_protect_dashes(sys.argv[1:] if argv is None else argv))
-    from .signing import SigningError
+    from .auth.signing import SigningError
 
     try:
         args.func(args)

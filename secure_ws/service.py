@@ -15,12 +15,12 @@ import signal
 from collections.abc import AsyncIterator
 from typing import Any
 
-from .hub import Hub
-from .keys import KeyringError, KeyStore
-from .ratelimit import Limiter
+from .auth.keys import KeyringError, KeyStore
+from .auth.tokens import AuthError, Principal, Verifier
+from .core.hub import Hub
+from .core.ratelimit import Limiter
 from .settings import ConfigError, Settings
-from .storage_url import storage_from_url
-from .tokens import AuthError, Principal, Verifier
+from .state.url import storage_from_url
 from .wire.closes import REVOKED, SHUTTING_DOWN, Close
 
 log = logging.getLogger("secure_ws")

@@ -25,10 +25,10 @@ from hypothesis import strategies as st
 
 from conftest import closed_with, run, unique_sub, welcome
 from secure_ws.auth.scopes import Grants
+from secure_ws.auth.signing import SigningKeys, issue_token
+from secure_ws.core.session import Session
 from secure_ws.service import Service
-from secure_ws.session import Session
 from secure_ws.settings import load_settings
-from secure_ws.signing import SigningKeys, issue_token
 from secure_ws.wire.messages import CHANNEL, ProtocolError, channel_of, decode, reply
 
 REPLY_TYPES = {"welcome", "pong", "echo", "subscribed", "unsubscribed", "published", "message", "refreshed", "error"}

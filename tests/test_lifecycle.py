@@ -491,8 +491,8 @@ def test_revoke_accepts_a_jti_that_starts_with_a_dash(shared_server, shared_dir)
 
 def test_retire_accepts_a_kid_that_starts_with_a_dash(fresh_dir, start):
     """A kid is the key's RFC 7638 thumbprint in base64url: about one key in 64 has a kid like this one."""
+    from secure_ws.auth.signing import generate_jwk, public_part
     from secure_ws.files import write_json
-    from secure_ws.signing import generate_jwk, public_part
 
     jwk = next(j for j in iter(lambda: generate_jwk("EdDSA"), None) if j["kid"].startswith("-"))
     kid = jwk["kid"]

@@ -11,7 +11,7 @@ from limits import parse
 from limits.aio.storage import MemoryStorage
 from limits.aio.strategies import SlidingWindowCounterRateLimiter
 
-from secure_ws.ratelimit import SWEEP_EVERY, LocalStorage
+from secure_ws.state.local_window import SWEEP_EVERY, LocalStorage
 
 
 @pytest.mark.parametrize("limit", ["5/second", "3/2second", "20/minute"])

@@ -53,8 +53,8 @@ from uvicorn.protocols.utils import ClientDisconnected
 from uvicorn.protocols.websockets.websockets_sansio_impl import WebSocketsSansIOProtocol
 from websockets.frames import Frame, Opcode
 
-from ..handshake import PEER
-from ..session import DIRECT, WORK
+from ..core.handshake import PEER
+from ..core.session import DIRECT, WORK
 from ..wire.framing import BINARY, CLOSE, PING, PONG, TEXT, Parser, Violation, close_frame, frame, parse_close
 
 log = logging.getLogger("secure_ws")

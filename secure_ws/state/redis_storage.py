@@ -32,7 +32,7 @@ import redis.asyncio as aioredis
 from limits.aio.storage import RedisStorage as LimitsRedisStorage
 from redis.exceptions import RedisError
 
-from .revocation import Revocations
+from ..auth.revocation import Revocations
 from .storage import Storage
 
 log = logging.getLogger("secure_ws.storage")

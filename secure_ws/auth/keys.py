@@ -21,8 +21,8 @@ from typing import Any
 from jwt import PyJWK
 from jwt.exceptions import PyJWKError
 
-from .files import fingerprint
-from .settings import HMAC_ALGORITHMS, Settings
+from ..files import fingerprint
+from ..settings import HMAC_ALGORITHMS, Settings
 
 log = logging.getLogger("secure_ws.keys")
 

@@ -16,12 +16,12 @@ from collections.abc import Sequence
 from typing import TYPE_CHECKING, Any
 from urllib.parse import parse_qsl
 
-from . import metrics
-from .tokens import AuthError, Principal
-from .wire.closes import AMBIGUOUS, MISSING, ORIGIN_NOT_ALLOWED, SERVICE_UNAVAILABLE, TOO_MANY, Close
+from .. import metrics
+from ..auth.tokens import AuthError, Principal
+from ..wire.closes import AMBIGUOUS, MISSING, ORIGIN_NOT_ALLOWED, SERVICE_UNAVAILABLE, TOO_MANY, Close
 
 if TYPE_CHECKING:
-    from .service import Service
+    from ..service import Service
 
 log = logging.getLogger("secure_ws.handshake")
 

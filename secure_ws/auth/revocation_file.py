@@ -19,7 +19,7 @@ import logging
 from collections.abc import Callable
 from pathlib import Path
 
-from .files import change_stamp, locked, read_json, write_json
+from ..files import change_stamp, locked, read_json, write_json
 from .revocation import Revocations
 
 log = logging.getLogger("secure_ws.storage")

@@ -11,10 +11,10 @@ from __future__ import annotations
 from collections import defaultdict
 from typing import TYPE_CHECKING
 
-from .keys import Keyring
-from .revocation import Revocations
-from .storage import Storage
-from .wire.closes import REVOKED, Close
+from ..auth.keys import Keyring
+from ..auth.revocation import Revocations
+from ..state.storage import Storage
+from ..wire.closes import REVOKED, Close
 
 if TYPE_CHECKING:
     from .session import Session

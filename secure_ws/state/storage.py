@@ -16,15 +16,13 @@ from __future__ import annotations
 import asyncio
 import logging
 from abc import ABC, abstractmethod
-from collections import defaultdict
 from collections.abc import Callable
 from pathlib import Path
 
 from limits.aio.storage import Storage as LimitsStorage
 
-from .ratelimit import LocalStorage
-from .revocation import Revocations
-from .revocation_file import RevocationFile
+from ..auth.revocation import Revocations
+from ..auth.revocation_file import RevocationFile
 
 log = logging.getLogger("secure_ws.storage")
 
@@ -109,43 +107,3 @@ class Storage(ABC):
 
     @abstractmethod
     async def publish(self, channel: str, payload: str) -> None: ...
-
-
-class MemoryStorage(Storage):
-    """One process: revocations live only in the file, which the ops commands write and this polls."""
-
-    def __init__(self, revocation_file: Path) -> None:
-        super().__init__(revocation_file)
-        self.limiter_storage = LocalStorage()
-        self._connections: defaultdict[str, set[str]] = defaultdict(set)
-        self._channels: set[str] = set()
-
-    async def ping(self) -> bool:
-        return True
-
-    async def acquire_connection(self, sub: str, connection_id: str, limit: int) -> bool:
-        held = self._connections[sub]
-        if len(held) >= limit:
-            return False
-        held.add(connection_id)
-        return True
-
-    async def release_connection(self, sub: str, connection_id: str) -> None:
-        held = self._connections.get(sub)
-        if held is not None:
-            held.discard(connection_id)
-            if not held:
-                del self._connections[sub]
-
-    async def update_revocations(self, change: Callable[[Revocations], Revocations]) -> Revocations:
-        return self.learn(await asyncio.to_thread(self.revocation_file.update, change))
-
-    async def subscribe(self, channel: str) -> None:
-        self._channels.add(channel)
-
-    async def unsubscribe(self, channel: str) -> None:
-        self._channels.discard(channel)
-
-    async def publish(self, channel: str, payload: str) -> None:
-        if channel in self._channels:
-            self.on_message(channel, payload)

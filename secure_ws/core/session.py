@@ -31,10 +31,10 @@ from collections.abc import Awaitable, Callable
 from time import perf_counter
 from typing import TYPE_CHECKING, Any
 
-from . import metrics
-from .auth.scopes import Grants
-from .tokens import AuthError, Principal
-from .wire.closes import (
+from .. import metrics
+from ..auth.scopes import Grants
+from ..auth.tokens import AuthError, Principal
+from ..wire.closes import (
     BINARY_REFUSED,
     EXPIRED,
     INTERNAL_ERROR,
@@ -44,7 +44,7 @@ from .wire.closes import (
     SLOW_CONSUMER,
     Close,
 )
-from .wire.messages import (
+from ..wire.messages import (
     BAD_REQUEST,
     FORBIDDEN,
     LIMIT_EXCEEDED,
@@ -60,7 +60,7 @@ from .wire.messages import (
 )
 
 if TYPE_CHECKING:
-    from .service import Service
+    from ..service import Service
 
 log = logging.getLogger("secure_ws.session")
 

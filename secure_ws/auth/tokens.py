@@ -16,9 +16,9 @@ from typing import Any
 
 import jwt
 
+from ..settings import Settings
+from ..wire.closes import EXPIRED, INVALID
 from .keys import KeyStore
-from .settings import Settings
-from .wire.closes import EXPIRED, INVALID
 
 MAX_TOKEN_CHARS = 8192
 MAX_SUB_CHARS = 256

@@ -5,7 +5,8 @@ from __future__ import annotations
 from collections.abc import Awaitable, Callable
 from pathlib import Path
 
-from .storage import MemoryStorage, Storage
+from .memory import MemoryStorage
+from .storage import Storage
 
 
 def storage_from_url(url: str, revocation_file: Path) -> Storage:

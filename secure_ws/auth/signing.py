@@ -25,8 +25,8 @@ import jwt
 from cryptography.hazmat.primitives.asymmetric import ec, ed25519, rsa
 from jwt.algorithms import ECAlgorithm, OKPAlgorithm, RSAAlgorithm
 
-from .files import locked, read_json, write_json
-from .settings import Settings
+from ..files import locked, read_json, write_json
+from ..settings import Settings
 
 SIGNING_ALGORITHMS = ("EdDSA", "ES256", "RS256")
 ACTIVE, PREVIOUS, RETIRED = "active", "previous", "retired"
