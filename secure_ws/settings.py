@@ -13,6 +13,7 @@ import re
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
+from urllib.parse import urlsplit
 
 from limits import RateLimitItem, parse_many
 from starlette.config import Config
@@ -26,6 +27,8 @@ MIN_SECRET_BYTES = 32
 
 _DURATION = re.compile(r"^\s*(\d+)\s*([smhd]?)\s*$")
 _DURATION_UNITS = {"": 1, "s": 1, "m": 60, "h": 3600, "d": 86400}
+_TIMEOUT = re.compile(r"^\s*(\d{1,6}(?:\.\d{1,3})?)\s*(ms|s|m)?\s*$")
+_TIMEOUT_UNITS = {None: 1.0, "s": 1.0, "ms": 0.001, "m": 60.0}
 
 
 class ConfigError(Exception):
@@ -42,6 +45,23 @@ def parse_duration(text: str) -> int:
     if not match:
         raise ValueError(f"not a duration: {text!r} (use e.g. 90s, 15m, 2h, 1d)")
     return int(match.group(1)) * _DURATION_UNITS[match.group(2)]
+
+
+def parse_timeout(text: str) -> float:
+    """``10s``, ``500ms``, ``2.5``, ``1m`` → seconds, more than zero."""
+    match = _TIMEOUT.match(text)
+    if not match or float(match.group(1)) <= 0:
+        raise ValueError(f"not a timeout: {text!r} (use e.g. 10s, 500ms, 1m)")
+    return float(match.group(1)) * _TIMEOUT_UNITS[match.group(2)]
+
+
+def _loopback_host(host: str | None) -> bool:
+    if host == "localhost":
+        return True
+    try:
+        return ipaddress.ip_address(host or "").is_loopback
+    except ValueError:
+        return False
 
 
 @dataclass(frozen=True)
@@ -66,6 +86,10 @@ class Settings:
     max_message_bytes: int = 65536
     send_queue_size: int = 256
     max_subscriptions: int = 128
+    handler_timeout: float = 10.0
+    max_inflight: int = 8
+    rpc_proxy_url: str | None = None
+    rpc_proxy_secret: bytes | None = field(default=None, repr=False)
     allowed_origins: frozenset[str] = frozenset()
     forwarded_allow_ips: tuple[ipaddress.IPv4Network | ipaddress.IPv6Network, ...] = ()
     storage_url: str = "memory://"
@@ -184,6 +208,33 @@ def load_settings(
     if not (storage_url == "memory://" or re.match(r"^rediss?://", storage_url)):
         raise ConfigError("SECURE_WS_STORAGE_URL", f"use memory:// or redis://host:port/db, got {storage_url!r}")
 
+    try:
+        handler_timeout = parse_timeout(get("HANDLER_TIMEOUT", "10s"))
+    except ValueError as exc:
+        raise ConfigError("SECURE_WS_HANDLER_TIMEOUT", str(exc)) from None
+
+    proxy_url = get("RPC_PROXY_URL") or None
+    proxy_secret_text = config("SECURE_WS_RPC_PROXY_SECRET", default="")
+    proxy_secret = proxy_secret_text.encode() if proxy_secret_text else None
+    if proxy_url is not None:
+        parts = urlsplit(proxy_url)
+        if parts.scheme not in ("https", "http") or not parts.hostname:
+            raise ConfigError("SECURE_WS_RPC_PROXY_URL", "must be an https:// URL (or http:// to a loopback address)")
+        if parts.scheme == "http" and not _loopback_host(parts.hostname):
+            # The secret and every client's claims would cross the network in clear.
+            raise ConfigError("SECURE_WS_RPC_PROXY_URL", f"http:// only to a loopback address, got host {parts.hostname[:100]!r}; use https://")
+        if parts.username or parts.password:
+            raise ConfigError("SECURE_WS_RPC_PROXY_URL", "must not hold credentials; set SECURE_WS_RPC_PROXY_SECRET")
+        if proxy_secret is None:
+            raise ConfigError("SECURE_WS_RPC_PROXY_SECRET", "must be set when SECURE_WS_RPC_PROXY_URL is")
+    if proxy_secret is not None:
+        if len(proxy_secret) < MIN_SECRET_BYTES:
+            raise ConfigError(
+                "SECURE_WS_RPC_PROXY_SECRET", f"too weak: {len(proxy_secret)} bytes, at least {MIN_SECRET_BYTES} required"
+            )
+        if proxy_url is None:
+            raise ConfigError("SECURE_WS_RPC_PROXY_SECRET", "is set but SECURE_WS_RPC_PROXY_URL is not")
+
     client_ca = get("TLS_CLIENT_CA")
     settings = Settings(
         jwks_file=path("JWKS_FILE", "certs/jwks.json"),
@@ -207,6 +258,10 @@ def load_settings(
         max_message_bytes=integer("MAX_MESSAGE_BYTES", 65536, minimum=64),
         send_queue_size=integer("SEND_QUEUE_SIZE", 256, minimum=1),
         max_subscriptions=integer("MAX_SUBSCRIPTIONS", 128, minimum=1),
+        handler_timeout=handler_timeout,
+        max_inflight=integer("MAX_INFLIGHT", 8, minimum=1),
+        rpc_proxy_url=proxy_url,
+        rpc_proxy_secret=proxy_secret,
         allowed_origins=origins,
         forwarded_allow_ips=tuple(proxies),
         storage_url=storage_url,

@@ -1,0 +1,28 @@
+"""What an application handler raises to refuse a request, and the error codes of SPEC §9."""
+
+from __future__ import annotations
+
+import re
+
+# Error codes an application may send: short and plain, so a client can switch on them and no log or frame
+# carries markup or control characters from them.
+CODE = re.compile(r"[a-z][a-z0-9_.:-]{0,63}")
+MAX_MESSAGE_CHARS = 1024
+
+INTERNAL_ERROR = "internal_error"
+TIMEOUT = "timeout"
+BUSY = "busy"
+
+
+class Reject(Exception):  # noqa: N818 (the name SPEC §9 gives it)
+    """``raise Reject("empty_order", "an order needs items")``: the client gets an error frame with this
+    code and message; the connection stays open."""
+
+    def __init__(self, code: str, message: str = "") -> None:
+        if type(code) is not str or not CODE.fullmatch(code):
+            raise ValueError(f"Reject code must match {CODE.pattern}, got {code!r:.80}")
+        if type(message) is not str:
+            raise TypeError("Reject message must be a string")
+        super().__init__(code, message)
+        self.code = code
+        self.message = message[:MAX_MESSAGE_CHARS]
