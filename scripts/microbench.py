@@ -78,13 +78,19 @@ async def main(n: int) -> None:
     limiter = Limiter(settings.rate_limits, "sliding-window", service.storage.limiter_storage, "msg")
     results["rate-limit hit (memory, sliding window)"] = await timeit(lambda: limiter.hit("bench"), n)
 
+    async with service.lifespan():
+        await _frames(results, service, token, n)
+
+
+async def _frames(results: dict[str, float], service: Service, token: str, n: int) -> None:
     principal = await service.authenticate(token)
     masked = client_frame(b'{"type":"echo","data":"hello, world"}')
     parser = Parser(65536)
     results["parse one masked 37-byte text frame"] = await timeit(lambda: noop(parser.feed(masked)), n)
     # As secure_ws.uvicorn.ws_protocol drives it: Session.frame called from the socket's read, replies handed to a
     # writer (here one that discards them) instead of the transport.
-    session = Session(service, None, principal)
+    assert service.session_deps is not None
+    session = Session(service.session_deps, None, principal)
     session._write = lambda text: True
     for label, text in (
         ("frame: echo", json.dumps({"type": "echo", "data": {"n": 1, "text": "hello"}})),

@@ -1,4 +1,4 @@
-"""The ASGI application factory: wires settings, service, handshake and routes.
+"""The application: :class:`SecureWS`, its handlers and hooks, and its ASGI app.
 
 WebSocket traffic for ``/ws`` goes straight to the handshake middleware and the
 session, bypassing Starlette's router and ``WebSocket`` wrapper: that path runs
@@ -8,6 +8,8 @@ lifespan are an ordinary Starlette app.
 
 from __future__ import annotations
 
+import sys
+from collections.abc import Callable
 from typing import Any
 
 from starlette.applications import Starlette
@@ -16,18 +18,88 @@ from starlette.responses import JSONResponse, Response
 from starlette.routing import Route
 
 from . import demo, logs, metrics
+from .core.handlers import HandlerFunc, HookFunc, RegistrationError
 from .core.handshake import HandshakeMiddleware
 from .core.session import DIRECT, Session
 from .service import Service
-from .settings import Settings, load_settings
+from .settings import ConfigError, Settings, load_settings
+from .state.storage import DISCONNECT, SEND
+from .wire.messages import CHANNEL, encode
 
 WS_PATH = "/ws"
 
+class SecureWS:
+    """``api = SecureWS()``: the service, with room for the application's own message types (SPEC §9).
 
-def create_app(settings: Settings | None = None) -> Any:
-    settings = settings if settings is not None else load_settings()
-    logs.configure(settings.log_format)
-    service = Service(settings)
+    Settings come from the environment and ``.env`` exactly as for the service; a bad value ends the
+    process with one line naming the variable (pass ``settings=`` to get :class:`ConfigError` instead).
+    Handlers and hooks are registered at import; the registry freezes when the app starts serving.
+    """
+
+    def __init__(self, settings: Settings | None = None) -> None:
+        explicit = settings is not None
+        try:
+            settings = settings if settings is not None else load_settings()
+            logs.configure(settings.log_format)
+            self.service = Service(settings)
+        except ConfigError as exc:
+            if explicit:
+                raise
+            print(f"secure-ws: configuration error: {exc}", file=sys.stderr)
+            raise SystemExit(2) from None
+        self.settings = settings
+        self.app = _asgi(self.service)
+
+    # -- registration --------------------------------------------------------------
+
+    def handler(self, type: str, *, scope: str | None = None, rate_limit: str | None = None) -> Callable[[HandlerFunc], HandlerFunc]:
+        """``@api.handler("orders.create", scope="orders:write", rate_limit="5/minute")`` on
+        ``async def f(ctx, data)``: its return value is the reply's ``data``."""
+
+        def register(func: HandlerFunc) -> HandlerFunc:
+            self.service.registry.add(type, func, scope, rate_limit)
+            return func
+
+        if callable(type):
+            raise RegistrationError("use @api.handler(\"type.name\"), with the message type it answers")
+        return register
+
+    def on_connect(self, func: HookFunc) -> HookFunc:
+        """``async def f(ctx)`` run before the welcome; raising :class:`Reject` closes 1008 ``connection refused``."""
+        registry = self.service.registry
+        return registry.hook(registry.on_connect, func, "on_connect")
+
+    def on_disconnect(self, func: HookFunc) -> HookFunc:
+        """``async def f(ctx)`` run when a connection its ``on_connect`` admitted has ended."""
+        registry = self.service.registry
+        return registry.hook(registry.on_disconnect, func, "on_disconnect")
+
+    # -- lifespan, for mounting in another app -------------------------------------------
+
+    def lifespan(self, app: Any = None) -> Any:
+        """The app's lifespan: pass ``lifespan=api.lifespan`` to a host Starlette/FastAPI app that mounts
+        ``api.app``, or enter ``api.lifespan(app)`` from the host's own lifespan."""
+        return self.service.lifespan(app)
+
+    # -- the server side ---------------------------------------------------------------
+
+    async def publish(self, channel: str, data: Any) -> None:
+        """``{"type":"message","channel":C,"data":X}`` (no ``from``) to every subscriber, on every worker."""
+        if type(channel) is not str or not CHANNEL.fullmatch(channel):
+            raise ValueError(f"channel must match ^{CHANNEL.pattern}$")
+        await self.service.storage.publish(channel, encode({"type": "message", "channel": channel, "data": data}))
+
+    async def send(self, sub: str, data: Any) -> None:
+        """``{"type":"push","data":X}`` to every connection of ``sub``, on every worker and host."""
+        await self.service.storage.signal(SEND, sub, encode({"type": "push", "data": data}))
+
+    async def disconnect(self, sub: str) -> None:
+        """Close every connection of ``sub`` with 1008 ``disconnected``, on every worker and host."""
+        await self.service.storage.signal(DISCONNECT, sub)
+
+
+def _asgi(service: Service) -> Any:
+    settings = service.settings
 
     async def healthz(request: Request) -> Response:
         return JSONResponse({"status": "ok"})
@@ -54,14 +126,17 @@ def create_app(settings: Settings | None = None) -> Any:
     http = Starlette(routes=routes, lifespan=service.lifespan)
 
     async def session(scope: dict[str, Any], receive: Any, send: Any) -> None:
+        deps = service.session_deps
+        if deps is None:  # the lifespan ended between the handshake and here: shutting down
+            return
         direct = scope.get("extensions", {}).get(DIRECT)
-        await Session(service, send, scope["secure_ws.principal"]).run(receive, scope["secure_ws.subprotocol"], direct)
+        await Session(deps, send, scope["secure_ws.principal"]).run(receive, scope["secure_ws.subprotocol"], direct)
 
     gate = HandshakeMiddleware(session, service)
 
     async def app(scope: dict[str, Any], receive: Any, send: Any) -> None:
         if scope["type"] == "websocket":
-            if scope["path"] == WS_PATH:
+            if _route_path(scope) == WS_PATH:
                 await gate(scope, receive, send)
             else:
                 await receive()
@@ -71,3 +146,12 @@ def create_app(settings: Settings | None = None) -> Any:
 
     app.service = service  # type: ignore[attr-defined]  # for tests and the CLI
     return app
+
+
+def _route_path(scope: dict[str, Any]) -> str:
+    """The path below the mount point: Starlette's ``Mount`` (and ``uvicorn --root-path``) keep the full
+    path in ``path`` and put the mount point in ``root_path``."""
+    path: str = scope["path"]
+    root = scope.get("root_path", "")
+    return path[len(root):] if root and path.startswith(root) else path
+

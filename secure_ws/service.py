@@ -1,8 +1,11 @@
-"""The wired runtime of one process: keys, verifier, storage, limiters, live connections.
+"""The wired runtime of one process: keys, verifier, storage, limiters, live connections, and the
+application's handlers.
 
-Built synchronously by :func:`secure_ws.app.create_app` so that configuration
+Built synchronously (by :class:`secure_ws.SecureWS`) so that configuration
 mistakes surface before the server listens; started and stopped by the ASGI
-lifespan.
+lifespan, which is also when the dispatch table is built and the handler
+registry frozen. Until the lifespan has run, handshakes are refused (1013):
+without it nothing watches for revocations or key changes.
 """
 
 from __future__ import annotations
@@ -17,8 +20,11 @@ from typing import Any
 
 from .auth.keys import KeyringError, KeyStore
 from .auth.tokens import AuthError, Principal, Verifier
+from .core import dispatch
+from .core.handlers import Registry
 from .core.hub import Hub
 from .core.ratelimit import Limiter
+from .core.session import SessionDeps
 from .settings import ConfigError, Settings
 from .state.url import storage_from_url
 from .wire.closes import REVOKED, SHUTTING_DOWN, Close
@@ -26,13 +32,18 @@ from .wire.closes import REVOKED, SHUTTING_DOWN, Close
 log = logging.getLogger("secure_ws")
 
 
+NOT_STARTED = "the app's lifespan has not run (mounted in another app? pass lifespan=api.lifespan, see the README)"
+
+
 class RevocationsUnavailable(Exception):
     """The revocation list may be incomplete (its file unreadable, Redis not read yet): refuse, retry later."""
 
 
 class Service:
-    def __init__(self, settings: Settings) -> None:
+    def __init__(self, settings: Settings, registry: Registry | None = None) -> None:
         self.settings = settings
+        self.registry = registry if registry is not None else Registry()
+        self.session_deps: SessionDeps | None = None  # built when the lifespan starts
         self.keys = KeyStore(settings)
         try:
             self.keys.load_initial()
@@ -58,8 +69,38 @@ class Service:
         self.storage.on_revocations = self.hub.enforce_revocations
         self.keys.on_change(self.hub.enforce_keyring)
         self._tasks: list[asyncio.Task[Any]] = []
+        self._proxy: Any = None
+
+    def _start_dispatch(self) -> SessionDeps:
+        registry, settings = self.registry, self.settings
+        registry.frozen = True
+        for handler in registry.handlers.values():
+            if handler.rate_limits:  # keyed by sub and type, in the shared storage: one window across workers
+                handler.limiter = Limiter(
+                    handler.rate_limits, settings.rate_limit_strategy, self.storage.limiter_storage, f"t:{handler.type}", self.storage.errors
+                )
+        fallback: Any = dispatch.unknown_type
+        if settings.rpc_proxy_url is not None and settings.rpc_proxy_secret is not None:
+            from .core.rpc_proxy import RpcProxy
+
+            self._proxy = RpcProxy(settings.rpc_proxy_url, settings.rpc_proxy_secret, settings.handler_timeout)
+            fallback = dispatch.proxy_route(self._proxy)
+        return SessionDeps(
+            settings=settings,
+            limiter=self.limiter,
+            hub=self.hub,
+            routes=dispatch.routes(registry.handlers),
+            fallback=fallback,
+            authenticate=self.authenticate,
+            publish=self.storage.publish,
+            unavailable=self.unavailable,
+            on_connect=tuple(registry.on_connect),
+            on_disconnect=tuple(registry.on_disconnect),
+        )
 
     async def authenticate(self, token: str) -> Principal:
+        if self.session_deps is None:
+            raise RevocationsUnavailable(NOT_STARTED)
         problem = self.storage.revocations_problem
         if problem is not None:
             # Never fail open: a token this process cannot prove unrevoked is not let in.
@@ -82,8 +123,8 @@ class Service:
             log.warning("could not release connection slot for sub %r", sub)
 
     async def ready(self) -> bool:
-        """For ``/readyz``: storage answers and the revocation list is known complete."""
-        if self.storage.revocations_problem is not None:
+        """For ``/readyz``: started, storage answers and the revocation list is known complete."""
+        if self.session_deps is None or self.storage.revocations_problem is not None:
             return False
         try:
             return await self.storage.ping()
@@ -93,22 +134,31 @@ class Service:
     def _sighup(self) -> None:
         log.info("SIGHUP: reloading keys and revocations")
         loop = asyncio.get_running_loop()
+        self._tasks = [task for task in self._tasks if not task.done()]  # bounded however often SIGHUP comes
         self._tasks.append(loop.create_task(self.keys.reload_file(force=True)))
         self._tasks.append(loop.create_task(self.storage.reload_revocations()))
 
     @contextlib.asynccontextmanager
-    async def lifespan(self, app: Any) -> AsyncIterator[None]:
+    async def lifespan(self, app: Any = None) -> AsyncIterator[None]:
+        deps = self._start_dispatch()
+        if self._proxy is not None:
+            await self._proxy.start()
         await self.storage.start()
         self._tasks.append(asyncio.create_task(self.keys.run(), name="secure-ws keyring"))
         loop = asyncio.get_running_loop()
         with contextlib.suppress(NotImplementedError, RuntimeError, ValueError):
             loop.add_signal_handler(signal.SIGHUP, self._sighup)
+        self.session_deps = deps
         try:
             yield
         finally:
+            self.session_deps = None
             with contextlib.suppress(NotImplementedError, RuntimeError, ValueError):
                 loop.remove_signal_handler(signal.SIGHUP)
             self.hub.close_all(Close.GOING_AWAY, SHUTTING_DOWN)
             for task in self._tasks:
                 task.cancel()
+            self._tasks.clear()
             await self.storage.close()
+            if self._proxy is not None:
+                await self._proxy.close()

@@ -328,6 +328,10 @@ class Harness:
         """Run one session over ``frames`` then a client disconnect; return (inbound, outbound) ASGI messages."""
         settings_ = self.settings[profile]
         service = Service(settings_)
+        async with service.lifespan():
+            return await self._drive(service, frames)
+
+    async def _drive(self, service: Service, frames: list[tuple]) -> tuple[list[dict], list[dict]]:
         principal = await service.authenticate(self.tokens["main"])
         inbound = [{"type": "websocket.connect"}, *(self.inbound(f) for f in frames),
                    {"type": "websocket.disconnect", "code": 1000}]
@@ -345,7 +349,8 @@ class Harness:
             await asyncio.sleep(0)  # as a real server would, let other tasks (publication delivery) run
             return queue.get_nowait()
 
-        session = Session(service, send, principal)
+        assert service.session_deps is not None
+        session = Session(service.session_deps, send, principal)
         await asyncio.wait_for(session.run(receive, "secure-ws.v1"), timeout=10)
         await asyncio.sleep(0)  # let a publication drainer finish, if any
         return inbound, sent

@@ -1,8 +1,12 @@
-"""Channel rights from a token's ``scope`` claim: ``subscribe:<glob>`` and ``publish:<glob>``."""
+"""Rights from a token's ``scope`` claim: ``subscribe:<glob>`` and ``publish:<glob>`` for channels, and any
+scope an application handler names (``orders:write``, granted by ``orders:write`` or ``orders:*``)."""
 
 from __future__ import annotations
 
 from ..wire.messages import MAX_CHANNEL_CHARS
+
+# The longest scope a handler may require; a token's longer patterns are dropped like channel patterns are.
+MAX_SCOPE_CHARS = MAX_CHANNEL_CHARS
 
 
 class Glob:
@@ -60,11 +64,20 @@ class Grants:
     hundred distinct patterns, a check of well under a millisecond even then). Duplicates count once.
     """
 
-    __slots__ = ("_subscribe", "_publish")
+    __slots__ = ("_scopes", "_subscribe", "_publish", "_any")
 
     def __init__(self, scopes: tuple[str, ...]) -> None:
+        self._scopes = scopes
         self._subscribe = _globs(scopes, "subscribe:")
         self._publish = _globs(scopes, "publish:")
+        self._any: tuple[Glob, ...] | None = None  # built on the first handler check: most connections never make one
+
+    def allows(self, scope: str) -> bool:
+        """Whether the token grants ``scope`` (a handler's ``scope=``), exactly or by a ``*`` pattern."""
+        globs = self._any
+        if globs is None:
+            globs = self._any = _globs(self._scopes, "")
+        return any(g.matches(scope) for g in globs)
 
     def may_subscribe(self, channel: str) -> bool:
         return any(g.matches(channel) for g in self._subscribe)

@@ -11,7 +11,9 @@ from __future__ import annotations
 import math
 import re
 import time
+from collections.abc import Mapping
 from dataclasses import dataclass, field
+from types import MappingProxyType
 from typing import Any
 
 import jwt
@@ -47,6 +49,24 @@ class Principal:
     jti: str | None
     kid: str | None
     scopes: tuple[str, ...] = field(default=())
+    # Every claim, read-only all the way down (a Principal is cached and shared by connections of one token).
+    claims: Mapping[str, Any] = field(default_factory=lambda: MappingProxyType({}), compare=False, repr=False)
+
+
+def frozen(value: Any) -> Any:
+    """JSON as read-only: objects become mapping proxies, arrays tuples. Bounded by the token's size."""
+    if type(value) is dict:
+        return MappingProxyType({k: frozen(v) for k, v in value.items()})
+    if type(value) is list:
+        return tuple(frozen(v) for v in value)
+    return value
+
+
+def thawed(value: Any) -> Any:
+    """For JSON encoders: a mapping proxy back to a dict (``orjson.dumps(..., default=thawed)``)."""
+    if isinstance(value, MappingProxyType):
+        return dict(value)
+    raise TypeError
 
 
 def _scopes(claims: dict) -> tuple[str, ...]:
@@ -152,4 +172,8 @@ class Verifier:
         # In ints: an exp of 10**400 is a valid JSON number but too big for float arithmetic.
         if exp - int(iat) > s.max_token_ttl + s.leeway:
             raise AuthError(INVALID, f"lifetime (exp - iat) exceeds SECURE_WS_JWT_MAX_TTL ({s.max_token_ttl}s)")
-        return Principal(sub=sub, exp=exp, iat=iat, jti=claims.get("jti"), kid=key.kid, scopes=_scopes(claims))
+        try:
+            view = frozen(claims)
+        except RecursionError:  # only a signed token gets here, but its issuer may still be careless
+            raise AuthError(INVALID, "claims nested too deeply") from None
+        return Principal(sub=sub, exp=exp, iat=iat, jti=claims.get("jti"), kid=key.kid, scopes=_scopes(claims), claims=view)

@@ -13,15 +13,14 @@ import ipaddress
 import logging
 import time
 from collections.abc import Sequence
-from typing import TYPE_CHECKING, Any
+from typing import Any, Protocol
 from urllib.parse import parse_qsl
 
 from .. import metrics
 from ..auth.tokens import AuthError, Principal
+from ..settings import Settings
 from ..wire.closes import AMBIGUOUS, MISSING, ORIGIN_NOT_ALLOWED, SERVICE_UNAVAILABLE, TOO_MANY, Close
-
-if TYPE_CHECKING:
-    from ..service import Service
+from .ratelimit import Limiter
 
 log = logging.getLogger("secure_ws.handshake")
 
@@ -99,8 +98,20 @@ def origin_allowed(origin: str | None, allowed: frozenset[str]) -> bool:
     return origin is None or "*" in allowed or origin in allowed
 
 
+class Admission(Protocol):
+    """What the gate needs of the process (the service provides it)."""
+
+    settings: Settings
+    handshake_limiter: Limiter
+    unavailable: tuple[type[BaseException], ...]
+
+    async def authenticate(self, token: str) -> Principal: ...
+    async def acquire_slot(self, sub: str) -> str | None: ...
+    async def release_slot(self, sub: str, slot: str) -> None: ...
+
+
 class HandshakeMiddleware:
-    def __init__(self, app: Any, service: Service) -> None:
+    def __init__(self, app: Any, service: Admission) -> None:
         self.app = app
         self.service = service
 

@@ -1,5 +1,5 @@
-"""This process's live connections: found by ``sub`` and ``jti`` to enforce revocations,
-and by channel to fan out publications.
+"""This process's live connections: found by ``sub`` and ``jti`` to enforce revocations and to
+carry the application's pushes and disconnects, and by channel to fan out publications.
 
 A channel is subscribed in storage once per process when its first local
 subscriber joins and dropped when its last one leaves, so Redis carries one
@@ -13,8 +13,8 @@ from typing import TYPE_CHECKING
 
 from ..auth.keys import Keyring
 from ..auth.revocation import Revocations
-from ..state.storage import Storage
-from ..wire.closes import REVOKED, Close
+from ..state.storage import DISCONNECT, SEND, Storage
+from ..wire.closes import DISCONNECTED, REVOKED, Close
 
 if TYPE_CHECKING:
     from .session import Session
@@ -27,6 +27,7 @@ class Hub:
         self._by_sub: defaultdict[str, set[Session]] = defaultdict(set)
         self._channels: dict[str, set[Session]] = {}
         storage.on_message = self.fan_out
+        storage.on_signal = self.signal
 
     def add(self, session: Session) -> None:
         self.sessions.add(session)
@@ -67,6 +68,14 @@ class Hub:
     def fan_out(self, channel: str, payload: str) -> None:
         for session in tuple(self._channels.get(channel, ())):
             session.deliver(payload)
+
+    def signal(self, kind: str, sub: str, text: str | None) -> None:
+        """A push to every local connection of ``sub`` (``SEND``), or their close (``DISCONNECT``)."""
+        for session in tuple(self._by_sub.get(sub, ())):
+            if kind == SEND and text is not None:
+                session.deliver(text)
+            elif kind == DISCONNECT:
+                session.close_soon(Close.POLICY_VIOLATION, DISCONNECTED)
 
     def enforce_revocations(self, revocations: Revocations) -> None:
         for sub in revocations.subs:

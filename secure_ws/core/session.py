@@ -13,6 +13,12 @@ loop is idle in ``receive()``, and replies are written straight to the
 transport: no task switch and no ASGI message per frame. Under any other ASGI
 server the loop calls it for every ``websocket.receive``.
 
+What a message type does is looked up in the dispatch table
+(:mod:`secure_ws.core.dispatch`): the built-in types and the application's
+handlers are entries of the same table. An application handler runs as its own
+task, at most ``SECURE_WS_MAX_INFLIGHT`` at once per connection, so a slow one
+never holds up the frames behind it; its reply is matched by ``id``.
+
 Everything sent goes through :meth:`Session.send`. When it cannot be written
 at once (no direct transport, or the transport's buffer is full) it waits in a
 small bounded queue drained by a task that exists only while the queue is
@@ -27,40 +33,43 @@ import logging
 import secrets
 import time
 from collections import deque
-from collections.abc import Awaitable, Callable
+from collections.abc import Awaitable, Callable, Mapping, Sequence
+from dataclasses import dataclass
 from time import perf_counter
 from typing import TYPE_CHECKING, Any
 
 from .. import metrics
 from ..auth.scopes import Grants
-from ..auth.tokens import AuthError, Principal
+from ..auth.tokens import Principal
+from ..settings import Settings
 from ..wire.closes import (
     BINARY_REFUSED,
+    CONNECTION_REFUSED,
     EXPIRED,
     INTERNAL_ERROR,
-    INVALID,
     MESSAGE_TOO_BIG,
     RATE_LIMIT_EXCEEDED,
     SLOW_CONSUMER,
     Close,
 )
 from ..wire.messages import (
-    BAD_REQUEST,
     FORBIDDEN,
-    LIMIT_EXCEEDED,
     RATE_LIMITED,
     UNAVAILABLE,
-    UNKNOWN_TYPE,
     ProtocolError,
-    channel_of,
     decode,
     encode,
     error,
     reply,
 )
+from . import reject
+from .context import Context
+from .reject import Reject
 
 if TYPE_CHECKING:
-    from ..service import Service
+    from .handlers import Handler, HookFunc
+    from .hub import Hub
+    from .ratelimit import Limiter
 
 log = logging.getLogger("secure_ws.session")
 
@@ -69,14 +78,31 @@ log = logging.getLogger("secure_ws.session")
 DIRECT = "secure_ws.direct"
 WORK = "secure_ws.work"
 
-PONG = encode({"type": "pong"})
-# Request types whose handling waits on storage or a key fetch.
-WAITING_KINDS = frozenset(("publish", "subscribe", "unsubscribe", "refresh"))
+# A dispatch table entry: handles one decoded request as far as it goes without waiting, returns what is left.
+Route = Callable[["Session", dict[str, Any]], Awaitable[None] | None]
+# What an application call runs: a handler function, or the RPC proxy's call for one type.
+Invoke = Callable[[Context, Any], Awaitable[Any]]
+
+
+@dataclass(frozen=True, slots=True)
+class SessionDeps:
+    """What a session needs of the process, and nothing more (built once by the service)."""
+
+    settings: Settings
+    limiter: Limiter
+    hub: Hub
+    routes: Mapping[str, Route]
+    fallback: Route  # for a type no route names: unknown_type, or the RPC proxy
+    authenticate: Callable[[str], Awaitable[Principal]]
+    publish: Callable[[str, str], Awaitable[None]]  # (channel, encoded message) to every subscriber, every worker
+    unavailable: tuple[type[BaseException], ...]  # what storage raises when it cannot be reached
+    on_connect: Sequence[HookFunc] = ()
+    on_disconnect: Sequence[HookFunc] = ()
 
 
 class Session:
     __slots__ = (
-        "service",
+        "deps",
         "send_raw",
         "principal",
         "grants",
@@ -95,10 +121,15 @@ class Session:
         "_drainer",
         "_rejections",
         "_frames",
+        "_sampled",
+        "_routes",
+        "_fallback",
+        "_calls",
+        "_context",
     )
 
-    def __init__(self, service: Service, send: Any, principal: Principal) -> None:
-        self.service = service
+    def __init__(self, deps: SessionDeps, send: Any, principal: Principal) -> None:
+        self.deps = deps
         self.send_raw = send
         self.principal = principal
         self.grants = Grants(principal.scopes)
@@ -107,9 +138,9 @@ class Session:
         self.channels: set[str] = set()
         self._write: Callable[[str], bool] | None = None
         self._sub = principal.sub  # refresh keeps the sub, so the limiter's keys are fixed per connection
-        self._limiter = service.limiter
+        self._limiter = deps.limiter
         self._keys = self._limiter.keys(self._sub)
-        self._max_bytes = service.settings.max_message_bytes
+        self._max_bytes = deps.settings.max_message_bytes
         self._timer: asyncio.TimerHandle | None = None
         self._closer: asyncio.Task[None] | None = None
         self._queue: deque[str] = deque()
@@ -117,22 +148,42 @@ class Session:
         self._drainer: asyncio.Task[None] | None = None
         self._rejections = 0
         self._frames = 0
+        self._sampled = 0.0  # perf_counter() at the start of a sampled frame, else 0
+        self._routes = deps.routes
+        self._fallback = deps.fallback
+        self._calls: set[asyncio.Task[None]] = set()  # running application calls, at most max_inflight
+        self._context: Context | None = None
 
     # -- lifecycle -----------------------------------------------------------------
 
+    @property
+    def context(self) -> Context:
+        context = self._context
+        if context is None:
+            context = self._context = Context(self)
+        return context
+
     async def run(self, receive: Any, subprotocol: str | None, direct: Any = None) -> None:
         """Serve the connection; ``direct`` is secure_ws.uvicorn.ws_protocol's protocol when it is the server."""
-        service = self.service
+        deps = self.deps
         if (await receive())["type"] != "websocket.connect":
             return
         if direct is not None:  # before the accept, so the first frame already meets our message limit
             self._write = direct.attach(self.frame, self._max_bytes)
         await self.send_raw({"type": "websocket.accept", "subprotocol": subprotocol})
-        service.hub.add(self)
+        deps.hub.add(self)
         metrics.CONNECTIONS.inc()
-        log.info("session %s sub=%s open", self.id, self._sub, extra=self._log_fields("open"))
+        log.info("session %s sub=%s open", self.id, self._sub, extra=self.log_fields("open"))
         self._arm_timer()
+        admitted = False
         try:
+            # The hooks run before the welcome, and what they push waits behind it: a client refused
+            # by on_connect never sees a welcome, and one admitted sees the welcome first.
+            self._held = []
+            admitted = not deps.on_connect or await self._hooks(deps.on_connect, "on_connect")
+            if not admitted:
+                return
+            held, self._held = self._held, None
             self.send(
                 encode(
                     {
@@ -140,14 +191,16 @@ class Session:
                         "sub": self._sub,
                         "connection_id": self.id,
                         "expires_at": self.principal.exp,
-                        "rate_limit": service.settings.rate_limit,
+                        "rate_limit": deps.settings.rate_limit,
                     }
                 )
             )
+            for text in held:
+                self.send(text)
             code = await self._loop(receive)
             log.info(
                 "session %s sub=%s disconnected %s", self.id, self._sub, code,
-                extra=self._log_fields("disconnect", code),
+                extra=self.log_fields("disconnect", code),
             )
         finally:
             self.closed = True
@@ -157,11 +210,32 @@ class Session:
                 self._timer.cancel()
             if self._drainer is not None:
                 self._drainer.cancel()
+            for call in tuple(self._calls):
+                call.cancel()
             metrics.CONNECTIONS.dec()
             try:
-                await service.hub.remove(self)
+                await deps.hub.remove(self)
             except Exception:  # noqa: BLE001 (cleanup must finish; the hub state is local and already updated)
                 log.warning("session %s: cleanup failed", self.id, exc_info=True)
+            if admitted and deps.on_disconnect:
+                await self._hooks(deps.on_disconnect, "on_disconnect")
+
+    async def _hooks(self, hooks: Sequence[HookFunc], name: str) -> bool:
+        """Run the application's hooks in order, each within the handler timeout. False, and the connection
+        closed, if one refused (1008 ``connection refused``) or failed (1011)."""
+        for hook in hooks:
+            try:
+                async with asyncio.timeout(self.deps.settings.handler_timeout):
+                    await hook(self.context)
+            except Reject as exc:
+                log.info("session %s: %s refused: %s", self.id, name, exc.code, extra=self.log_fields("connect_refused"))
+                await self.close(Close.POLICY_VIOLATION, CONNECTION_REFUSED)
+                return False
+            except Exception as exc:  # noqa: BLE001 (a fault of the application's must close this connection only)
+                log.error("session %s: %s hook failed", self.id, name, exc_info=exc, extra=self.log_fields("hook_fault"))
+                await self.close(Close.INTERNAL_ERROR, INTERNAL_ERROR)
+                return False
+        return True
 
     async def _loop(self, receive: Any) -> int | None:
         """Returns the client's close code when it disconnects."""
@@ -218,7 +292,7 @@ class Session:
         metrics.STATS.rate_limited += 1
         self._rejections += 1
         self.send(error(RATE_LIMITED, RATE_LIMIT_EXCEEDED, retry_after_ms=retry_ms))
-        if self._rejections >= self.service.settings.rate_limit_close_after:
+        if self._rejections >= self.deps.settings.rate_limit_close_after:
             return self.close(Close.POLICY_VIOLATION, RATE_LIMIT_EXCEEDED)
         return None
 
@@ -229,34 +303,31 @@ class Session:
         started = perf_counter() if sampled else 0.0
         try:
             request = decode(text)
-            kind = request["type"]
-            if kind == "ping":
-                id = request.get("id")
-                self.send(PONG if id is None else reply(request, {"type": "pong"}))
-            elif kind == "echo":
-                if "data" not in request:
-                    raise ProtocolError(BAD_REQUEST, "echo needs 'data'", request.get("id"))
-                self.send(reply(request, {"type": "echo", "data": request["data"]}))
-            elif kind in WAITING_KINDS:
-                return self._waiting(request, started)
-            else:
-                raise ProtocolError(UNKNOWN_TYPE, "unknown message type", request.get("id"))
+            route = self._routes.get(request["type"])
+            if route is None:
+                route = self._fallback
+            self._sampled = started
+            work = route(self, request)
         except Exception as exc:  # noqa: BLE001 (a fault must close this connection only)
             return self._settle(exc, None)
+        if work is not None:
+            return work
         if sampled:
             metrics.FRAME_SECONDS.observe(perf_counter() - started)
         return None
 
-    async def _waiting(self, request: dict[str, Any], started: float) -> None:
+    async def waiting(self, request: dict[str, Any], work: Awaitable[None]) -> None:
+        """A built-in request that waits on storage or a key fetch, its reply kept in order with the frames."""
+        started = self._sampled
         # Publications arriving meanwhile are held until the reply is out: a subscribed publisher
         # hears `published` before its own message, whether storage delivers it at once or via Redis.
         self._held = []
         try:
-            await self._handle(request)
+            await work
         except Exception as exc:  # noqa: BLE001 (a fault must close this connection only)
-            work = self._settle(exc, request.get("id"))
-            if work is not None:
-                await work
+            settled = self._settle(exc, request.get("id"))
+            if settled is not None:
+                await settled
         finally:
             held, self._held = self._held, None
             for text in held:
@@ -267,74 +338,76 @@ class Session:
     def _settle(self, exc: Exception, id: Any) -> Awaitable[None] | None:
         """A request that raised: an error frame for the client's mistakes and for storage outages,
         a 1011 close (and the traceback in our log only) for a fault of ours."""
-        if isinstance(exc, self.service.unavailable):
-            log.warning("session %s: storage unreachable", self.id, extra=self._log_fields("storage_unavailable"))
+        if isinstance(exc, self.deps.unavailable):
+            log.warning("session %s: storage unreachable", self.id, extra=self.log_fields("storage_unavailable"))
             exc = ProtocolError(UNAVAILABLE, "shared storage unreachable; retry shortly", id)
         if isinstance(exc, ProtocolError):
             self.send(error(exc.code, exc.message, exc.id))
             return None
-        log.error("session %s: server fault", self.id, exc_info=exc, extra=self._log_fields("fault", Close.INTERNAL_ERROR))
+        log.error("session %s: server fault", self.id, exc_info=exc, extra=self.log_fields("fault", Close.INTERNAL_ERROR))
         return self.close(Close.INTERNAL_ERROR, INTERNAL_ERROR)
 
-    async def _handle(self, request: dict[str, Any]) -> None:
+    # -- application calls -----------------------------------------------------------
+
+    def call(self, request: dict[str, Any], invoke: Invoke, handler: Handler | None = None, timeout_code: str = reject.TIMEOUT) -> None:
+        """Start an application call (a handler, or the RPC proxy) as its own task; its reply comes when it ends."""
+        id = request.get("id")
+        if handler is not None and handler.scope is not None and not self.grants.allows(handler.scope):
+            raise ProtocolError(FORBIDDEN, f"scope does not grant {handler.scope}", id)
+        calls = self._calls
+        limit = self.deps.settings.max_inflight
+        if len(calls) >= limit:
+            raise ProtocolError(reject.BUSY, f"at most {limit} calls at once per connection; retry when one is answered", id)
+        task = asyncio.get_running_loop().create_task(self._run_call(request, invoke, handler, timeout_code))
+        calls.add(task)
+        task.add_done_callback(calls.discard)
+
+    async def _run_call(self, request: dict[str, Any], invoke: Invoke, handler: Handler | None, timeout_code: str) -> None:
+        id = request.get("id")
         kind = request["type"]
-        if kind == "publish":
-            await self._publish(request)
-        elif kind == "subscribe":
-            channel = channel_of(request)
-            if not self.grants.may_subscribe(channel):
-                raise ProtocolError(FORBIDDEN, f"scope does not grant subscribe:{channel}", request.get("id"))
-            # Each held channel costs memory here and a subscription in storage; one already held is free.
-            limit = self.service.settings.max_subscriptions
-            if len(self.channels) >= limit and channel not in self.channels:
-                raise ProtocolError(LIMIT_EXCEEDED, f"at most {limit} subscriptions per connection", request.get("id"))
-            await self.service.hub.join(self, channel)
-            self.send(reply(request, {"type": "subscribed", "channel": channel}))
-        elif kind == "unsubscribe":
-            channel = channel_of(request)
-            await self.service.hub.leave(self, channel)
-            self.send(reply(request, {"type": "unsubscribed", "channel": channel}))
-        else:
-            await self._refresh(request)
-
-    async def _publish(self, request: dict[str, Any]) -> None:
-        channel = channel_of(request)
-        if "data" not in request:
-            raise ProtocolError(BAD_REQUEST, "publish needs 'data'", request.get("id"))
-        if not self.grants.may_publish(channel):
-            raise ProtocolError(FORBIDDEN, f"scope does not grant publish:{channel}", request.get("id"))
-        # Encoded once here; every subscriber, local or on another worker, gets these same bytes.
-        payload = encode({"type": "message", "channel": channel, "from": self.principal.sub, "data": request["data"]})
-        await self.service.storage.publish(channel, payload)
-        self.send(reply(request, {"type": "published", "channel": channel}))
-
-    async def _refresh(self, request: dict[str, Any]) -> None:
-        token = request.get("token")
-        if type(token) is not str:
-            raise ProtocolError(BAD_REQUEST, "refresh needs 'token'", request.get("id"))
-        service = self.service
         try:
-            principal = await service.authenticate(token)
-        except AuthError as exc:
-            log.info(
-                "session %s: refresh refused (%s): %s", self.id, exc.reason, exc.detail, extra=self._log_fields("refresh_refused")
-            )
-            await self.close(Close.POLICY_VIOLATION, INVALID)
-            return
-        if principal.sub != self.principal.sub:
-            log.info("session %s: refresh with another sub refused", self.id, extra=self._log_fields("refresh_refused"))
-            await self.close(Close.POLICY_VIOLATION, INVALID)
-            return
+            async with asyncio.timeout(self.deps.settings.handler_timeout) as deadline:
+                if handler is not None and handler.limiter is not None:
+                    retry_ms = await handler.limiter.hit(self._sub)
+                    if retry_ms:
+                        metrics.STATS.rate_limited += 1
+                        self.send(error(RATE_LIMITED, f"rate limit for {kind} exceeded", id, retry_after_ms=retry_ms))
+                        return
+                data = request.get("data")
+                if handler is not None and handler.validate is not None:
+                    data = handler.validate(data)
+                result = await invoke(self.context, data)
+                text = reply(request, {"type": "result", "data": result})
+        except Reject as exc:
+            text = error(exc.code, exc.message, id)
+        except ProtocolError as exc:
+            text = error(exc.code, exc.message, id)
+        except TimeoutError as exc:
+            if not deadline.expired():
+                text = self._call_fault(kind, id, exc)
+            else:
+                log.warning("session %s: %s timed out", self.id, kind, extra=self.log_fields("handler_timeout"))
+                text = error(timeout_code, f"no answer within {self.deps.settings.handler_timeout:g}s", id)
+        except self.deps.unavailable:
+            log.warning("session %s: storage unreachable", self.id, extra=self.log_fields("storage_unavailable"))
+            text = error(UNAVAILABLE, "shared storage unreachable; retry shortly", id)
+        except Exception as exc:  # noqa: BLE001 (the application's fault: this request fails, the connection stays)
+            text = self._call_fault(kind, id, exc)
+        self.send(text)
+
+    def _call_fault(self, kind: str, id: Any, exc: BaseException) -> str:
+        log.error("session %s: handler %s raised", self.id, kind, exc_info=exc, extra=self.log_fields("handler_fault"))
+        return error(reject.INTERNAL_ERROR, "internal error", id)
+
+    # -- token -------------------------------------------------------------------------
+
+    def renew(self, principal: Principal) -> None:
+        """A refreshed token for the same sub: new rights, new deadline."""
         self.principal = principal
         self.grants = Grants(principal.scopes)
         self._arm_timer()
-        for channel in tuple(self.channels):
-            if not self.grants.may_subscribe(channel):
-                await service.hub.leave(self, channel)
-                self.send(error(FORBIDDEN, f"refreshed scope no longer grants subscribe:{channel}", channel=channel))
-        self.send(reply(request, {"type": "refreshed", "expires_at": principal.exp}))
 
-    def _log_fields(self, event: str, code: int | None = None, reason: str | None = None) -> dict[str, Any]:
+    def log_fields(self, event: str, code: int | None = None, reason: str | None = None) -> dict[str, Any]:
         return {"connection_id": self.id, "sub": self.principal.sub, "event": event, "close_code": code, "reason": reason}
 
     # -- deadline --------------------------------------------------------------------
@@ -342,7 +415,7 @@ class Session:
     def _arm_timer(self) -> None:
         if self._timer is not None:
             self._timer.cancel()
-        delay = self.principal.exp + self.service.settings.leeway - time.time()
+        delay = self.principal.exp + self.deps.settings.leeway - time.time()
         self._timer = asyncio.get_running_loop().call_later(max(0.0, delay), self.close_soon, Close.POLICY_VIOLATION, EXPIRED)
 
     # -- output ----------------------------------------------------------------------
@@ -359,7 +432,8 @@ class Session:
             self._drainer = asyncio.get_running_loop().create_task(self._drain())
 
     def deliver(self, text: str) -> None:
-        """A publication: sent like a reply, or held while this client's own request is in flight."""
+        """A publication or a push: sent like a reply, or held while this client's own built-in request
+        (or the connect hook) is in flight."""
         held = self._held
         if held is None:
             self.send(text)
@@ -367,7 +441,7 @@ class Session:
             self._enqueue(held, text)
 
     def _enqueue(self, queue: deque[str] | list[str], text: str) -> bool:
-        if len(queue) >= self.service.settings.send_queue_size:
+        if len(queue) >= self.deps.settings.send_queue_size:
             self.close_soon(Close.POLICY_VIOLATION, SLOW_CONSUMER)
             return False
         queue.append(text)
@@ -392,7 +466,7 @@ class Session:
         metrics.CLOSES.labels(code=str(code)).inc()
         log.info(
             "session %s sub=%s closed %d %s", self.id, self.principal.sub, code, reason,
-            extra=self._log_fields("close", code, reason),
+            extra=self.log_fields("close", code, reason),
         )
         try:
             await self.send_raw({"type": "websocket.close", "code": code, "reason": reason})

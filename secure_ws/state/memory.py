@@ -54,3 +54,6 @@ class MemoryStorage(Storage):
     async def publish(self, channel: str, payload: str) -> None:
         if channel in self._channels:
             self.on_message(channel, payload)
+
+    async def signal(self, kind: str, sub: str, payload: str | None = None) -> None:
+        self.on_signal(kind, sub, payload)

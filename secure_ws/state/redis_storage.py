@@ -15,13 +15,16 @@ Keys (all under ``sws:``):
   Redis lacks (Redis restarted empty, flushed, a failover to a replica behind)
   it writes back. Writes only ever strengthen an entry (``_MERGE``), so a worker
   writing back an older entry cannot weaken a newer one;
-* ``sws:ch:<channel>`` — pub/sub channels, subscribed once per process.
+* ``sws:ch:<channel>`` — pub/sub channels, subscribed once per process;
+* ``sws:signal`` — pushes to and disconnects of one ``sub``, heard by every process, which acts on the
+  connections it holds.
 """
 
 from __future__ import annotations
 
 import asyncio
 import contextlib
+import json
 import logging
 import time
 from collections.abc import Callable
@@ -42,6 +45,7 @@ RENEW_INTERVAL = 10.0
 REVOCATION_RESYNC_INTERVAL = 5.0
 CHANNEL_PREFIX = "sws:ch:"
 REVOCATION_CHANNEL = "sws:revocations"
+SIGNAL_CHANNEL = "sws:signal"  # [kind, sub, payload] as JSON, to every worker
 REV_JTI = "sws:rev:jti"
 REV_SUB = "sws:rev:sub"
 
@@ -153,7 +157,7 @@ class RedisStorage(Storage):
     async def start(self) -> None:
         await super().start()
         try:
-            await self._pubsub.subscribe(REVOCATION_CHANNEL)
+            await self._pubsub.subscribe(REVOCATION_CHANNEL, SIGNAL_CHANNEL)
             await self._reload()
         except self.errors as exc:
             log.error(
@@ -320,6 +324,17 @@ class RedisStorage(Storage):
     async def publish(self, channel: str, payload: str) -> None:
         await self.redis.publish(CHANNEL_PREFIX + channel, payload)
 
+    async def signal(self, kind: str, sub: str, payload: str | None = None) -> None:
+        await self.redis.publish(SIGNAL_CHANNEL, json.dumps([kind, sub, payload], ensure_ascii=False))
+
+    def _signalled(self, data: bytes) -> None:
+        try:
+            kind, sub, payload = json.loads(data)
+        except (ValueError, TypeError):  # UnicodeDecodeError included; only our own processes publish here
+            log.warning("redis: unreadable signal skipped")
+            return
+        self.on_signal(kind, sub, payload)
+
     async def _listen(self) -> None:
         """One reader per process; on a broken connection, resubscribe and re-read revocations."""
         prefix = len(CHANNEL_PREFIX)
@@ -327,7 +342,7 @@ class RedisStorage(Storage):
         while True:
             try:
                 if not self._pubsub.subscribed:
-                    await self._pubsub.subscribe(REVOCATION_CHANNEL)
+                    await self._pubsub.subscribe(REVOCATION_CHANNEL, SIGNAL_CHANNEL)
                 message = await self._pubsub.get_message(timeout=1.0)
                 backoff = 0.1
             except (RedisError, OSError) as exc:
@@ -344,5 +359,7 @@ class RedisStorage(Storage):
             if channel == REVOCATION_CHANNEL:
                 with contextlib.suppress(*self.errors):
                     await self._reload()
+            elif channel == SIGNAL_CHANNEL:
+                self._signalled(message["data"])
             else:
                 self.on_message(channel[prefix:], message["data"].decode())

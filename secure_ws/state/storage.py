@@ -1,8 +1,8 @@
 """Shared state behind one small interface: memory for one process, Redis for many.
 
 What workers must agree on: rate-limit windows (``limits``' own storage),
-connection counts per ``sub``, revocations (and a nudge when they change), and
-channel fan-out. :func:`secure_ws.storage_url.storage_from_url` picks the
+connection counts per ``sub``, revocations (and a nudge when they change),
+channel fan-out, and signals to every connection of one ``sub``. :func:`secure_ws.storage_url.storage_from_url` picks the
 implementation from ``SECURE_WS_STORAGE_URL``.
 
 Revocations, with either storage, are what this process has *learnt* from every
@@ -30,6 +30,10 @@ POLL_INTERVAL = 0.5
 
 RevocationListener = Callable[[Revocations], None]
 MessageListener = Callable[[str, str], None]  # (channel, payload)
+SignalListener = Callable[[str, str, "str | None"], None]  # (kind, sub, payload)
+# Signals to every connection of one sub, on every worker and host (SPEC §9: api.send, api.disconnect).
+SEND = "send"
+DISCONNECT = "disconnect"
 
 
 class Storage(ABC):
@@ -40,6 +44,7 @@ class Storage(ABC):
     def __init__(self, revocation_file: Path) -> None:
         self.on_revocations: RevocationListener = lambda revocations: None
         self.on_message: MessageListener = lambda channel, payload: None
+        self.on_signal: SignalListener = lambda kind, sub, payload: None
         self.revocation_file = RevocationFile(revocation_file)
         self.revocations = Revocations()  # everything this process knows is revoked
         self._watcher: asyncio.Task[None] | None = None
@@ -107,3 +112,7 @@ class Storage(ABC):
 
     @abstractmethod
     async def publish(self, channel: str, payload: str) -> None: ...
+
+    @abstractmethod
+    async def signal(self, kind: str, sub: str, payload: str | None = None) -> None:
+        """``on_signal(kind, sub, payload)`` in every process, this one included."""

@@ -29,6 +29,8 @@ REVOKED = "token revoked"
 ORIGIN_NOT_ALLOWED = "origin not allowed"
 AMBIGUOUS = "ambiguous credentials"
 TOO_MANY = "too many connections"
+CONNECTION_REFUSED = "connection refused"  # an application's on_connect hook refused it (SPEC §9)
+DISCONNECTED = "disconnected"  # the application or the server API disconnected the sub (SPEC §9, §10)
 # 1013: storage unreachable, so revocations and connection caps cannot be checked
 SERVICE_UNAVAILABLE = "service unavailable"
 

@@ -1,0 +1,55 @@
+"""What an application handler or hook sees of its connection (SPEC §9)."""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+from typing import TYPE_CHECKING, Any
+
+from ..wire.closes import DISCONNECTED, Close
+from ..wire.messages import CHANNEL, encode
+
+if TYPE_CHECKING:
+    from .session import Session
+
+
+class Context:
+    """One per connection, made on its first handler call or hook. ``claims`` and ``scopes`` follow a
+    ``refresh``: they are always the current token's."""
+
+    __slots__ = ("_session",)
+
+    def __init__(self, session: Session) -> None:
+        self._session = session
+
+    @property
+    def sub(self) -> str:
+        return self._session.principal.sub
+
+    @property
+    def claims(self) -> Mapping[str, Any]:
+        """Every claim of the token, read-only (nested objects too)."""
+        return self._session.principal.claims
+
+    @property
+    def scopes(self) -> tuple[str, ...]:
+        return self._session.principal.scopes
+
+    @property
+    def connection_id(self) -> str:
+        return self._session.id
+
+    async def send(self, data: Any) -> None:
+        """Push ``{"type":"push","data":data}`` to this connection (``TypeError`` if ``data`` is not JSON)."""
+        self._session.deliver(encode({"type": "push", "data": data}))
+
+    async def publish(self, channel: str, data: Any) -> None:
+        """Deliver ``data`` to every subscriber of ``channel``, on every worker, ``from`` this ``sub``.
+        No scope is checked: the application decides who may."""
+        if type(channel) is not str or not CHANNEL.fullmatch(channel):
+            raise ValueError(f"channel must match ^{CHANNEL.pattern}$")
+        payload = encode({"type": "message", "channel": channel, "from": self._session.principal.sub, "data": data})
+        await self._session.deps.publish(channel, payload)
+
+    async def close(self) -> None:
+        """Close this connection with 1008 ``disconnected``."""
+        await self._session.close(Close.POLICY_VIOLATION, DISCONNECTED)
