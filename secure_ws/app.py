@@ -24,6 +24,7 @@ from .core.session import DIRECT, Session
 from .service import Service
 from .settings import ConfigError, Settings, load_settings
 from .state.storage import DISCONNECT, SEND
+from .uvicorn.install import install
 from .wire.messages import CHANNEL, encode
 
 WS_PATH = "/ws"
@@ -42,6 +43,7 @@ class SecureWS:
             settings = settings if settings is not None else load_settings()
             logs.configure(settings.log_format)
             self.service = Service(settings)
+            install()  # under `uvicorn yourapp:app` too: our protocols, with the request-head bounds
         except ConfigError as exc:
             if explicit:
                 raise

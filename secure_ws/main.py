@@ -7,8 +7,5 @@ variable, before uvicorn binds its socket and without a traceback.
 from __future__ import annotations
 
 from .app import SecureWS
-from .uvicorn.install import install
 
-install()  # uvicorn's default HTTP and WebSocket protocols build ours (see secure_ws.uvicorn.install)
-
-app = SecureWS().app
+app = SecureWS().app  # which also has uvicorn's default protocols build ours (see secure_ws.uvicorn.install)
