@@ -12,6 +12,7 @@ from pathlib import Path
 from typing import Any
 
 import pytest
+
 from conftest import ROOT, Server, base_env, closed_with, request, run, unique_sub, welcome
 
 APPS = ROOT / "tests" / "apps"
@@ -244,3 +245,43 @@ def test_api_send_disconnect_publish_in_one_worker(app_server: Server, issue: An
             await welcome(again)
 
     run(go())
+
+
+# -- mounting ----------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("host", ["starlette_host", "fastapi_host"])
+def test_mounted_in_a_host_app(keydir: Path, issue: Any, host: str) -> None:
+    srv = AppServer(keydir, base_env(keydir), app=f"mounted_app:{host}").start()
+    try:
+        status, _, body = srv.get("/")
+        assert status == 200 and b"host" in body
+        assert srv.get("/realtime/healthz")[0] == 200
+        assert srv.get("/realtime/readyz")[0] == 200
+
+        async def go() -> None:
+            sub = unique_sub()
+            async with srv.connect(issue(sub), path="/realtime/ws") as ws:
+                await welcome(ws)
+                assert (await request(ws, {"type": "hello", "id": 1})) == {"type": "result", "id": 1, "data": f"hello {sub}"}
+                assert (await request(ws, {"type": "echo", "data": [1]})) == {"type": "echo", "data": [1]}
+
+        run(go())
+    finally:
+        srv.stop()
+
+
+def test_mounted_without_the_lifespan_refuses(keydir: Path, issue: Any) -> None:
+    """Without the lifespan nothing watches revocations or keys: never fail open."""
+    srv = AppServer(keydir, base_env(keydir), app="mounted_app:forgot_lifespan").start()
+    try:
+        assert srv.get("/realtime/readyz")[0] == 503
+
+        async def go() -> None:
+            async with srv.connect(issue(), path="/realtime/ws") as ws:
+                assert await closed_with(ws) == (1013, "service unavailable")
+
+        run(go())
+        assert "lifespan has not run" in srv.log()
+    finally:
+        srv.stop()
