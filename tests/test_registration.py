@@ -92,4 +92,5 @@ def test_bad_environment_is_one_line(keydir: Path, tmp_path: Path) -> None:
     (tmp_path / "myapp.py").write_text("from secure_ws import SecureWS\napi = SecureWS()\napp = api.app\n")
     result = subprocess.run([sys.executable, "-c", "import myapp"], env=env, cwd=tmp_path, capture_output=True, text=True, timeout=60)
     assert result.returncode == 2
-    assert result.stderr.strip().splitlines() == ["secure-ws: configuration error: SECURE_WS_HANDLER_TIMEOUT: not a timeout: 'soon' (use e.g. 10s, 500ms, 1m)"]
+    expected = "secure-ws: configuration error: SECURE_WS_HANDLER_TIMEOUT: not a timeout: 'soon' (use e.g. 10s, 500ms, 1m)"
+    assert result.stderr.strip().splitlines() == [expected]
