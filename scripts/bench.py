@@ -8,8 +8,9 @@ are driven by the same load generator in the same run, in interleaved rounds
 (A B, B A, …), so a noisy shared machine moves both alike. Only ratios
 secure_ws / bare are meant to be compared across machines.
 
-* ``--mode uvicorn``: ``uvicorn secure_ws.main:app`` with uvicorn's defaults, as the SPEC's
-  plain command line runs it, against the bare app on the same defaults.
+* ``--mode uvicorn``: ``uvicorn bench_app:app`` (``secure_ws.main:app`` plus one Python handler, see
+  ``scripts/bench_app.py``) with uvicorn's defaults, as the SPEC's plain command line runs it, against
+  the bare app on the same defaults.
 * ``--mode serve``: ``secure-ws serve`` (its tuned uvicorn settings) against the bare app
   on *default* uvicorn — what an operator gets from each out of the box.
 
@@ -24,6 +25,9 @@ Measured, for each server:
   p50/p99       round-trip latency of those frames
   CPU/frame     the server's CPU time per round trip: on a machine whose cores the load
                 generator shares, the ratio least moved by the load generator's own limits
+  handler       (--mode uvicorn) the same round trips to a Python handler (``bench.echo``,
+                ``{"type":"result"}`` replies) on the same secure_ws server: its CPU per round
+                trip against the built-in echo's
   handshakes/s  new TLS connection + upgrade (+ welcome frame for secure_ws), 16 in parallel
   idle KiB/conn server RSS growth per idle connection, at 2,000 connections
   fan-out       1,000 subscribers, a publisher sending a burst of messages: deliveries/s and
@@ -55,6 +59,7 @@ sys.path.insert(0, str(ROOT))
 
 LOADGEN_PROCS = 3
 PAYLOAD = b'{"type":"echo","data":"hello, world"}'
+HANDLER_PAYLOAD = b'{"type":"bench.echo","data":"hello, world"}'
 
 # -- a minimal WebSocket client ------------------------------------------------------------
 
@@ -196,7 +201,7 @@ class RoundTrips(asyncio.Protocol):
 
 async def job_throughput(job: dict) -> dict:
     conns = await open_all(job)
-    frame = client_frame(PAYLOAD)
+    frame = client_frame(job.get("payload", PAYLOAD))
     rtts: list[float] = []
     await asyncio.sleep(max(0.0, job["start_at"] - time.time()))
     t0 = time.perf_counter()
@@ -332,10 +337,13 @@ def base_job(t: Target, ca: str, **extra: object) -> dict:
     return {"port": t.port, "ca": ca, "path": t.path, "welcome": t.secure, "tokens": t.tokens, **extra}
 
 
-def measure_throughput(t: Target, ca: str, seconds: float, conns: int = 50) -> dict:
+def measure_throughput(t: Target, ca: str, seconds: float, conns: int = 50, payload: bytes = PAYLOAD) -> dict:
     cpu0 = t.cpu()
     start_at = time.time() + 1.5  # every process connected before the clock starts
-    jobs = [base_job(t, ca, kind="throughput", conns=c, seconds=seconds, start_at=start_at) for c in split(conns, LOADGEN_PROCS)]
+    jobs = [
+        base_job(t, ca, kind="throughput", conns=c, seconds=seconds, start_at=start_at, payload=payload)
+        for c in split(conns, LOADGEN_PROCS)
+    ]
     results = run_jobs(jobs)
     count = sum(r["count"] for r in results)
     elapsed = max(r["elapsed"] for r in results)
@@ -458,7 +466,7 @@ def make_targets(folder: Path, mode: str, storage: str = "memory://", workers: i
         argv = [sys.executable, "-m", "secure_ws", "serve", "--host", "127.0.0.1", "--port", "{port}",
                 "--log-level", "warning", "--no-access-log"]
     else:
-        argv = [*uvicorn, "secure_ws.main:app"]
+        argv = [*uvicorn, "--app-dir", str(ROOT / "scripts"), "bench_app:app"]
     if workers > 1:
         argv += ["--workers", str(workers)]
     secure = Target("secure_ws", argv, env, "/ws", "/ws", tokens, True)
@@ -509,6 +517,11 @@ def main() -> None:
                         f"round {r + 1} {t.name} throughput: {m['fps']:.0f} frames/s, server {m['server_cpu']:.2f} cores, "
                         f"load generator {m['client_cpu']:.2f} cores"
                     )
+                    if t is secure and args.mode == "uvicorn":
+                        m = measure_throughput(t, ca, seconds, payload=HANDLER_PAYLOAD)
+                        res.setdefault("handler_fps", []).append(m["fps"])
+                        res.setdefault("handler_cpu_us", []).append(m["cpu_us"])
+                        cpu_notes.append(f"round {r + 1} {t.name} handler: {m['fps']:.0f} round trips/s, {m['cpu_us']:.1f} µs CPU each")
                 if "handshakes" not in skip:
                     m = measure_handshakes(t, ca, seconds / 2)
                     res.setdefault("hps", []).append(m["hps"])
@@ -544,6 +557,10 @@ def main() -> None:
     for label, key, unit in rows:
         if key in b and key in s:
             print(ratio_line(label, s[key], b[key], unit))
+    if "handler_cpu_us" in s:
+        handler, echo = statistics.median(s["handler_cpu_us"]), statistics.median(s["cpu_us"])
+        print(f"{'handler round trips':<28} {'':>12} {statistics.median(s['handler_fps']):>12.1f} {'per s':<8}")
+        print(f"{'server CPU per handler call':<28} {'':>12} {handler:>12.1f} {'µs':<8} {handler / echo:>7.2f}× secure_ws's echo")
     print("\nratio = secure_ws / bare (higher is better for rates, lower for latency, memory and CPU)")
     for note in cpu_notes:
         print("  " + note)
