@@ -24,7 +24,7 @@ from .core import dispatch
 from .core.handlers import Registry
 from .core.hub import Hub
 from .core.ratelimit import Limiter
-from .core.session import SessionDeps
+from .core.types import SessionDeps
 from .settings import ConfigError, Settings
 from .state.url import storage_from_url
 from .wire.closes import REVOKED, SHUTTING_DOWN, Close

@@ -1,7 +1,7 @@
 """The built-in message types of SPEC §5, as entries of the dispatch table like any application handler.
 
 ``ping`` and ``echo`` answer there and then; the others wait on storage or a key
-fetch and go through :meth:`Session.waiting`, which keeps their replies in order.
+fetch and go through :meth:`Connection.waiting`, which keeps their replies in order.
 """
 
 from __future__ import annotations
@@ -16,7 +16,7 @@ from ..wire.messages import BAD_REQUEST, FORBIDDEN, LIMIT_EXCEEDED, ProtocolErro
 if TYPE_CHECKING:
     from collections.abc import Awaitable
 
-    from .session import Route, Session
+    from .types import Connection, Route
 
 log = logging.getLogger("secure_ws.session")
 
@@ -25,34 +25,34 @@ PONG = encode({"type": "pong"})
 Request = dict[str, Any]
 
 
-def ping(session: Session, request: Request) -> None:
+def ping(session: Connection, request: Request) -> None:
     id = request.get("id")
     session.send(PONG if id is None else reply(request, {"type": "pong"}))
 
 
-def echo(session: Session, request: Request) -> None:
+def echo(session: Connection, request: Request) -> None:
     if "data" not in request:
         raise ProtocolError(BAD_REQUEST, "echo needs 'data'", request.get("id"))
     session.send(reply(request, {"type": "echo", "data": request["data"]}))
 
 
-def subscribe(session: Session, request: Request) -> Awaitable[None]:
+def subscribe(session: Connection, request: Request) -> Awaitable[None]:
     return session.waiting(request, _subscribe(session, request))
 
 
-def unsubscribe(session: Session, request: Request) -> Awaitable[None]:
+def unsubscribe(session: Connection, request: Request) -> Awaitable[None]:
     return session.waiting(request, _unsubscribe(session, request))
 
 
-def publish(session: Session, request: Request) -> Awaitable[None]:
+def publish(session: Connection, request: Request) -> Awaitable[None]:
     return session.waiting(request, _publish(session, request))
 
 
-def refresh(session: Session, request: Request) -> Awaitable[None]:
+def refresh(session: Connection, request: Request) -> Awaitable[None]:
     return session.waiting(request, _refresh(session, request))
 
 
-async def _subscribe(session: Session, request: Request) -> None:
+async def _subscribe(session: Connection, request: Request) -> None:
     channel = channel_of(request)
     if not session.grants.may_subscribe(channel):
         raise ProtocolError(FORBIDDEN, f"scope does not grant subscribe:{channel}", request.get("id"))
@@ -64,13 +64,13 @@ async def _subscribe(session: Session, request: Request) -> None:
     session.send(reply(request, {"type": "subscribed", "channel": channel}))
 
 
-async def _unsubscribe(session: Session, request: Request) -> None:
+async def _unsubscribe(session: Connection, request: Request) -> None:
     channel = channel_of(request)
     await session.deps.hub.leave(session, channel)
     session.send(reply(request, {"type": "unsubscribed", "channel": channel}))
 
 
-async def _publish(session: Session, request: Request) -> None:
+async def _publish(session: Connection, request: Request) -> None:
     channel = channel_of(request)
     if "data" not in request:
         raise ProtocolError(BAD_REQUEST, "publish needs 'data'", request.get("id"))
@@ -82,7 +82,7 @@ async def _publish(session: Session, request: Request) -> None:
     session.send(reply(request, {"type": "published", "channel": channel}))
 
 
-async def _refresh(session: Session, request: Request) -> None:
+async def _refresh(session: Connection, request: Request) -> None:
     token = request.get("token")
     if type(token) is not str:
         raise ProtocolError(BAD_REQUEST, "refresh needs 'token'", request.get("id"))

@@ -9,7 +9,7 @@ from ..wire.closes import DISCONNECTED, Close
 from ..wire.messages import CHANNEL, encode
 
 if TYPE_CHECKING:
-    from .session import Session
+    from .types import Connection
 
 
 class Context:
@@ -18,7 +18,7 @@ class Context:
 
     __slots__ = ("_session",)
 
-    def __init__(self, session: Session) -> None:
+    def __init__(self, session: Connection) -> None:
         self._session = session
 
     @property

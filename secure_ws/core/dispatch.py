@@ -19,7 +19,7 @@ from .handlers import TYPE_NAME, Handler
 if TYPE_CHECKING:
     from .context import Context
     from .rpc_proxy import RpcProxy
-    from .session import Route, Session
+    from .types import Connection, Route
 
 log = logging.getLogger("secure_ws.session")
 
@@ -34,13 +34,13 @@ def routes(handlers: dict[str, Handler]) -> dict[str, Route]:
 def _handler_route(handler: Handler) -> Route:
     func = handler.func
 
-    def route(session: Session, request: dict[str, Any]) -> None:
+    def route(session: Connection, request: dict[str, Any]) -> None:
         session.call(request, func, handler)
 
     return route
 
 
-def unknown_type(session: Session, request: dict[str, Any]) -> None:
+def unknown_type(session: Connection, request: dict[str, Any]) -> None:
     raise ProtocolError(UNKNOWN_TYPE, "unknown message type", request.get("id"))
 
 
@@ -48,7 +48,7 @@ def proxy_route(proxy: RpcProxy) -> Route:
     """Every type no route names, answered by the backend; past the timeout, or on any failure, ``unavailable``."""
     from .rpc_proxy import ProxyUnavailable  # imported only when a proxy is configured: httpx stays unloaded otherwise
 
-    def route(session: Session, request: dict[str, Any]) -> None:
+    def route(session: Connection, request: dict[str, Any]) -> None:
         kind = request["type"]
         if not TYPE_NAME.fullmatch(kind):  # what could never be a handler's name is never forwarded
             unknown_type(session, request)

@@ -17,36 +17,36 @@ from ..state.storage import DISCONNECT, SEND, Storage
 from ..wire.closes import DISCONNECTED, REVOKED, Close
 
 if TYPE_CHECKING:
-    from .session import Session
+    from .types import Connection
 
 
 class Hub:
     def __init__(self, storage: Storage) -> None:
         self.storage = storage
-        self.sessions: set[Session] = set()
-        self._by_sub: defaultdict[str, set[Session]] = defaultdict(set)
-        self._channels: dict[str, set[Session]] = {}
+        self.sessions: set[Connection] = set()
+        self._by_sub: defaultdict[str, set[Connection]] = defaultdict(set)
+        self._channels: dict[str, set[Connection]] = {}
         storage.on_message = self.fan_out
         storage.on_signal = self.signal
 
-    def add(self, session: Session) -> None:
+    def add(self, session: Connection) -> None:
         self.sessions.add(session)
         self._by_sub[session.principal.sub].add(session)
 
-    def _discard_sub(self, session: Session, sub: str) -> None:
+    def _discard_sub(self, session: Connection, sub: str) -> None:
         peers = self._by_sub.get(sub)
         if peers is not None:
             peers.discard(session)
             if not peers:
                 del self._by_sub[sub]
 
-    async def remove(self, session: Session) -> None:
+    async def remove(self, session: Connection) -> None:
         self.sessions.discard(session)
         self._discard_sub(session, session.principal.sub)
         for channel in list(session.channels):
             await self.leave(session, channel)
 
-    async def join(self, session: Session, channel: str) -> None:
+    async def join(self, session: Connection, channel: str) -> None:
         members = self._channels.get(channel)
         if members is None:
             # Subscribe first: if storage is down this raises and leaves no half-registered channel behind.
@@ -55,7 +55,7 @@ class Hub:
         members.add(session)
         session.channels.add(channel)
 
-    async def leave(self, session: Session, channel: str) -> None:
+    async def leave(self, session: Connection, channel: str) -> None:
         session.channels.discard(channel)
         members = self._channels.get(channel)
         if members is None:

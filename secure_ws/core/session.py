@@ -33,15 +33,13 @@ import logging
 import secrets
 import time
 from collections import deque
-from collections.abc import Awaitable, Callable, Mapping, Sequence
-from dataclasses import dataclass
+from collections.abc import Awaitable, Callable, Sequence
 from time import perf_counter
 from typing import TYPE_CHECKING, Any
 
 from .. import metrics
 from ..auth.scopes import Grants
 from ..auth.tokens import Principal
-from ..settings import Settings
 from ..wire.closes import (
     BINARY_REFUSED,
     CONNECTION_REFUSED,
@@ -65,11 +63,10 @@ from ..wire.messages import (
 from . import reject
 from .context import Context
 from .reject import Reject
+from .types import Hook, Invoke, Request, SessionDeps
 
 if TYPE_CHECKING:
-    from .handlers import Handler, HookFunc
-    from .hub import Hub
-    from .ratelimit import Limiter
+    from .handlers import Handler
 
 log = logging.getLogger("secure_ws.session")
 
@@ -77,28 +74,6 @@ log = logging.getLogger("secure_ws.session")
 # and the key of a `websocket.receive` that carries, instead of text, what the frame handler left to await.
 DIRECT = "secure_ws.direct"
 WORK = "secure_ws.work"
-
-# A dispatch table entry: handles one decoded request as far as it goes without waiting, returns what is left.
-Route = Callable[["Session", dict[str, Any]], Awaitable[None] | None]
-# What an application call runs: a handler function, or the RPC proxy's call for one type.
-Invoke = Callable[[Context, Any], Awaitable[Any]]
-
-
-@dataclass(frozen=True, slots=True)
-class SessionDeps:
-    """What a session needs of the process, and nothing more (built once by the service)."""
-
-    settings: Settings
-    limiter: Limiter
-    hub: Hub
-    routes: Mapping[str, Route]
-    fallback: Route  # for a type no route names: unknown_type, or the RPC proxy
-    authenticate: Callable[[str], Awaitable[Principal]]
-    publish: Callable[[str, str], Awaitable[None]]  # (channel, encoded message) to every subscriber, every worker
-    unavailable: tuple[type[BaseException], ...]  # what storage raises when it cannot be reached
-    on_connect: Sequence[HookFunc] = ()
-    on_disconnect: Sequence[HookFunc] = ()
-
 
 class Session:
     __slots__ = (
@@ -220,7 +195,7 @@ class Session:
             if admitted and deps.on_disconnect:
                 await self._hooks(deps.on_disconnect, "on_disconnect")
 
-    async def _hooks(self, hooks: Sequence[HookFunc], name: str) -> bool:
+    async def _hooks(self, hooks: Sequence[Hook], name: str) -> bool:
         """Run the application's hooks in order, each within the handler timeout. False, and the connection
         closed, if one refused (1008 ``connection refused``) or failed (1011)."""
         for hook in hooks:
@@ -316,7 +291,7 @@ class Session:
             metrics.FRAME_SECONDS.observe(perf_counter() - started)
         return None
 
-    async def waiting(self, request: dict[str, Any], work: Awaitable[None]) -> None:
+    async def waiting(self, request: Request, work: Awaitable[None]) -> None:
         """A built-in request that waits on storage or a key fetch, its reply kept in order with the frames."""
         started = self._sampled
         # Publications arriving meanwhile are held until the reply is out: a subscribed publisher
@@ -349,7 +324,7 @@ class Session:
 
     # -- application calls -----------------------------------------------------------
 
-    def call(self, request: dict[str, Any], invoke: Invoke, handler: Handler | None = None, timeout_code: str = reject.TIMEOUT) -> None:
+    def call(self, request: Request, invoke: Invoke, handler: Handler | None = None, timeout_code: str = reject.TIMEOUT) -> None:
         """Start an application call (a handler, or the RPC proxy) as its own task; its reply comes when it ends."""
         id = request.get("id")
         if handler is not None and handler.scope is not None and not self.grants.allows(handler.scope):
@@ -362,7 +337,7 @@ class Session:
         calls.add(task)
         task.add_done_callback(calls.discard)
 
-    async def _run_call(self, request: dict[str, Any], invoke: Invoke, handler: Handler | None, timeout_code: str) -> None:
+    async def _run_call(self, request: Request, invoke: Invoke, handler: Handler | None, timeout_code: str) -> None:
         id = request.get("id")
         kind = request["type"]
         try:
@@ -407,7 +382,7 @@ class Session:
         self.grants = Grants(principal.scopes)
         self._arm_timer()
 
-    def log_fields(self, event: str, code: int | None = None, reason: str | None = None) -> dict[str, Any]:
+    def log_fields(self, event: str, code: int | None = None, reason: str | None = None) -> Request:
         return {"connection_id": self.id, "sub": self.principal.sub, "event": event, "close_code": code, "reason": reason}
 
     # -- deadline --------------------------------------------------------------------

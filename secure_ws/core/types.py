@@ -1,0 +1,71 @@
+"""The shapes core's modules meet through, so that none of them needs another's class.
+
+A :class:`Connection` is what the dispatch table's routes, the hub and a
+handler's ``Context`` see of a session; :class:`Members` is what a session sees
+of the hub; :class:`SessionDeps` is what a session is given of the process.
+:class:`secure_ws.core.session.Session` and :class:`secure_ws.core.hub.Hub`
+are the implementations.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Awaitable, Callable, Mapping, Sequence
+from dataclasses import dataclass
+from typing import Any, Protocol
+
+from ..auth.scopes import Grants
+from ..auth.tokens import Principal
+from ..settings import Settings
+from .ratelimit import Limiter
+
+Request = dict[str, Any]
+# A dispatch table entry: handles one decoded request as far as it goes without waiting, returns what is left.
+Route = Callable[["Connection", Request], Awaitable[None] | None]
+# What an application call runs, given the connection's Context and the request's data.
+Invoke = Callable[[Any, Any], Awaitable[Any]]
+Hook = Callable[[Any], Awaitable[None]]  # on_connect / on_disconnect, given the Context
+
+
+class Connection(Protocol):
+    id: str
+    principal: Principal
+    grants: Grants
+    channels: set[str]
+    closed: bool
+
+    @property
+    def deps(self) -> SessionDeps: ...
+
+    def send(self, text: str) -> None: ...
+    def deliver(self, text: str) -> None: ...
+    async def close(self, code: int, reason: str = "") -> None: ...
+    def close_soon(self, code: int, reason: str) -> None: ...
+    def waiting(self, request: Request, work: Awaitable[None]) -> Awaitable[None]: ...
+    def call(self, request: Request, invoke: Invoke, handler: Any = None, timeout_code: str = ...) -> None: ...
+    def renew(self, principal: Principal) -> None: ...
+    def log_fields(self, event: str, code: int | None = None, reason: str | None = None) -> dict[str, Any]: ...
+
+
+class Members(Protocol):
+    """This process's live connections, by sub and by channel."""
+
+    def add(self, connection: Connection) -> None: ...
+    async def remove(self, connection: Connection) -> None: ...
+    async def join(self, connection: Connection, channel: str) -> None: ...
+    async def leave(self, connection: Connection, channel: str) -> None: ...
+
+
+@dataclass(frozen=True, slots=True)
+class SessionDeps:
+    """What a session needs of the process, and nothing more (built once by the service)."""
+
+    settings: Settings
+    limiter: Limiter
+    hub: Members
+    routes: Mapping[str, Route]
+    fallback: Route  # for a type no route names: unknown_type, or the RPC proxy
+    authenticate: Callable[[str], Awaitable[Principal]]
+    publish: Callable[[str, str], Awaitable[None]]  # (channel, encoded message) to every subscriber, every worker
+    unavailable: tuple[type[BaseException], ...]  # what storage raises when it cannot be reached
+    on_connect: Sequence[Hook] = ()
+    on_disconnect: Sequence[Hook] = ()
