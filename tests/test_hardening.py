@@ -868,7 +868,7 @@ def test_json_log_lines_are_json_and_carry_no_token(make_server, issue, keydir):
             raise AssertionError(f"a log line that is not JSON: {line[:200]!r}") from None
         assert isinstance(entry, dict) and {"ts", "level", "logger", "message"} <= set(entry), line
         entries.append(entry)
-    ours = [e for e in entries if e["logger"] in ("secure_ws.handshake", "secure_ws.core.session")]
+    ours = [e for e in entries if e["logger"] in ("secure_ws.handshake", "secure_ws.session")]
     assert ours and all("event" in e for e in ours), [e for e in ours if "event" not in e][:3]
     refused = [e for e in ours if e["event"] == "handshake_refused"]
     assert {e["reason"] for e in refused} >= {"token expired", "invalid token", "ambiguous credentials", "token revoked"}
