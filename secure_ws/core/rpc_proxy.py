@@ -21,6 +21,7 @@ from typing import Any
 import httpx
 import orjson
 
+from ..auth.tokens import thawed
 from .reject import Reject
 
 MAX_CONNECTIONS = 100
@@ -36,11 +37,12 @@ def _refuse_constant(name: str) -> Any:
 
 
 def _encode(body: dict[str, Any]) -> bytes:
+    # Claims are read-only views (mapping proxies), written out as the objects they are.
     try:
-        return orjson.dumps(body)
+        return orjson.dumps(body, default=thawed)
     except orjson.JSONEncodeError:
         # Decoded JSON may hold what orjson refuses (integers past 64 bits); the stdlib writes those.
-        return json.dumps(body, ensure_ascii=False, allow_nan=False, separators=(",", ":")).encode()
+        return json.dumps(body, ensure_ascii=False, allow_nan=False, separators=(",", ":"), default=thawed).encode()
 
 
 class RpcProxy:
@@ -75,7 +77,7 @@ class RpcProxy:
         """The backend's ``data``; raises :class:`Reject` for its ``error``, :class:`ProxyUnavailable` otherwise."""
         if self._client is None:
             raise RuntimeError("RpcProxy.call before start()")
-        content = _encode({"type": type, "data": data, "sub": sub, "connection_id": connection_id, "claims": dict(claims)})
+        content = _encode({"type": type, "data": data, "sub": sub, "connection_id": connection_id, "claims": claims})
         try:
             async with asyncio.timeout(self.timeout):
                 raw = await self._post(self._client, content)
