@@ -1,0 +1,1 @@
+"""A chat with rooms on secure_ws: see app.py and the README section "Your own API: handlers"."""

@@ -1,0 +1,145 @@
+"""The chat example (examples/chat/app.py) over the real wire: uvicorn + TLS, the real `websockets` client.
+
+The server runs ``uvicorn examples.chat.app:app`` as the README documents it; its working directory is the
+key directory, so ``--app-dir`` names the repository root (what running from the root does by itself).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import sys
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from conftest import ROOT, Server, base_env, closed_with, request, run, unique_sub, welcome
+
+CHAT = "subscribe:room.* chat:write"
+
+
+class ChatServer(Server):
+    def argv(self) -> list[str]:
+        return [sys.executable, "-m", "uvicorn", "examples.chat.app:app", "--app-dir", str(ROOT), *super().argv()[4:]]
+
+
+@pytest.fixture(scope="module")
+def chat(keydir: Path) -> Any:
+    srv = ChatServer(keydir, base_env(keydir)).start()
+    yield srv
+    srv.stop()
+
+
+async def recv_json(ws: Any, timeout: float = 5.0) -> dict[str, Any]:
+    return json.loads(await asyncio.wait_for(ws.recv(), timeout))
+
+
+async def joined(ws: Any, sub: str) -> dict[str, Any]:
+    """The welcome, then on_connect's push, in that order."""
+    hello = await welcome(ws)
+    motd = await recv_json(ws)
+    assert motd["type"] == "push" and sub in motd["data"]["motd"], motd
+    assert motd["data"]["rooms"] == ["lobby", "random", "help"]
+    return hello
+
+
+def test_two_users_in_a_room_see_each_others_messages(chat: Server, issue: Any) -> None:
+    alice, bob = unique_sub("alice"), unique_sub("bob")
+
+    async def go() -> None:
+        async with chat.connect(issue(alice, scope=CHAT)) as a, chat.connect(issue(bob, scope=CHAT)) as b:
+            await joined(a, alice)
+            await joined(b, bob)
+            for ws in (a, b):
+                assert await request(ws, {"type": "subscribe", "id": "s", "channel": "room.lobby"}) == \
+                    {"type": "subscribed", "id": "s", "channel": "room.lobby"}
+            await a.send(json.dumps({"type": "chat.say", "id": 1, "data": {"room": "lobby", "text": "hi bob"}}))
+            said = {"type": "message", "channel": "room.lobby", "from": alice, "data": {"text": "hi bob"}}
+            mine = [await recv_json(a), await recv_json(a)]  # the reply and her own message, in either order
+            assert {"type": "result", "id": 1, "data": {"sent": True}} in mine and said in mine
+            assert await recv_json(b) == said
+            await b.send(json.dumps({"type": "chat.say", "id": 2, "data": {"room": "lobby", "text": "hi alice"}}))
+            assert await recv_json(a) == {"type": "message", "channel": "room.lobby", "from": bob, "data": {"text": "hi alice"}}
+
+    run(go())
+
+
+def test_rejects_bad_data_and_missing_scope(chat: Server, issue: Any) -> None:
+    async def go() -> None:
+        sub = unique_sub()
+        async with chat.connect(issue(sub, scope=CHAT)) as ws:
+            await joined(ws, sub)
+            reply = await request(ws, {"type": "chat.say", "id": 1, "data": {"room": "nowhere", "text": "hi"}})
+            assert reply == {"type": "error", "id": 1, "code": "bad_room", "message": "no such room; rooms: lobby, random, help"}
+            long = await request(ws, {"type": "chat.say", "id": 2, "data": {"room": "lobby", "text": "x" * 501}})
+            assert long["type"] == "error" and long["code"] == "bad_request" and "text" in long["message"], long
+            assert "xxx" not in long["message"]  # fields are named, values never echoed
+            bad = await request(ws, {"type": "chat.say", "id": 3, "data": {"room": "no spaces!", "text": "hi"}})
+            assert bad["code"] == "bad_request" and "room" in bad["message"], bad
+            assert (await request(ws, {"type": "chat.say", "id": 4}))["code"] == "bad_request"  # no data at all
+            assert (await request(ws, {"type": "chat.kick", "id": 5, "data": {"sub": sub}}))["code"] == "forbidden"
+            assert (await request(ws, {"type": "ping", "id": 6})) == {"type": "pong", "id": 6}  # still open
+        reader = unique_sub("reader")
+        async with chat.connect(issue(reader, scope="subscribe:room.*")) as ws:  # may read, may not speak
+            await joined(ws, reader)
+            reply = await request(ws, {"type": "chat.say", "id": 7, "data": {"room": "lobby", "text": "hi"}})
+            assert reply["type"] == "error" and reply["id"] == 7 and reply["code"] == "forbidden", reply
+
+    run(go())
+
+
+def test_say_has_its_own_window(chat: Server, issue: Any) -> None:
+    sub = unique_sub()
+
+    async def go() -> None:
+        async with chat.connect(issue(sub, scope=CHAT)) as ws:
+            await joined(ws, sub)
+            for i in range(10):  # rate_limit="10/10 seconds"
+                assert (await request(ws, {"type": "chat.say", "id": i, "data": {"room": "help", "text": "?"}}))["data"] == {"sent": True}
+            limited = await request(ws, {"type": "chat.say", "id": 10, "data": {"room": "help", "text": "?"}})
+            assert limited["code"] == "rate_limited" and 0 < limited["retry_after_ms"] <= 10_000, limited
+            assert (await request(ws, {"type": "chat.who", "id": 11}))["type"] == "result"  # other types are not limited by it
+
+    run(go())
+
+
+def test_who_follows_connects_and_disconnects(chat: Server, issue: Any) -> None:
+    alice, bob = unique_sub("alice"), unique_sub("bob")
+
+    async def who(ws: Any) -> list[str]:
+        reply = await request(ws, {"type": "chat.who", "id": "w"})
+        assert reply["type"] == "result" and reply["id"] == "w", reply
+        assert len(reply["data"]["online"]) <= reply["data"]["count"]
+        return reply["data"]["online"]
+
+    async def go() -> None:
+        async with chat.connect(issue(alice, scope=CHAT)) as a:
+            await joined(a, alice)
+            async with chat.connect(issue(bob)) as b:  # chat.who needs no scope
+                await joined(b, bob)
+                assert {alice, bob} <= set(await who(a))
+            deadline = asyncio.get_running_loop().time() + 5
+            while bob in await who(a):  # on_disconnect runs once bob's connection has ended
+                assert asyncio.get_running_loop().time() < deadline, "bob is still listed"
+            assert alice in await who(a)
+
+    run(go())
+
+
+def test_admin_kick_pushes_then_disconnects(chat: Server, issue: Any) -> None:
+    admin, mallory = unique_sub("admin"), unique_sub("mallory")
+
+    async def go() -> None:
+        async with chat.connect(issue(admin, scope="chat:admin")) as boss, chat.connect(issue(mallory, scope=CHAT)) as m:
+            await joined(boss, admin)
+            await joined(m, mallory)
+            reply = await request(boss, {"type": "chat.kick", "id": 1, "data": {"sub": mallory}})
+            assert reply == {"type": "result", "id": 1, "data": {"kicked": mallory}}
+            assert await recv_json(m) == {"type": "push", "data": {"kicked_by": admin}}
+            assert await closed_with(m) == (1008, "disconnected")
+            assert (await request(boss, {"type": "ping"}))["type"] == "pong"  # the admin stays
+        async with chat.connect(issue(mallory, scope=CHAT)) as again:  # a kick is not a ban
+            await joined(again, mallory)
+
+    run(go())
