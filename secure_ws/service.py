@@ -24,7 +24,7 @@ from .core import dispatch
 from .core.handlers import Registry
 from .core.hub import Hub
 from .core.ratelimit import Limiter
-from .core.types import SessionDeps
+from .core.types import Route, SessionDeps
 from .settings import ConfigError, Settings
 from .state.url import storage_from_url
 from .wire.closes import REVOKED, SHUTTING_DOWN, Close
@@ -79,7 +79,7 @@ class Service:
                 handler.limiter = Limiter(
                     handler.rate_limits, settings.rate_limit_strategy, self.storage.limiter_storage, f"t:{handler.type}", self.storage.errors
                 )
-        fallback: Any = dispatch.unknown_type
+        fallback: Route = dispatch.unknown_type
         if settings.rpc_proxy_url is not None and settings.rpc_proxy_secret is not None:
             from .core.rpc_proxy import RpcProxy
 

@@ -12,6 +12,7 @@ Fixtures
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import itertools
 import json
 import os
@@ -202,6 +203,23 @@ class Serve(Server):
 
     def argv(self) -> list[str]:
         return [sys.executable, "-m", "secure_ws", "serve", "--port", str(self.port), *self.uvicorn_args]
+
+
+@contextlib.contextmanager
+def running_pair(make: Callable[[], Server]) -> Iterator[tuple[Server, Server]]:
+    """Two servers built by ``make`` and started, for the scale-out tests; both stopped afterwards,
+    the first one too if the second fails to start."""
+    a = make().start()
+    try:
+        b = make().start()
+    except Exception:
+        a.stop()
+        raise
+    try:
+        yield a, b
+    finally:
+        a.stop()
+        b.stop()
 
 
 async def closed_with(ws: Any, timeout: float = 5.0) -> tuple[int, str]:

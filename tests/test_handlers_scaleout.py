@@ -10,7 +10,7 @@ import pytest
 import redis
 from test_handlers import AppServer, assert_error, recv_json
 
-from conftest import base_env, closed_with, request, run, unique_sub, welcome
+from conftest import base_env, closed_with, request, run, running_pair, unique_sub, welcome
 
 REDIS_DB = 8
 REDIS_URL = f"redis://127.0.0.1:6379/{REDIS_DB}"
@@ -25,15 +25,8 @@ def pair(keydir: Path) -> Any:
         pytest.fail(f"no Redis at 127.0.0.1:6379 ({exc})")
     client.flushdb()
     env = base_env(keydir, SECURE_WS_STORAGE_URL=REDIS_URL)
-    a = AppServer(keydir, env).start()
-    try:
-        b = AppServer(keydir, env).start()
-    except Exception:
-        a.stop()
-        raise
-    yield a, b
-    a.stop()
-    b.stop()
+    with running_pair(lambda: AppServer(keydir, env)) as servers:
+        yield servers
     client.close()
 
 

@@ -8,6 +8,7 @@ its test and no test sleeps to synchronise.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import gzip
 import json
 import socket
@@ -179,12 +180,20 @@ class Backend:
         assert not self.thread.is_alive()
 
 
-@pytest.fixture(scope="module")
-def server() -> Iterator[Backend]:
+@contextlib.contextmanager
+def running_backend() -> Iterator[Backend]:
     backend = Backend()
     backend.start()
-    yield backend
-    backend.stop()
+    try:
+        yield backend
+    finally:
+        backend.stop()
+
+
+@pytest.fixture(scope="module")
+def server() -> Iterator[Backend]:
+    with running_backend() as backend:
+        yield backend
 
 
 @pytest.fixture

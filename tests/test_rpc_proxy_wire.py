@@ -10,17 +10,15 @@ from typing import Any
 
 import pytest
 from test_handlers import assert_error
-from test_rpc_proxy import SECRET, Backend
+from test_rpc_proxy import SECRET, Backend, running_backend
 
 from conftest import Server, base_env, request, run, unique_sub, welcome
 
 
 @pytest.fixture(scope="module")
 def backend() -> Iterator[Backend]:
-    server = Backend()
-    server.start()
-    yield server
-    server.stop()
+    with running_backend() as server:
+        yield server
 
 
 def proxied(keydir: Path, backend: Backend, path: str) -> Server:

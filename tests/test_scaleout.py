@@ -25,7 +25,7 @@ import pytest
 import redis
 import websockets
 
-from conftest import Server, base_env, cli, closed_with, refusal, request, run, unique_sub, welcome
+from conftest import Server, base_env, cli, closed_with, refusal, request, run, running_pair, unique_sub, welcome
 
 REDIS_DB = 7
 REDIS_URL = f"redis://127.0.0.1:6379/{REDIS_DB}"
@@ -53,15 +53,8 @@ def rdb():
 def pair(keydir, rdb):
     """Servers A and B on the same Redis, with a roomy rate limit so tests can send freely."""
     env = base_env(keydir, **SCALEOUT, SECURE_WS_RATE_LIMIT="1000/second")
-    a = Server(keydir, env).start()
-    try:
-        b = Server(keydir, env).start()
-    except Exception:
-        a.stop()
-        raise
-    yield a, b
-    a.stop()
-    b.stop()
+    with running_pair(lambda: Server(keydir, env)) as servers:
+        yield servers
 
 
 @pytest.fixture(scope="module")

@@ -75,6 +75,7 @@ log = logging.getLogger("secure_ws.session")
 DIRECT = "secure_ws.direct"
 WORK = "secure_ws.work"
 
+
 class Session:
     __slots__ = (
         "deps",
@@ -314,13 +315,16 @@ class Session:
         """A request that raised: an error frame for the client's mistakes and for storage outages,
         a 1011 close (and the traceback in our log only) for a fault of ours."""
         if isinstance(exc, self.deps.unavailable):
-            log.warning("session %s: storage unreachable", self.id, extra=self.log_fields("storage_unavailable"))
-            exc = ProtocolError(UNAVAILABLE, "shared storage unreachable; retry shortly", id)
+            exc = self._storage_unavailable(id)
         if isinstance(exc, ProtocolError):
             self.send(error(exc.code, exc.message, exc.id))
             return None
         log.error("session %s: server fault", self.id, exc_info=exc, extra=self.log_fields("fault", Close.INTERNAL_ERROR))
         return self.close(Close.INTERNAL_ERROR, INTERNAL_ERROR)
+
+    def _storage_unavailable(self, id: Any) -> ProtocolError:
+        log.warning("session %s: storage unreachable", self.id, extra=self.log_fields("storage_unavailable"))
+        return ProtocolError(UNAVAILABLE, "shared storage unreachable; retry shortly", id)
 
     # -- application calls -----------------------------------------------------------
 
@@ -353,9 +357,7 @@ class Session:
                     data = handler.validate(data)
                 result = await invoke(self.context, data)
                 text = reply(request, {"type": "result", "data": result})
-        except Reject as exc:
-            text = error(exc.code, exc.message, id)
-        except ProtocolError as exc:
+        except (Reject, ProtocolError) as exc:
             text = error(exc.code, exc.message, id)
         except TimeoutError as exc:
             if not deadline.expired():
@@ -364,8 +366,8 @@ class Session:
                 log.warning("session %s: %s timed out", self.id, kind, extra=self.log_fields("handler_timeout"))
                 text = error(timeout_code, f"no answer within {self.deps.settings.handler_timeout:g}s", id)
         except self.deps.unavailable:
-            log.warning("session %s: storage unreachable", self.id, extra=self.log_fields("storage_unavailable"))
-            text = error(UNAVAILABLE, "shared storage unreachable; retry shortly", id)
+            refusal = self._storage_unavailable(id)
+            text = error(refusal.code, refusal.message, id)
         except Exception as exc:  # noqa: BLE001 (the application's fault: this request fails, the connection stays)
             text = self._call_fault(kind, id, exc)
         self.send(text)
@@ -382,7 +384,7 @@ class Session:
         self.grants = Grants(principal.scopes)
         self._arm_timer()
 
-    def log_fields(self, event: str, code: int | None = None, reason: str | None = None) -> Request:
+    def log_fields(self, event: str, code: int | None = None, reason: str | None = None) -> dict[str, Any]:
         return {"connection_id": self.id, "sub": self.principal.sub, "event": event, "close_code": code, "reason": reason}
 
     # -- deadline --------------------------------------------------------------------
