@@ -434,18 +434,14 @@ def measure_fanout(t: Target, ca: str, subscribers: int = 1000, messages: int = 
 
 
 def make_targets(folder: Path, mode: str, storage: str = "memory://", workers: int = 1) -> tuple[Target, Target]:
-    from secure_ws.auth.signing import SigningKeys, issue_token
-    from secure_ws.settings import load_settings
-    from secure_ws.tls import make_dev_certs
+    from keydir import keydir_env, make_keydir
 
-    make_dev_certs(folder)
-    env = {k: v for k, v in os.environ.items() if not k.startswith("SECURE_WS_")}
-    env.update(
-        SECURE_WS_JWKS_FILE=str(folder / "jwks.json"),
-        SECURE_WS_SIGNING_KEYS_FILE=str(folder / "signing-keys.json"),
-        SECURE_WS_REVOCATION_FILE=str(folder / "revocations.json"),
-        SECURE_WS_TLS_CERTFILE=str(folder / "server.crt"),
-        SECURE_WS_TLS_KEYFILE=str(folder / "server.key"),
+    from secure_ws.auth.signing import issue_token
+    from secure_ws.settings import load_settings
+
+    make_keydir(folder)
+    env = keydir_env(
+        folder,
         # Never refuse, but hit the limiter on every frame and handshake: the full path, measured.
         SECURE_WS_RATE_LIMIT="100000000/second",
         SECURE_WS_HANDSHAKE_RATE_LIMIT="100000000/second",
@@ -455,7 +451,6 @@ def make_targets(folder: Path, mode: str, storage: str = "memory://", workers: i
     )
     os.environ.update({k: v for k, v in env.items() if k.startswith("SECURE_WS_")})
     settings = load_settings(env_file=None)
-    SigningKeys(settings).rotate("EdDSA")
     # One token per simulated client (a device reconnects with the token it holds).
     tokens = [issue_token(settings, f"bench-{i}", 3600, "subscribe:bench publish:bench") for i in range(200)]
     uvicorn = [sys.executable, "-m", "uvicorn", "--host", "127.0.0.1", "--port", "{port}",

@@ -11,11 +11,11 @@ import re
 import time
 
 import pytest
+from helpers import Server, base_env, refusal, request, run, welcome
 from hypothesis import given, settings
 from hypothesis import strategies as st
 from test_settings import assert_one_clear_line, start_failure
 
-from conftest import Server, base_env, refusal, request, run, welcome
 from secure_ws.auth.scopes import Glob, Grants
 from secure_ws.settings import load_settings
 

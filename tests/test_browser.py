@@ -23,8 +23,7 @@ from typing import Any
 import pytest
 from cryptography import x509
 from cryptography.hazmat.primitives.serialization import Encoding, PublicFormat
-
-from conftest import Server, base_env, unique_sub
+from helpers import Server, base_env, unique_sub
 
 CHROMIUM = Path("/usr/bin/chromium")
 BASE_ARGS = [

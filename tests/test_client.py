@@ -10,8 +10,8 @@ from typing import Any
 
 import jwt
 import pytest
+from helpers import Server, cli, run, unique_sub, welcome
 
-from conftest import Server, cli, run, unique_sub, welcome
 from secure_ws.client import (
     AuthenticationFailed,
     Client,

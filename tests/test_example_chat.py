@@ -8,31 +8,20 @@ from __future__ import annotations
 
 import asyncio
 import json
-import sys
 from pathlib import Path
 from typing import Any
 
 import pytest
-
-from conftest import ROOT, Server, base_env, closed_with, request, run, unique_sub, welcome
+from helpers import ROOT, AppServer, Server, base_env, closed_with, recv_json, request, run, unique_sub, welcome
 
 CHAT = "subscribe:room.* chat:write"
 
 
-class ChatServer(Server):
-    def argv(self) -> list[str]:
-        return [sys.executable, "-m", "uvicorn", "examples.chat.app:app", "--app-dir", str(ROOT), *super().argv()[4:]]
-
-
 @pytest.fixture(scope="module")
 def chat(keydir: Path) -> Any:
-    srv = ChatServer(keydir, base_env(keydir)).start()
+    srv = AppServer(keydir, base_env(keydir), app="examples.chat.app:app", app_dir=ROOT).start()
     yield srv
     srv.stop()
-
-
-async def recv_json(ws: Any, timeout: float = 5.0) -> dict[str, Any]:
-    return json.loads(await asyncio.wait_for(ws.recv(), timeout))
 
 
 async def joined(ws: Any, sub: str) -> dict[str, Any]:

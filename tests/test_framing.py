@@ -17,10 +17,10 @@ import json
 from typing import Any
 
 import pytest
+from helpers import Server, run
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from conftest import Server, run
 from secure_ws.wire.framing import (
     BINARY,
     CLOSE,

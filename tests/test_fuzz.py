@@ -20,10 +20,10 @@ from pathlib import Path
 from typing import Any
 
 import pytest
+from helpers import closed_with, run, unique_sub, welcome
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from conftest import closed_with, run, unique_sub, welcome
 from secure_ws.auth.scopes import Grants
 from secure_ws.auth.signing import SigningKeys, issue_token
 from secure_ws.core.session import Session

@@ -7,27 +7,11 @@ from __future__ import annotations
 
 import asyncio
 import json
-import sys
 from pathlib import Path
 from typing import Any
 
 import pytest
-
-from conftest import ROOT, Server, base_env, closed_with, request, run, unique_sub, welcome
-
-APPS = ROOT / "tests" / "apps"
-
-
-class AppServer(Server):
-    """``uvicorn <module>:app`` for an application in tests/apps."""
-
-    def __init__(self, keydir: Path, env: dict[str, str], app: str = "handlers_app:app", uvicorn_args: tuple[str, ...] = ()) -> None:
-        env = {**env, "PYTHONPATH": f"{APPS}:{env.get('PYTHONPATH', '')}"}
-        super().__init__(keydir, env, uvicorn_args)
-        self.app = app
-
-    def argv(self) -> list[str]:
-        return [sys.executable, "-m", "uvicorn", self.app, *super().argv()[4:]]
+from helpers import AppServer, Server, assert_error, base_env, closed_with, recv_json, request, run, unique_sub, welcome
 
 
 @pytest.fixture(scope="module")
@@ -35,16 +19,6 @@ def app_server(keydir: Path) -> Any:
     srv = AppServer(keydir, base_env(keydir, SECURE_WS_HANDLER_TIMEOUT="1s", SECURE_WS_MAX_INFLIGHT="3")).start()
     yield srv
     srv.stop()
-
-
-async def recv_json(ws: Any, timeout: float = 5.0) -> dict[str, Any]:
-    return json.loads(await asyncio.wait_for(ws.recv(), timeout))
-
-
-def assert_error(frame: dict[str, Any], code: str, id: Any = None) -> None:
-    assert frame["type"] == "error" and frame["code"] == code, frame
-    if id is not None:
-        assert frame["id"] == id, frame
 
 
 # -- results, rejects, faults --------------------------------------------------------------

@@ -8,9 +8,7 @@ from typing import Any
 
 import pytest
 import redis
-from test_handlers import AppServer, assert_error, recv_json
-
-from conftest import base_env, closed_with, request, run, running_pair, unique_sub, welcome
+from helpers import AppServer, assert_error, base_env, closed_with, recv_json, request, run, running_pair, unique_sub, welcome
 
 REDIS_DB = 8
 REDIS_URL = f"redis://127.0.0.1:6379/{REDIS_DB}"

@@ -26,8 +26,7 @@ from typing import Any
 import jwt
 import pytest
 import websockets
-
-from conftest import (
+from helpers import (
     Serve,
     Server,
     base_env,

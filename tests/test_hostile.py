@@ -18,8 +18,7 @@ from typing import Any
 
 import pytest
 import websockets
-
-from conftest import Serve, Server, base_env, cli, run
+from helpers import Serve, Server, base_env, cli, run
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "scripts"))
 

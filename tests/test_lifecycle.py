@@ -33,9 +33,7 @@ from typing import Any
 import jwt
 import pytest
 from cryptography.hazmat.primitives.asymmetric import ed25519
-from jwt.algorithms import OKPAlgorithm
-
-from conftest import (
+from helpers import (
     ROOT,
     Server,
     base_env,
@@ -48,6 +46,7 @@ from conftest import (
     unique_sub,
     welcome,
 )
+from jwt.algorithms import OKPAlgorithm
 
 PRIVATE_MEMBERS = {"d", "p", "q", "dp", "dq", "qi", "oth", "k"}
 REVOKE_WITHIN = 2.0  # SPEC §4 / §6

@@ -12,21 +12,7 @@ from typing import Any
 
 import pytest
 import websockets
-
-from conftest import Server, base_env, closed_with, run, unique_sub, welcome
-
-
-def strict_loads(text: str) -> Any:
-    """``json.loads`` that refuses what is not JSON (NaN, Infinity), as any non-Python client would."""
-
-    def refuse(name: str) -> Any:
-        raise ValueError(f"server sent {name}, which is not JSON")
-
-    return json.loads(text, parse_constant=refuse)
-
-
-async def recv_json(ws: Any, timeout: float = 5.0) -> dict[str, Any]:
-    return strict_loads(await asyncio.wait_for(ws.recv(), timeout))
+from helpers import Server, assert_error, base_env, closed_with, recv_json, run, unique_sub, welcome
 
 
 async def ask(ws: Any, message: dict[str, Any] | str, timeout: float = 5.0) -> dict[str, Any]:
@@ -44,16 +30,6 @@ async def still_alive(ws: Any) -> None:
     except TimeoutError:
         raise AssertionError("connection is open but no longer answers a ping") from None
     assert reply == {"type": "pong", "id": "alive?"}, reply
-
-
-def assert_error(frame: dict[str, Any], code: str, id: Any = None) -> None:
-    assert frame.get("type") == "error", frame
-    assert frame.get("code") == code, frame
-    assert isinstance(frame.get("message"), str) and frame["message"], frame
-    if id is None:
-        assert frame.get("id") is None, frame
-    else:
-        assert "id" in frame and frame["id"] == id and type(frame["id"]) is type(id), frame
 
 
 @pytest.fixture(scope="module")

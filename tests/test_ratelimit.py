@@ -19,8 +19,7 @@ from typing import Any
 
 import pytest
 import websockets
-
-from conftest import Server, base_env, closed_with, request, run, unique_sub, welcome
+from helpers import Server, base_env, closed_with, request, run, unique_sub, welcome
 
 
 @pytest.fixture(scope="module")

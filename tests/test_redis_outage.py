@@ -13,99 +13,46 @@ connections within the 2 s of §4.
 from __future__ import annotations
 
 import asyncio
-import json
-import shutil
-import subprocess
 import time
-from pathlib import Path
+from collections.abc import Callable
 from typing import Any
 
 import jwt
 import pytest
 import redis
 import websockets
-
-from conftest import Server, base_env, cli, closed_with, free_port, request, run, unique_sub, welcome
+from helpers import RedisProcess, Server, base_env, cli, closed_with, recv_json, request, run, unique_sub, welcome
 
 REVOCATION_DEADLINE = 2.0
 RECOVERY_DEADLINE = 10.0  # "within a few seconds" of Redis answering again
 
 
-class RedisProcess:
-    """A throw-away ``redis-server`` in the foreground, killed like a crash."""
+class RestartableRedis:
+    """One Redis address that can go away (killed like a crash) and come back empty."""
 
-    def __init__(self, workdir: Path) -> None:
-        self.port = free_port()
-        self.workdir = workdir
-        self.proc: subprocess.Popen | None = None
+    def __init__(self, start: Callable[..., RedisProcess]) -> None:
+        self._start = start
+        self.current = start()
 
     @property
     def url(self) -> str:
-        return f"redis://127.0.0.1:{self.port}/0"
+        return self.current.url
 
-    def start(self, timeout: float = 10.0) -> RedisProcess:
-        binary = shutil.which("redis-server")
-        if binary is None:
-            pytest.fail("redis-server is not on PATH")
-        self.proc = subprocess.Popen(
-            [binary, "--port", str(self.port), "--bind", "127.0.0.1", "--save", "", "--appendonly", "no",
-             "--daemonize", "no", "--dir", str(self.workdir)],
-            stdout=subprocess.DEVNULL,
-            stderr=subprocess.DEVNULL,
-        )
-        client = redis.Redis(host="127.0.0.1", port=self.port, socket_connect_timeout=0.5)
-        deadline = time.monotonic() + timeout
-        try:
-            while time.monotonic() < deadline:
-                if self.proc.poll() is not None:
-                    raise RuntimeError(f"redis-server exited {self.proc.returncode} (port {self.port} taken?)")
-                try:
-                    if client.ping():
-                        return self
-                except redis.ConnectionError:
-                    time.sleep(0.05)
-        finally:
-            client.close()
-        raise RuntimeError(f"redis-server did not answer on {self.port} within {timeout}s")
+    def stop(self) -> None:
+        self.current.kill()
 
-    def kill(self) -> None:
-        if self.proc is not None and self.proc.poll() is None:
-            self.proc.kill()
-            self.proc.wait(10)
+    def restart(self) -> None:
+        self.current = self._start(self.current.port)  # the same address the server is configured with
 
 
 @pytest.fixture
-def own_redis(tmp_path):
-    procs: list[RedisProcess] = []
-
-    class Handle:
-        def __init__(self) -> None:
-            self.current = RedisProcess(tmp_path).start()
-            procs.append(self.current)
-
-        @property
-        def url(self) -> str:
-            return self.current.url
-
-        def stop(self) -> None:
-            self.current.kill()
-
-        def restart(self) -> None:
-            port = self.current.port
-            fresh = RedisProcess(tmp_path)
-            fresh.port = port  # the same address the server is configured with
-            procs.append(fresh)
-            self.current = fresh.start()
-
-    handle = Handle()
-    yield handle
-    for proc in procs:
-        proc.kill()
+def outage_redis(own_redis):
+    return RestartableRedis(own_redis)
 
 
 @pytest.fixture
-def outage_server(keydir, own_redis):
-    srv = Server(keydir, base_env(keydir, SECURE_WS_STORAGE_URL=own_redis.url, SECURE_WS_RATE_LIMIT="1000/second")).start()
+def outage_server(keydir, outage_redis):
+    srv = Server(keydir, base_env(keydir, SECURE_WS_STORAGE_URL=outage_redis.url, SECURE_WS_RATE_LIMIT="1000/second")).start()
     yield srv
     srv.stop()
 
@@ -122,10 +69,6 @@ def wait_ready(server: Server, timeout: float = RECOVERY_DEADLINE) -> float:
             return time.monotonic() - started
         time.sleep(0.1)
     raise AssertionError(f"/readyz still not 200 {timeout}s after Redis came back")
-
-
-async def recv_json(ws: Any, timeout: float = 5.0) -> dict[str, Any]:
-    return json.loads(await asyncio.wait_for(ws.recv(), timeout))
 
 
 async def timed(ws: Any, message: dict[str, Any], timeout: float = 5.0) -> tuple[dict[str, Any], float]:
@@ -150,9 +93,9 @@ def assert_unavailable(frame: dict[str, Any]) -> None:
     assert isinstance(frame.get("message"), str) and frame["message"], frame
 
 
-def test_outage_degrades_then_recovers(outage_server, own_redis, issue, keydir):
+def test_outage_degrades_then_recovers(outage_server, outage_redis, issue, keydir):
     srv = outage_server
-    env = base_env(keydir, SECURE_WS_STORAGE_URL=own_redis.url)
+    env = base_env(keydir, SECURE_WS_STORAGE_URL=outage_redis.url)
     token = issue(scope="subscribe:news.* publish:news.*")
     jti = jwt.decode(token, options={"verify_signature": False})["jti"]
     timings: dict[str, float] = {}
@@ -173,7 +116,7 @@ def test_outage_degrades_then_recovers(outage_server, own_redis, issue, keydir):
             assert (await recv_json(listener))["data"] == 0
 
             # -- Redis dies ------------------------------------------------------------------
-            own_redis.stop()
+            outage_redis.stop()
             assert await asyncio.to_thread(readyz, srv) == 503
             assert (await asyncio.to_thread(srv.get, "/healthz"))[0] == 200  # alive, just not ready
             reply, timings["ping while down"] = await timed(live, {"type": "ping", "id": "p"})
@@ -193,7 +136,7 @@ def test_outage_degrades_then_recovers(outage_server, own_redis, issue, keydir):
             timings["handshake refusal while down"] = time.monotonic() - started
 
             # -- Redis comes back ------------------------------------------------------------
-            await asyncio.to_thread(own_redis.restart)
+            await asyncio.to_thread(outage_redis.restart)
             timings["readyz 200 after restart"] = await asyncio.to_thread(wait_ready, srv)
             outcome = await handshake_outcome(srv, issue())
             assert outcome[0] == "welcome", outcome
@@ -237,14 +180,14 @@ def test_outage_degrades_then_recovers(outage_server, own_redis, issue, keydir):
         print("\noutage timings: " + ", ".join(f"{k} {v:.2f}s" for k, v in timings.items()))
 
 
-def test_unavailable_errors_echo_the_request_id(outage_server, own_redis, issue):
+def test_unavailable_errors_echo_the_request_id(outage_server, outage_redis, issue):
     """SPEC §5: every reply, errors included, echoes the request's ``id`` — the client matches them up."""
     srv = outage_server
 
     async def go():
         async with srv.connect(issue(scope="subscribe:* publish:*")) as ws:
             await welcome(ws)
-            own_redis.stop()
+            outage_redis.stop()
             replies = {}
             for id, message in (
                 ("pub-1", {"type": "publish", "channel": "c", "data": 1}),
@@ -258,7 +201,7 @@ def test_unavailable_errors_echo_the_request_id(outage_server, own_redis, issue)
     run(go())
 
 
-def test_channel_whose_subscribe_failed_during_outage_works_after_recovery(outage_server, own_redis, issue):
+def test_channel_whose_subscribe_failed_during_outage_works_after_recovery(outage_server, outage_redis, issue):
     """A subscribe refused with ``unavailable`` must leave nothing behind: once Redis is back,
     subscribing to that same channel must really subscribe (in Redis) and deliver publications."""
     srv = outage_server
@@ -270,12 +213,12 @@ def test_channel_whose_subscribe_failed_during_outage_works_after_recovery(outag
         ):
             await welcome(sub)
             await welcome(pub)
-            own_redis.stop()
+            outage_redis.stop()
             assert_unavailable(await request(sub, {"type": "subscribe", "channel": "flaky"}))
-            await asyncio.to_thread(own_redis.restart)
+            await asyncio.to_thread(outage_redis.restart)
             await asyncio.to_thread(wait_ready, srv)
             assert await request(sub, {"type": "subscribe", "channel": "flaky"}) == {"type": "subscribed", "channel": "flaky"}
-            client = redis.Redis(host="127.0.0.1", port=own_redis.current.port)
+            client = redis.Redis(host="127.0.0.1", port=outage_redis.current.port)
             try:
                 deadline = time.monotonic() + 3
                 while (subscribed := dict(client.pubsub_numsub("sws:ch:flaky")).get(b"sws:ch:flaky", 0)) == 0:
@@ -296,14 +239,14 @@ def test_channel_whose_subscribe_failed_during_outage_works_after_recovery(outag
     run(go())
 
 
-def test_channels_left_during_outage_are_released_after_recovery(outage_server, own_redis, issue):
+def test_channels_left_during_outage_are_released_after_recovery(outage_server, outage_redis, issue):
     """Leaving channels while Redis is down (unsubscribe, or disconnect) must not leak: once Redis is back,
     the process holds no Redis subscription for channels nobody here is subscribed to any more, and the
     disconnect is not a server fault."""
     srv = outage_server
 
     def numsubs() -> dict[str, int]:
-        client = redis.Redis(host="127.0.0.1", port=own_redis.current.port)
+        client = redis.Redis(host="127.0.0.1", port=outage_redis.current.port)
         try:
             counts = dict(client.pubsub_numsub(*(f"sws:ch:{c}" for c in ("one", "two", "three")), "sws:revocations"))
         finally:
@@ -320,13 +263,13 @@ def test_channels_left_during_outage_are_released_after_recovery(outage_server, 
             assert (await request(stays, {"type": "subscribe", "channel": "three"}))["type"] == "subscribed"
             assert numsubs() == {"one": 1, "two": 1, "three": 1, "revocations": 1}
 
-            own_redis.stop()
+            outage_redis.stop()
             reply = await request(stays, {"type": "unsubscribe", "channel": "three", "id": "u"})
             assert reply.get("type") in ("unsubscribed", "error"), reply  # either is fair while Redis is down
             await leaver.close()
             await asyncio.sleep(0.3)  # let the server finish with the disconnect
 
-            await asyncio.to_thread(own_redis.restart)
+            await asyncio.to_thread(outage_redis.restart)
             await asyncio.to_thread(wait_ready, srv)
             # Only meaningful once the server's pub/sub connection is back (it re-subscribes what it still holds).
             deadline = time.monotonic() + RECOVERY_DEADLINE
@@ -348,13 +291,13 @@ def test_channels_left_during_outage_are_released_after_recovery(outage_server, 
     assert not problems, "; ".join(problems)
 
 
-def test_handshakes_resume_and_new_subscribers_hear_publishers_after_restart(outage_server, own_redis, issue):
+def test_handshakes_resume_and_new_subscribers_hear_publishers_after_restart(outage_server, outage_redis, issue):
     """A subscriber and a publisher that both connect only after Redis came back see each other at once."""
     srv = outage_server
-    own_redis.stop()
+    outage_redis.stop()
     assert readyz(srv) == 503
     assert run(handshake_outcome(srv, issue())) == ("closed", 1013, "service unavailable")
-    own_redis.restart()
+    outage_redis.restart()
     waited = wait_ready(srv)
     print(f"\n/readyz 200 {waited:.2f}s after restart")
 
@@ -373,13 +316,13 @@ def test_handshakes_resume_and_new_subscribers_hear_publishers_after_restart(out
     run(go())
 
 
-def test_cap_still_enforced_after_restart(keydir, own_redis, issue):
+def test_cap_still_enforced_after_restart(keydir, outage_redis, issue):
     """Redis came back empty: connection caps start counting again from what connects next."""
-    srv = Server(keydir, base_env(keydir, SECURE_WS_STORAGE_URL=own_redis.url,
+    srv = Server(keydir, base_env(keydir, SECURE_WS_STORAGE_URL=outage_redis.url,
                                   SECURE_WS_MAX_CONNECTIONS_PER_CLIENT="1")).start()
     try:
-        own_redis.stop()
-        own_redis.restart()
+        outage_redis.stop()
+        outage_redis.restart()
         wait_ready(srv)
         sub = unique_sub()
 

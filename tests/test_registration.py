@@ -6,8 +6,8 @@ from pathlib import Path
 from typing import Any
 
 import pytest
+from helpers import base_env
 
-from conftest import base_env
 from secure_ws import Context, RegistrationError, SecureWS
 from secure_ws.settings import load_settings
 

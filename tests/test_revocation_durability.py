@@ -20,16 +20,14 @@ import signal
 import time
 from collections.abc import Callable, Iterator
 from pathlib import Path
-from typing import Any
 
 import jwt
 import pytest
 import redis
 from cryptography.hazmat.primitives import serialization
 from cryptography.hazmat.primitives.asymmetric import ed25519
-from test_redis_outage import RedisProcess, handshake_outcome
-
-from conftest import Server, base_env, cli, closed_with, free_port, refusal, request, run, unique_sub, welcome
+from helpers import Server, base_env, cli, closed_with, free_port, refusal, request, run, unique_sub, wait_for, welcome
+from test_redis_outage import handshake_outcome
 
 REVOKE_WITHIN = 2.0  # SPEC §4
 RECOVERY_DEADLINE = 10.0
@@ -43,39 +41,11 @@ def jti_of(token: str) -> str:
     return jwt.decode(token, options={"verify_signature": False})["jti"]
 
 
-def wait_for(condition: Callable[[], Any], within: float, what: str) -> Any:
-    deadline = time.monotonic() + within
-    while True:
-        value = condition()
-        if value:
-            return value
-        if time.monotonic() > deadline:
-            raise AssertionError(f"{what}: not within {within}s")
-        time.sleep(0.05)
-
-
 def readyz(srv: Server) -> int:
     return srv.get("/readyz")[0]
 
 
 # -- fixtures ------------------------------------------------------------------------------
-
-
-@pytest.fixture
-def own_redis(tmp_path: Path) -> Iterator[Callable[..., RedisProcess]]:
-    """``start(port=None)``: a throw-away redis-server (on ``port`` to come back at the same address)."""
-    procs: list[RedisProcess] = []
-
-    def start(port: int | None = None) -> RedisProcess:
-        proc = RedisProcess(tmp_path)
-        if port is not None:
-            proc.port = port
-        procs.append(proc)
-        return proc.start()
-
-    yield start
-    for proc in procs:
-        proc.kill()
 
 
 @pytest.fixture

@@ -9,10 +9,8 @@ from pathlib import Path
 from typing import Any
 
 import pytest
-from test_handlers import assert_error
+from helpers import Server, assert_error, base_env, request, run, unique_sub, welcome
 from test_rpc_proxy import SECRET, Backend, running_backend
-
-from conftest import Server, base_env, request, run, unique_sub, welcome
 
 
 @pytest.fixture(scope="module")

@@ -24,8 +24,7 @@ import jwt
 import pytest
 import redis
 import websockets
-
-from conftest import Server, base_env, cli, closed_with, refusal, request, run, running_pair, unique_sub, welcome
+from helpers import Server, assert_error, base_env, cli, closed_with, recv_json, refusal, request, run, running_pair, unique_sub, welcome
 
 REDIS_DB = 7
 REDIS_URL = f"redis://127.0.0.1:6379/{REDIS_DB}"
@@ -98,10 +97,6 @@ async def settle(read: Callable[[], Any], expected: Any, timeout: float = 3.0, s
     return value
 
 
-async def recv_json(ws: Any, timeout: float = 5.0) -> dict[str, Any]:
-    return json.loads(await asyncio.wait_for(ws.recv(), timeout))
-
-
 async def quiet(ws: Any, seconds: float) -> list[dict[str, Any]]:
     """Every frame that arrives within ``seconds`` (expected: none)."""
     got = []
@@ -116,13 +111,6 @@ async def quiet(ws: Any, seconds: float) -> list[dict[str, Any]]:
 
 async def alive(ws: Any) -> None:
     assert await request(ws, {"type": "ping", "id": "alive"}) == {"type": "pong", "id": "alive"}
-
-
-def assert_error(frame: dict[str, Any], code: str, id: Any = None) -> None:
-    assert frame.get("type") == "error", frame
-    assert frame.get("code") == code, frame
-    if id is not None:
-        assert frame.get("id") == id, frame
 
 
 async def subscribe(ws: Any, channel: str) -> None:

@@ -14,8 +14,8 @@ import sys
 from pathlib import Path
 
 import pytest
+from helpers import Server, base_env, free_port, run, welcome
 
-from conftest import Server, base_env, free_port, run, welcome
 from secure_ws.settings import ConfigError, load_settings
 
 SECRET_32 = "s" * 32

@@ -35,8 +35,7 @@ from cryptography import x509
 from cryptography.hazmat.primitives import serialization
 from cryptography.hazmat.primitives.asymmetric import ec, ed25519, rsa
 from cryptography.x509.oid import NameOID
-
-from conftest import Server, base_env, free_port, refusal, run, signing_key, unique_sub, welcome
+from helpers import Server, base_env, free_port, refusal, run, signing_key, unique_sub, welcome
 
 INVALID = (1008, "invalid token")
 EXPIRED = (1008, "token expired")

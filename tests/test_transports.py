@@ -3,8 +3,7 @@
 from __future__ import annotations
 
 import pytest
-
-from conftest import closed_with, refusal, request, run, unique_sub, welcome
+from helpers import closed_with, refusal, request, run, unique_sub, welcome
 
 
 @pytest.mark.parametrize("transport", ["header", "subprotocol", "query", "token"])
