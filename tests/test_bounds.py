@@ -11,7 +11,7 @@ import re
 import time
 
 import pytest
-from helpers import Server, base_env, refusal, request, run, welcome
+from helpers import Server, base_env, refusal, request, run, wait_for, welcome
 from hypothesis import given, settings
 from hypothesis import strategies as st
 from test_settings import assert_one_clear_line, start_failure
@@ -21,15 +21,13 @@ from secure_ws.settings import load_settings
 
 
 def wait_for_log(server: Server, needle: str, timeout: float = 10.0) -> str:
-    """The server's log once it contains ``needle`` (polled: records reach the file asynchronously)."""
-    deadline = time.monotonic() + timeout
-    while True:
+    """The server's log once it contains ``needle`` (records reach the file asynchronously)."""
+
+    def logged() -> str | None:
         text = server.log()
-        if needle in text:
-            return text
-        if time.monotonic() > deadline:
-            raise AssertionError(f"{needle!r} not logged within {timeout}s:\n{text[-3000:]}")
-        time.sleep(0.05)
+        return text if needle in text else None
+
+    return wait_for(logged, timeout, f"{needle!r} logged")
 
 
 # -- 6. scope globs: linear time, same meaning ------------------------------------------------

@@ -10,7 +10,7 @@ from typing import Any
 
 import jwt
 import pytest
-from helpers import Server, cli, run, unique_sub, welcome
+from helpers import Server, cli, run, unique_sub, wait_until, welcome
 
 from secure_ws.client import (
     AuthenticationFailed,
@@ -49,14 +49,6 @@ def client_for(server: Server, provider: Any, **kwargs: Any) -> Client:
     kwargs.setdefault("backoff_max", 0.5)
     kwargs.setdefault("request_timeout", 5.0)
     return Client(server.url, provider, ssl=server.ssl_context(), **kwargs)
-
-
-async def until(predicate: Any, timeout: float = 10.0, what: str = "condition") -> None:
-    deadline = time.monotonic() + timeout
-    while not predicate():
-        if time.monotonic() > deadline:
-            raise AssertionError(f"timed out waiting for {what}")
-        await asyncio.sleep(0.02)
 
 
 # -- units -----------------------------------------------------------------------------------
@@ -154,7 +146,7 @@ def test_subscribe_and_publish_between_two_clients(server, issue):
             expected = {"type": "message", "channel": channel, "from": writer_tokens.sub, "data": {"hello": 1}}
             assert await asyncio.wait_for(anext(stream), 5) == expected
             assert await asyncio.wait_for(anext(everything), 5) == expected
-            await until(lambda: seen == [expected], 5, "on_message")
+            await wait_until(lambda: seen == [expected], 5, "on_message")
             # Refused subscriptions raise and are not remembered.
             with pytest.raises(RequestError) as info:
                 await writer.subscribe(channel)
@@ -221,9 +213,9 @@ def test_reconnects_after_restart_with_a_fresh_token_and_resubscribes(make_serve
             old_id = client.connection_id
             assert tokens.calls == 1 and client.expires_at == tokens.exp(0)
             await asyncio.to_thread(first.stop)
-            await until(lambda: not client.connected, 10, "the drop to be seen")
+            await wait_until(lambda: not client.connected, 10, "the drop to be seen")
             await asyncio.to_thread(second.start)
-            await until(lambda: client.connection_id not in (None, old_id), 15, "a new connection")
+            await wait_until(lambda: client.connection_id not in (None, old_id), 15, "a new connection")
             await client.ping()  # returns once the new connection is re-subscribed
             assert client.connections == 2 and tokens.calls >= 2
             assert client.expires_at == tokens.exp(tokens.calls - 1) != tokens.exp(0)  # the fresh token
@@ -247,7 +239,7 @@ def test_token_expired_reconnects_with_a_fresh_token(make_server, issue):
         async with client_for(srv, tokens, refresh_before=None) as client:
             old_id = client.connection_id
             assert client.expires_at == tokens.exp(0)
-            await until(lambda: client.connection_id not in (None, old_id), 10, "a reconnect")
+            await wait_until(lambda: client.connection_id not in (None, old_id), 10, "a reconnect")
             assert await client.echo("back") == "back"
             assert client.last_close == (1008, "token expired")
             assert tokens.calls == 2 and client.connections == 2
@@ -266,7 +258,7 @@ def test_too_many_connections_backs_off_and_retries(make_server, issue):
             await welcome(holder)
             client = client_for(srv, tokens, backoff_initial=0.05, backoff_max=0.2)
             starting = asyncio.create_task(client.start())
-            await until(lambda: tokens.calls >= 3, 10, "retries")
+            await wait_until(lambda: tokens.calls >= 3, 10, "retries")
             assert not starting.done()
             assert client.last_close == (1008, "too many connections")
         await asyncio.wait_for(starting, 10)

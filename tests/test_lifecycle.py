@@ -4,11 +4,10 @@ Every operator action is the real ``python -m secure_ws …`` command (or ``scri
 run as a subprocess while connections are open. Tests that change key files get a folder of their
 own (``fresh_dir``); the others share one folder and one server per module.
 
-The identity-provider tests are split on purpose, first and last in the file: the server fetches
-the IdP's JWK Set at start-up and then refetches on an unknown ``kid`` at most once per 30 s
-(README, "Identity providers"). The forged-kid storm runs first, inside that window; the IdP
-rotation runs last, once the window since the start-up fetch has passed (the tests in between
-normally cover it, otherwise the test waits out the rest).
+The identity-provider tests each get an IdP and a server of their own: the server fetches the
+IdP's JWK Set at start-up and then refetches on an unknown ``kid`` at most once per 30 s (README,
+"Identity providers"), so the forged-kid storm runs inside that window, and the rotation test waits
+it out: the passing of that time is what it tests.
 """
 
 from __future__ import annotations
@@ -44,6 +43,7 @@ from helpers import (
     run,
     signing_key,
     unique_sub,
+    wait_for,
     welcome,
 )
 from jwt.algorithms import OKPAlgorithm
@@ -293,7 +293,7 @@ class IdP:
         self.httpd.server_close()
 
 
-@pytest.fixture(scope="module")
+@pytest.fixture
 def idp_setup(tmp_path_factory: pytest.TempPathFactory) -> Iterator[tuple[IdP, Server]]:
     folder = make_dir(tmp_path_factory.mktemp("idp-client"))
     idp = IdP(folder / "idp")  # its own CA and certificate: the server's files stay untouched
@@ -318,7 +318,7 @@ async def forged_kid_storm(srv: Server, n: int = 20) -> None:
     assert results == [(1008, "invalid token")] * n
 
 
-# == identity provider, part 1 (must stay first: it runs inside the start-up fetch's 30 s window) ==
+# == identity provider: a forged-kid storm inside the start-up fetch's 30 s window ==================
 
 
 def test_idp_key_is_fetched_at_startup_and_forged_kids_cause_no_fetch_storm(idp_setup):
@@ -596,6 +596,13 @@ def problems(lines: list[str]) -> list[str]:
     return [line for line in lines if line.lstrip().startswith(("WARNING", "ERROR", "CRITICAL"))]
 
 
+def reported(srv: Server, mark: int) -> None:
+    """Wait for the first problem line after ``mark``; then watch two more polls (1 s), in which a
+    server that repeated itself on every poll would log again."""
+    wait_for(lambda: problems(srv.log()[mark:].splitlines()), 10, "a line about the bad file")
+    time.sleep(1.0)  # an observation window for a repeat, not a synchronisation
+
+
 def test_corrupt_jwks_keeps_the_last_good_keys(fresh_dir, start):
     srv = start(fresh_dir)
     jwks = fresh_dir / "jwks.json"
@@ -608,7 +615,7 @@ def test_corrupt_jwks_keeps_the_last_good_keys(fresh_dir, start):
     tmp = jwks.with_name(".jwks.json.test")
     tmp.write_text('{"keys": [ {"kty": "OKP", ')
     os.replace(tmp, jwks)
-    time.sleep(1.5)
+    reported(srv, mark)
     run(welcomed(srv, token))
     assert {k["kid"] for k in served_jwks(srv)} == {kid1}
     lines = srv.log()[mark:].splitlines()
@@ -620,7 +627,7 @@ def test_corrupt_jwks_keeps_the_last_good_keys(fresh_dir, start):
     mark = len(srv.log())
     with open(jwks, "r+b") as fh:
         fh.truncate(0)
-    time.sleep(1.5)
+    reported(srv, mark)
     run(welcomed(srv, token))
     lines = srv.log()[mark:].splitlines()
     about = problems(lines)
@@ -722,12 +729,12 @@ def test_rotate_keys_script(fresh_dir, start):
     run(go())
 
 
-# == identity provider, part 2 (must stay last: needs the 30 s since the start-up fetch) ======
+# == identity provider: rotation, once the 30 s since the start-up fetch have passed ==========
 
 
 def test_idp_rotation_is_picked_up_on_the_first_unknown_kid(idp_setup):
     idp, srv = idp_setup
-    # The refetch guard counts from the last fetch, the start-up one included; wait out what is left.
+    # The refetch guard counts from the last fetch, the start-up one included: wait it out.
     time.sleep(max(0.0, idp.fetches[-1] + 31.0 - time.monotonic()))
     before = idp.count()
     idp.add_key("idp-2")

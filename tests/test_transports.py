@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import pytest
-from helpers import closed_with, refusal, request, run, unique_sub, welcome
+from helpers import AppServer, base_env, closed_with, refusal, request, run, unique_sub, welcome
 
 
 @pytest.mark.parametrize("transport", ["header", "subprotocol", "query", "token"])
@@ -116,3 +116,25 @@ def test_the_protocol_holds_on_another_asgi_websocket_server(make_server, issue)
             assert (await closed_with(ws))[0] == 1003
 
     run(go())
+
+
+def test_an_untested_uvicorn_version_falls_back_to_uvicorns_own_protocols(keydir, issue):
+    """The pin (pyproject) matches the uvicorn versions the suite ran on; on any other version secure_ws says
+    so once and leaves uvicorn's own protocol classes in place, with the same answers on the wire."""
+    srv = AppServer(keydir, base_env(keydir, SECURE_WS_MAX_MESSAGE_BYTES="1024"), app="untested_uvicorn_app:app").start()
+    try:
+
+        async def go():
+            async with srv.connect(issue()) as ws:
+                await welcome(ws)
+                assert await request(ws, {"type": "echo", "data": "é", "id": 1}) == {"type": "echo", "data": "é", "id": 1}
+                await ws.send("x" * 1025)
+                assert await closed_with(ws) == (1009, "message too big")
+            assert await refusal(srv, "not.a.token") == (1008, "invalid token")
+
+        run(go())
+        log = srv.log()
+        assert log.count("uvicorn 0.999.0 is not one secure_ws's protocols were tested with: using uvicorn's own") == 1, log
+        assert "Traceback" not in log
+    finally:
+        srv.stop()
