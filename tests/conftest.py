@@ -82,11 +82,13 @@ def server(keydir: Path) -> Iterator[Server]:
 
 @pytest.fixture
 def make_server(keydir: Path) -> Iterator[Callable[..., Server]]:
+    """``make_server(uvicorn_args=(), keys=None, kind=Server, **env)``: a started server (``kind=Serve`` for
+    ``secure-ws serve``) on ``keys`` (the session's key folder by default); every one is stopped afterwards."""
     started: list[Server] = []
 
-    def make(uvicorn_args: tuple[str, ...] = (), keys: Path | None = None, **env: str) -> Server:
+    def make(uvicorn_args: tuple[str, ...] = (), keys: Path | None = None, kind: type[Server] = Server, **env: str) -> Server:
         kd = keys or keydir
-        srv = Server(kd, base_env(kd, **env), uvicorn_args).start()
+        srv = kind(kd, base_env(kd, **env), uvicorn_args).start()
         started.append(srv)
         return srv
 

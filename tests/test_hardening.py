@@ -20,6 +20,7 @@ import ssl
 import threading
 import time
 import warnings
+from functools import partial
 from pathlib import Path
 from typing import Any
 
@@ -59,17 +60,8 @@ def serve(keydir: Path):
 
 
 @pytest.fixture
-def make_serve(keydir: Path):
-    started: list[Serve] = []
-
-    def make(**env: str) -> Serve:
-        srv = Serve(keydir, base_env(keydir, **env)).start()
-        started.append(srv)
-        return srv
-
-    yield make
-    for srv in started:
-        srv.stop()
+def make_serve(make_server):
+    return partial(make_server, kind=Serve)
 
 
 # -- TLS probing helpers --------------------------------------------------------------------

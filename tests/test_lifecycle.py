@@ -208,17 +208,9 @@ def shared_server(shared_dir: Path) -> Iterator[Server]:
 
 
 @pytest.fixture
-def start() -> Iterator[Any]:
-    started: list[Server] = []
-
-    def make(path: Path, **extra: str) -> Server:
-        srv = Server(path, base_env(path, **extra)).start()
-        started.append(srv)
-        return srv
-
-    yield make
-    for srv in started:
-        srv.stop()
+def start(make_server):
+    """``start(folder, **env)``: a server on the key folder ``folder``."""
+    return lambda path, **extra: make_server(keys=path, **extra)
 
 
 # -- a local identity provider ---------------------------------------------------------------
