@@ -27,6 +27,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 from bench import client_frame  # noqa: E402  (scripts/bench.py, beside this script)
 from secure_ws.auth.signing import SigningKeys, issue_token  # noqa: E402
+from secure_ws.core.handlers import Registry  # noqa: E402
 from secure_ws.core.ratelimit import Limiter  # noqa: E402
 from secure_ws.core.session import Session  # noqa: E402
 from secure_ws.service import Service  # noqa: E402
@@ -40,6 +41,10 @@ def best(samples: list[float]) -> float:
 
 async def noop(value: object = None) -> None:
     pass
+
+
+async def bench_echo(ctx: object, data: object) -> object:
+    return data
 
 
 async def timeit(fn, n: int, rounds: int = 5) -> float:  # noqa: ANN001
@@ -73,12 +78,16 @@ async def main(n: int) -> None:
     results["verify EdDSA, cached (a reconnect with the same token)"] = await timeit(
         lambda: service.verifier.verify(token), n
     )
-    results["authenticate EdDSA, cached (+ revocation check)"] = await timeit(lambda: service.authenticate(token), n)
-
     limiter = Limiter(settings.rate_limits, "sliding-window", service.storage.limiter_storage, "msg")
     results["rate-limit hit (memory, sliding window)"] = await timeit(lambda: limiter.hit("bench"), n)
 
+    # A started service (authentication waits for the lifespan) with the built-ins plus one Python
+    # handler, as scripts/bench_app.py serves them.
+    registry = Registry()
+    registry.add("bench.echo", bench_echo)
+    service = Service(settings, registry)
     async with service.lifespan():
+        results["authenticate EdDSA, cached (+ revocation check)"] = await timeit(lambda: service.authenticate(token), n)
         await _frames(results, service, token, n)
 
 
@@ -97,6 +106,15 @@ async def _frames(results: dict[str, float], service: Service, token: str, n: in
         ("frame: ping", '{"type":"ping"}'),
     ):
         results[f"{label} (hit + parse + dispatch + encode)"] = await timeit(lambda text=text: noop(session.frame(text)), n)
+    calls = session._calls
+    handler_frame = json.dumps({"type": "bench.echo", "id": 1, "data": {"n": 1, "text": "hello"}})
+
+    async def handler_call() -> None:
+        session.frame(handler_frame)
+        for call in tuple(calls):
+            await call
+
+    results["frame: handler call (… + its task, its reply)"] = await timeit(handler_call, n)
 
     # The JSON codecs on our real messages: the standard library's (what decode keeps) and orjson (what
     # encode uses), so the choice in secure_ws.wire.messages can be checked on any machine.

@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import asyncio
 import json
+import time
 from pathlib import Path
 from typing import Any
 
@@ -63,6 +64,29 @@ def test_hanging_handler_times_out(app_server: Server, issue: Any) -> None:
             await welcome(ws)
             reply = await request(ws, {"type": "hang", "id": 3}, timeout=10)
             assert_error(reply, "timeout", 3)
+            assert (await request(ws, {"type": "ping"}))["type"] == "pong"
+
+    run(go())
+
+
+def test_each_hanging_call_times_out_on_its_own_deadline(app_server: Server, issue: Any) -> None:
+    """Calls started one after another each get their own full timeout (1 s here), whatever answers between them."""
+
+    async def go() -> None:
+        async with app_server.connect(issue()) as ws:
+            await welcome(ws)
+            await ws.send(json.dumps({"type": "hang", "id": 1}))
+            first_sent = time.monotonic()
+            assert (await request(ws, {"type": "whoami", "id": "w"}))["type"] == "result"  # answered between them
+            second_sent = time.monotonic()
+            await ws.send(json.dumps({"type": "hang", "id": 2}))
+            first = await recv_json(ws, 10)
+            first_at = time.monotonic()
+            second = await recv_json(ws, 10)
+            second_at = time.monotonic()
+            assert_error(first, "timeout", 1)
+            assert_error(second, "timeout", 2)
+            assert first_at - first_sent >= 1.0 and second_at - second_sent >= 1.0
             assert (await request(ws, {"type": "ping"}))["type"] == "pong"
 
     run(go())

@@ -70,6 +70,11 @@ if TYPE_CHECKING:
 
 log = logging.getLogger("secure_ws.session")
 
+# A call past its deadline is cancelled with this message, which tells its task to answer `timeout`;
+# its deadline then reads as never, so that the timer passes over it while it unwinds.
+_TIMED_OUT = "secure_ws: handler timeout"
+_EXPIRED_AT = float("inf")
+
 # The scope extension under which a server offers the direct frame path (secure_ws.uvicorn.ws_protocol does),
 # and the key of a `websocket.receive` that carries, instead of text, what the frame handler left to await.
 DIRECT = "secure_ws.direct"
@@ -101,6 +106,7 @@ class Session:
         "_routes",
         "_fallback",
         "_calls",
+        "_call_timer",
         "_context",
     )
 
@@ -127,7 +133,9 @@ class Session:
         self._sampled = 0.0  # perf_counter() at the start of a sampled frame, else 0
         self._routes = deps.routes
         self._fallback = deps.fallback
-        self._calls: set[asyncio.Task[None]] = set()  # running application calls, at most max_inflight
+        # Running application calls → their deadlines (loop time), at most max_inflight; one timer for all of them.
+        self._calls: dict[asyncio.Task[None], float] = {}
+        self._call_timer: asyncio.TimerHandle | None = None
         self._context: Context | None = None
 
     # -- lifecycle -----------------------------------------------------------------
@@ -186,6 +194,8 @@ class Session:
                 self._timer.cancel()
             if self._drainer is not None:
                 self._drainer.cancel()
+            if self._call_timer is not None:
+                self._call_timer.cancel()
             for call in tuple(self._calls):
                 call.cancel()
             metrics.CONNECTIONS.dec()
@@ -337,34 +347,58 @@ class Session:
         limit = self.deps.settings.max_inflight
         if len(calls) >= limit:
             raise ProtocolError(reject.BUSY, f"at most {limit} calls at once per connection; retry when one is answered", id)
-        task = asyncio.get_running_loop().create_task(self._run_call(request, invoke, handler, timeout_code))
-        calls.add(task)
-        task.add_done_callback(calls.discard)
+        loop = asyncio.get_running_loop()
+        task = loop.create_task(self._run_call(request, invoke, handler, timeout_code))
+        # The deadline is kept here rather than with asyncio.timeout(), which costs a timer (and a heap entry
+        # left behind when cancelled) per call: calls start in order under one timeout, so their deadlines are
+        # in insertion order and one timer, armed for the oldest, serves all of them.
+        deadline = loop.time() + self.deps.settings.handler_timeout
+        calls[task] = deadline
+        task.add_done_callback(self._call_done)
+        if self._call_timer is None:
+            self._call_timer = loop.call_at(deadline, self._expire_calls)
+
+    def _call_done(self, task: asyncio.Task[None]) -> None:
+        del self._calls[task]
+
+    def _expire_calls(self) -> None:
+        """Cancel the calls past their deadline (they answer ``timeout``); re-arm for the next one."""
+        self._call_timer = None
+        loop = asyncio.get_running_loop()
+        now = loop.time()
+        calls = self._calls
+        for task, deadline in calls.items():
+            if deadline > now:
+                if deadline != _EXPIRED_AT:
+                    self._call_timer = loop.call_at(deadline, self._expire_calls)
+                    return
+            else:
+                calls[task] = _EXPIRED_AT
+                task.cancel(_TIMED_OUT)
 
     async def _run_call(self, request: Request, invoke: Invoke, handler: Handler | None, timeout_code: str) -> None:
         id = request.get("id")
         kind = request["type"]
         try:
-            async with asyncio.timeout(self.deps.settings.handler_timeout) as deadline:
-                if handler is not None and handler.limiter is not None:
-                    retry_ms = await handler.limiter.hit(self._sub)
-                    if retry_ms:
-                        metrics.STATS.rate_limited += 1
-                        self.send(error(RATE_LIMITED, f"rate limit for {kind} exceeded", id, retry_after_ms=retry_ms))
-                        return
-                data = request.get("data")
-                if handler is not None and handler.validate is not None:
-                    data = handler.validate(data)
-                result = await invoke(self.context, data)
-                text = reply(request, {"type": "result", "data": result})
+            if handler is not None and handler.limiter is not None:
+                retry_ms = await handler.limiter.hit(self._sub)
+                if retry_ms:
+                    metrics.STATS.rate_limited += 1
+                    self.send(error(RATE_LIMITED, f"rate limit for {kind} exceeded", id, retry_after_ms=retry_ms))
+                    return
+            data = request.get("data")
+            if handler is not None and handler.validate is not None:
+                data = handler.validate(data)
+            result = await invoke(self.context, data)
+            text = reply(request, {"type": "result", "data": result})
+        except asyncio.CancelledError as exc:
+            if exc.args != (_TIMED_OUT,):
+                raise  # the connection is closing
+            asyncio.current_task().uncancel()  # type: ignore[union-attr]  # answered, not cancelled
+            log.warning("session %s: %s timed out", self.id, kind, extra=self.log_fields("handler_timeout"))
+            text = error(timeout_code, f"no answer within {self.deps.settings.handler_timeout:g}s", id)
         except (Reject, ProtocolError) as exc:
             text = error(exc.code, exc.message, id)
-        except TimeoutError as exc:
-            if not deadline.expired():
-                text = self._call_fault(kind, id, exc)
-            else:
-                log.warning("session %s: %s timed out", self.id, kind, extra=self.log_fields("handler_timeout"))
-                text = error(timeout_code, f"no answer within {self.deps.settings.handler_timeout:g}s", id)
         except self.deps.unavailable:
             refusal = self._storage_unavailable(id)
             text = error(refusal.code, refusal.message, id)
