@@ -27,6 +27,7 @@ from helpers import (
 APP = "presence_app:app"
 PRESENCE_SECONDS = 30  # secure_ws.state.redis_presence: a killed worker's entries are gone within this
 NODE_SECONDS = 10
+RENEW_INTERVAL = 10
 
 
 @pytest.fixture(scope="module")
@@ -278,3 +279,38 @@ def test_channels_and_info_across_workers(keydir: Path, own_redis: Any, issue: A
 
     with redis_pair(keydir, own_redis) as (a, b):
         run(go(a, b))
+
+
+def test_redis_away_then_back_empty(keydir: Path, own_redis: Any, issue: Any) -> None:
+    """Redis down: the presence request and a join_leave subscribe are answered `unavailable`; back empty:
+    live subscribers are written back by the renewal and events flow again."""
+    channel = channel_name()
+    scope = f"subscribe:{channel}"
+    listener_sub = unique_sub("listener")
+    store = own_redis()
+    env = base_env(keydir, SECURE_WS_STORAGE_URL=store.url, SECURE_WS_RATE_LIMIT="1000/second")
+    server = AppServer(keydir, env, APP).start()
+
+    async def go() -> None:
+        async with server.connect(issue(listener_sub, scope=scope)) as listener, server.connect(issue(scope=scope)) as other:
+            listener_id = (await welcome(listener))["connection_id"]
+            await welcome(other)
+            await joined(listener, channel, join_leave=True)
+            store.kill()
+            assert_error(await request(listener, {"type": "presence", "channel": channel, "id": 5}), "unavailable", 5)
+            subscribe = {"type": "subscribe", "channel": channel, "join_leave": True, "id": "s"}
+            assert_error(await request(other, subscribe), "unavailable", "s")  # the hub had the channel: presence failed
+            own_redis(store.port)  # back, and empty
+
+            async def written_back() -> bool:  # `unavailable` until the server's pool has reconnected
+                answer = await request(other, {"type": "presence", "channel": channel})
+                return answer.get("clients") == {listener_id: {"sub": listener_sub}}  # and not `other`: rolled back
+
+            await wait_until(written_back, RENEW_INTERVAL + 10, "the listener's entry written back", every=0.5)
+            await joined(other, channel)
+            assert (await recv_json(listener, timeout=10))["type"] == "join"
+
+    try:
+        run(go())
+    finally:
+        server.stop()
