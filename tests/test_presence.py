@@ -10,6 +10,7 @@ from pathlib import Path
 from typing import Any
 
 import pytest
+import redis.asyncio as aioredis
 from helpers import (
     AppServer,
     Server,
@@ -23,6 +24,10 @@ from helpers import (
     wait_until,
     welcome,
 )
+
+from secure_ws.core.presence import MAX_CLIENTS
+from secure_ws.state.presence import MemoryPresence, PresenceStore
+from secure_ws.state.redis_presence import RedisPresence
 
 APP = "presence_app:app"
 PRESENCE_SECONDS = 30  # secure_ws.state.redis_presence: a killed worker's entries are gone within this
@@ -314,3 +319,34 @@ def test_redis_away_then_back_empty(keydir: Path, own_redis: Any, issue: Any) ->
         run(go())
     finally:
         server.stop()
+
+
+@pytest.mark.parametrize("backend", ["memory", "redis"])
+def test_answers_are_bounded(backend: str, own_redis: Any) -> None:
+    """Past MAX_CLIENTS entries a presence answer lists MAX_CLIENTS and counts them all (the stores in-process:
+    a thousand connections over the wire would only test the machine)."""
+    async def go() -> None:
+        store: PresenceStore
+        if backend == "memory":
+            store = MemoryPresence()
+        else:
+            client = aioredis.Redis.from_url(own_redis().url)
+            store = RedisPresence(client, (OSError,))
+        heard: list[str] = []
+        store.on_event = lambda channel, text: heard.append(text)
+        for i in range(MAX_CLIENTS + 5):
+            await store.add("crowd", f"{i:016x}", f"user-{i}", "ev")
+        await store.add("crowd", f"{0:016x}", "user-0", "ev")  # held already: no second entry, no event
+        listed, count = await store.clients("crowd", MAX_CLIENTS)
+        assert count == MAX_CLIENTS + 5 and len(listed) == MAX_CLIENTS
+        assert all(listed[cid] == f"user-{int(cid, 16)}" for cid in listed)
+        assert await store.channels(10) == {"crowd": MAX_CLIENTS + 5}
+        await store.remove("crowd", f"{1:016x}", "ev")
+        await store.remove("crowd", f"{1:016x}", "ev")  # not held any more: nothing
+        assert (await store.clients("crowd", MAX_CLIENTS))[1] == MAX_CLIENTS + 4
+        # 1,005 joins and one leave; in Redis they are published, and this test does not listen.
+        assert len(heard) == (0 if backend == "redis" else MAX_CLIENTS + 6)
+        if backend == "redis":
+            await client.aclose()
+
+    run(go())
