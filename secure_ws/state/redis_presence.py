@@ -160,7 +160,7 @@ class RedisPresence(PresenceStore):
         self._nodes = redis.register_script(_NODES)
         # This process's entries, for renewal: (channel, connection id) → sub; bound in .presence.
         self._held: dict[tuple[str, str], str] = {}
-        self._wanted: set[str] = set()  # channels with a local listener
+        self._wanted: set[str] = set()  # channels with a local listener: ≤ local connections × max subscriptions
         self._pubsub = redis.pubsub(ignore_subscribe_messages=True)
         self._connected = asyncio.Event()  # set once the pub/sub connection exists: reading needs it
         self._tasks: list[asyncio.Task[None]] = []
