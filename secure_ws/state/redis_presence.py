@@ -50,13 +50,16 @@ local t = redis.call('TIME')
 local now = tonumber(t[1]) + tonumber(t[2]) / 1e6
 """
 
+# Every entry's expiry is Redis TIME + the same ttl, and scripts run one at a time, so the last write of a
+# channel's index score is its latest expiry (no ZADD GT needed, which Redis < 6.2 lacks).
+
 # KEYS: entries, index. ARGV: ttl, member, channel, event channel, event.
 _ADD = _NOW + """
 local exp = now + tonumber(ARGV[1])
 redis.call('ZREMRANGEBYSCORE', KEYS[1], '-inf', now)
 redis.call('ZADD', KEYS[1], exp, ARGV[2])
 redis.call('EXPIRE', KEYS[1], tonumber(ARGV[1]) + 1)
-redis.call('ZADD', KEYS[2], 'GT', exp, ARGV[3])
+redis.call('ZADD', KEYS[2], exp, ARGV[3])
 redis.call('EXPIRE', KEYS[2], tonumber(ARGV[1]) + 1)
 redis.call('PUBLISH', ARGV[4], ARGV[5])
 return 1
@@ -85,7 +88,7 @@ for i = 1, #KEYS - 1 do
   else
     redis.call('ZADD', KEYS[i], exp, member)
     redis.call('EXPIRE', KEYS[i], ttl + 1)
-    redis.call('ZADD', index, 'GT', exp, channel)
+    redis.call('ZADD', index, exp, channel)
   end
 end
 redis.call('ZREMRANGEBYSCORE', index, '-inf', now)
