@@ -23,11 +23,13 @@ from .auth.tokens import AuthError, Principal, Verifier
 from .core import dispatch
 from .core.handlers import Registry
 from .core.hub import Hub
+from .core.presence import Roster
 from .core.ratelimit import Limiter
 from .core.types import Route, SessionDeps
 from .settings import ConfigError, Settings
-from .state.url import storage_from_url
+from .state.url import presence_store, storage_from_url
 from .wire.closes import REVOKED, SHUTTING_DOWN, Close
+from .wire.messages import CHANNEL
 
 log = logging.getLogger("secure_ws")
 
@@ -65,7 +67,9 @@ class Service:
         strategy, limiter_storage = settings.rate_limit_strategy, self.storage.limiter_storage
         self.limiter = Limiter(settings.rate_limits, strategy, limiter_storage, "msg", errors)
         self.handshake_limiter = Limiter(settings.handshake_rate_limits, strategy, limiter_storage, "hs", errors)
-        self.hub = Hub(self.storage)
+        self.roster = Roster(presence_store(self.storage))
+        self.hub = Hub(self.storage, self.roster)
+        self.roster.store.node_stats = lambda: {"connections": len(self.hub.sessions)}
         self.storage.on_revocations = self.hub.enforce_revocations
         self.keys.on_change(self.hub.enforce_keyring)
         self._tasks: list[asyncio.Task[Any]] = []
@@ -94,6 +98,7 @@ class Service:
             authenticate=self.authenticate,
             publish=self.storage.publish,
             unavailable=self.unavailable,
+            presence=self.roster,
             on_connect=tuple(registry.on_connect),
             on_disconnect=tuple(registry.on_disconnect),
         )
@@ -122,6 +127,23 @@ class Service:
         except Exception:  # storage down: the slot's lease expires by itself
             log.warning("could not release connection slot for sub %r", sub)
 
+    # -- presence, channels and nodes (SPEC §10 `presence`, `channels`, `info`); storage errors propagate --
+
+    async def presence(self, channel: str) -> dict[str, dict[str, str]]:
+        """``{connection_id: {"sub": S}, …}``: the subscribers of ``channel`` on every node, at most 1,000."""
+        if type(channel) is not str or not CHANNEL.fullmatch(channel):
+            raise ValueError(f"channel must match ^{CHANNEL.pattern}$")
+        listed, _ = await self.roster.clients(channel)
+        return {connection_id: {"sub": sub} for connection_id, sub in listed.items()}
+
+    async def channels(self) -> dict[str, dict[str, int]]:
+        """``{C: {"subscribers": N}, …}``: every channel with a subscriber on any node, at most 10,000."""
+        return {channel: {"subscribers": n} for channel, n in (await self.roster.channels()).items()}
+
+    async def info(self) -> dict[str, Any]:
+        """``{"nodes": [{"id", "hostname", "pid", "started", "connections"}, …]}``: the live nodes, this one first."""
+        return {"nodes": await self.roster.nodes()}
+
     async def ready(self) -> bool:
         """For ``/readyz``: started, storage answers and the revocation list is known complete."""
         if self.session_deps is None or self.storage.revocations_problem is not None:
@@ -144,6 +166,7 @@ class Service:
         if self._proxy is not None:
             await self._proxy.start()
         await self.storage.start()
+        await self.roster.store.start()
         self._tasks.append(asyncio.create_task(self.keys.run(), name="secure-ws keyring"))
         loop = asyncio.get_running_loop()
         with contextlib.suppress(NotImplementedError, RuntimeError, ValueError):
@@ -159,6 +182,7 @@ class Service:
             for task in self._tasks:
                 task.cancel()
             self._tasks.clear()
+            await self.roster.store.close()
             await self.storage.close()
             if self._proxy is not None:
                 await self._proxy.close()

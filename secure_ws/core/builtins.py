@@ -12,6 +12,7 @@ from typing import TYPE_CHECKING, Any
 from ..auth.tokens import AuthError
 from ..wire.closes import INVALID, Close
 from ..wire.messages import BAD_REQUEST, FORBIDDEN, LIMIT_EXCEEDED, ProtocolError, channel_of, encode, error, reply
+from . import presence
 
 if TYPE_CHECKING:
     from collections.abc import Awaitable
@@ -54,6 +55,9 @@ def refresh(session: Connection, request: Request) -> Awaitable[None]:
 
 async def _subscribe(session: Connection, request: Request) -> None:
     channel = channel_of(request)
+    join_leave = request.get("join_leave", False)
+    if type(join_leave) is not bool:
+        raise ProtocolError(BAD_REQUEST, "join_leave must be true or false", request.get("id"))
     if not session.grants.may_subscribe(channel):
         raise ProtocolError(FORBIDDEN, f"scope does not grant subscribe:{channel}", request.get("id"))
     # Each held channel costs memory here and a subscription in storage; one already held is free.
@@ -61,6 +65,7 @@ async def _subscribe(session: Connection, request: Request) -> None:
     if len(session.channels) >= limit and channel not in session.channels:
         raise ProtocolError(LIMIT_EXCEEDED, f"at most {limit} subscriptions per connection", request.get("id"))
     await session.deps.hub.join(session, channel)
+    await session.deps.presence.join(session, channel, join_leave)
     session.send(reply(request, {"type": "subscribed", "channel": channel}))
 
 
@@ -111,4 +116,5 @@ BUILT_INS: dict[str, Route] = {
     "unsubscribe": unsubscribe,
     "publish": publish,
     "refresh": refresh,
+    "presence": presence.request,
 }

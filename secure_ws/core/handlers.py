@@ -29,7 +29,9 @@ if TYPE_CHECKING:
 TYPE_NAME = re.compile(r"[A-Za-z][A-Za-z0-9_.:-]{0,63}")
 BUILT_IN_TYPES = frozenset(BUILT_INS)
 # Replies and pushes the server sends: a request of one of these types would make replies ambiguous.
-SERVER_TYPES = frozenset(("pong", "subscribed", "unsubscribed", "published", "refreshed", "welcome", "message", "error", "result", "push"))
+SERVER_TYPES = frozenset(
+    ("pong", "subscribed", "unsubscribed", "published", "refreshed", "welcome", "message", "error", "result", "push", "join", "leave")
+)
 MAX_FIELDS_NAMED = 10  # a bad_request names at most this many invalid fields
 _FIELD = re.compile(r"[A-Za-z0-9_]{1,64}")
 

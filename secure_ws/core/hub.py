@@ -17,12 +17,13 @@ from ..state.storage import DISCONNECT, SEND, Storage
 from ..wire.closes import DISCONNECTED, REVOKED, Close
 
 if TYPE_CHECKING:
-    from .types import Connection
+    from .types import Connection, Presence
 
 
 class Hub:
-    def __init__(self, storage: Storage) -> None:
+    def __init__(self, storage: Storage, presence: Presence) -> None:
         self.storage = storage
+        self.presence = presence
         self.sessions: set[Connection] = set()
         self._by_sub: defaultdict[str, set[Connection]] = defaultdict(set)
         self._channels: dict[str, set[Connection]] = {}
@@ -56,6 +57,7 @@ class Hub:
         session.channels.add(channel)
 
     async def leave(self, session: Connection, channel: str) -> None:
+        await self.presence.leave(session, channel)  # every way out of a channel passes here; never raises
         session.channels.discard(channel)
         members = self._channels.get(channel)
         if members is None:

@@ -2,7 +2,8 @@
 
 A :class:`Connection` is what the dispatch table's routes, the hub and a
 handler's ``Context`` see of a session; :class:`Members` is what a session sees
-of the hub; :class:`SessionDeps` is what a session is given of the process.
+of the hub, :class:`Presence` of the presence records; :class:`SessionDeps` is
+what a session is given of the process.
 :class:`secure_ws.core.session.Session` and :class:`secure_ws.core.hub.Hub`
 are the implementations.
 """
@@ -55,6 +56,14 @@ class Members(Protocol):
     async def leave(self, connection: Connection, channel: str) -> None: ...
 
 
+class Presence(Protocol):
+    """Who is subscribed where, on every node (:class:`secure_ws.core.presence.Roster`)."""
+
+    async def join(self, connection: Connection, channel: str, join_leave: bool) -> None: ...
+    async def leave(self, connection: Connection, channel: str) -> None: ...
+    async def clients(self, channel: str) -> tuple[dict[str, str], int]: ...
+
+
 @dataclass(frozen=True, slots=True)
 class SessionDeps:
     """What a session needs of the process, and nothing more (built once by the service)."""
@@ -67,5 +76,6 @@ class SessionDeps:
     authenticate: Callable[[str], Awaitable[Principal]]
     publish: Callable[[str, str], Awaitable[None]]  # (channel, encoded message) to every subscriber, every worker
     unavailable: tuple[type[BaseException], ...]  # what storage raises when it cannot be reached
+    presence: Presence
     on_connect: Sequence[Hook] = ()
     on_disconnect: Sequence[Hook] = ()

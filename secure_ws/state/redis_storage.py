@@ -33,6 +33,7 @@ from urllib.parse import urlsplit
 
 import redis.asyncio as aioredis
 from limits.aio.storage import RedisStorage as LimitsRedisStorage
+from redis.asyncio.client import PubSub
 from redis.exceptions import RedisError
 
 from ..auth.revocation import Revocations
@@ -110,6 +111,19 @@ for i = 3, #ARGV do
 end
 return 1
 """
+
+
+async def reconcile_subscriptions(pubsub: PubSub, prefix: str, wanted: set[str]) -> None:
+    """Make Redis's subscriptions under ``prefix`` match ``wanted`` (redis-py resubscribes its own list on
+    reconnect, but an unsubscribe that failed while Redis was away is only in ``wanted``)."""
+    names = (c.decode() if isinstance(c, bytes) else c for c in pubsub.channels)
+    held = {name[len(prefix):] for name in names if name.startswith(prefix)}
+    stale = [prefix + c for c in held - wanted]
+    missing = [prefix + c for c in wanted - held]
+    if stale:
+        await pubsub.unsubscribe(*stale)
+    if missing:
+        await pubsub.subscribe(*missing)
 
 
 def _conn_key(sub: str) -> str:
@@ -310,16 +324,7 @@ class RedisStorage(Storage):
             log.warning("redis: unsubscribe %r deferred until Redis answers: %s", channel, exc)
 
     async def _reconcile(self) -> None:
-        """Make Redis's subscriptions match the local ones (redis-py resubscribes its own list on reconnect)."""
-        prefix = len(CHANNEL_PREFIX)
-        names = (c.decode() if isinstance(c, bytes) else c for c in self._pubsub.channels)
-        held = {name[prefix:] for name in names if name.startswith(CHANNEL_PREFIX)}
-        stale = [CHANNEL_PREFIX + c for c in held - self._wanted]
-        missing = [CHANNEL_PREFIX + c for c in self._wanted - held]
-        if stale:
-            await self._pubsub.unsubscribe(*stale)
-        if missing:
-            await self._pubsub.subscribe(*missing)
+        await reconcile_subscriptions(self._pubsub, CHANNEL_PREFIX, self._wanted)
 
     async def publish(self, channel: str, payload: str) -> None:
         await self.redis.publish(CHANNEL_PREFIX + channel, payload)

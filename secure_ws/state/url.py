@@ -6,6 +6,7 @@ from collections.abc import Awaitable, Callable
 from pathlib import Path
 
 from .memory import MemoryStorage
+from .presence import MemoryPresence, PresenceStore
 from .storage import Storage
 
 
@@ -15,6 +16,18 @@ def storage_from_url(url: str, revocation_file: Path) -> Storage:
     from .redis_storage import RedisStorage  # imported only when used: keeps memory mode light
 
     return RedisStorage(url, revocation_file)
+
+
+def presence_store(storage: Storage) -> PresenceStore:
+    """The presence store beside ``storage``: on the same Redis connection pool, or in memory."""
+    if isinstance(storage, MemoryStorage):
+        return MemoryPresence()
+    from .redis_presence import RedisPresence  # imported only when used, as above
+    from .redis_storage import RedisStorage
+
+    if not isinstance(storage, RedisStorage):
+        raise TypeError(f"no presence store for {type(storage).__name__}")
+    return RedisPresence(storage.redis, storage.errors)
 
 
 async def run_storage(url: str, revocation_file: Path, action: Callable[[Storage], Awaitable[object]]) -> object:
