@@ -290,6 +290,8 @@ class ServerApi:
             raise ApiError(503, "unavailable", "the service is not running (starting or shutting down)")
         try:
             return await method(service, body)
+        except ApiError:
+            raise
         except NotImplementedError:
             raise ApiError(501, "not_implemented", "this method is not available in this version") from None
         except service.unavailable as exc:
