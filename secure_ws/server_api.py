@@ -162,6 +162,8 @@ async def _info(service: Service, body: dict[str, Any]) -> dict[str, Any]:
     return await service.info()
 
 
+AUDITED = frozenset({"revoke", "disconnect"})
+
 Method = Callable[[Service, dict[str, Any]], Awaitable[dict[str, Any]]]
 METHODS: dict[str, Method] = {
     "publish": _publish,
@@ -263,7 +265,9 @@ class ServerApi:
                 log.info("api refused ip=%s method=%s: 401", ip, _loggable(method_name), extra={"event": "api_refused", "client": ip})
             await _respond(send, exc.status, {"error": {"code": exc.code, "message": exc.message}}, headers)
             return
-        log.info("api call ip=%s key=%s method=%s", ip, key_name, method_name, extra={"event": "api_call", "client": ip})
+        # Revocations and disconnects are rare and worth an audit line; publishes may come by the thousand.
+        level = logging.INFO if method_name in AUDITED else logging.DEBUG
+        log.log(level, "api call ip=%s key=%s method=%s", ip, key_name, method_name, extra={"event": "api_call", "client": ip})
         await _respond(send, 200, result)
 
     async def _authorize(self, scope: dict[str, Any], ip: str) -> str:

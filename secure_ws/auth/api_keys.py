@@ -32,7 +32,7 @@ log = logging.getLogger("secure_ws.api_keys")
 VARIABLE = "SECURE_WS_API_KEYS_FILE"
 KEY_PREFIX = "swk_"
 KEY_BYTES = 32
-NAME = re.compile(r"[A-Za-z0-9_.:-]{1,64}")
+NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9_.:-]{0,63}")  # no leading "-": it would read as an option
 # An operator-written file, but the server reads it: bounded like the JWK Set.
 MAX_FILE_BYTES = 1 << 20
 POLL_INTERVAL = 0.5
