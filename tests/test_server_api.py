@@ -22,6 +22,7 @@ import httpx
 import pytest
 import websockets
 from helpers import (
+    AppServer,
     Server,
     api_acall,
     api_call,
@@ -438,5 +439,31 @@ def test_bad_keys_count_on_the_handshake_throttle_then_429_before_any_key_check(
         assert set(statuses) <= {401, 429} and statuses.count(401) <= 5, statuses
         no_traceback(srv)
         assert api_key not in srv.log() and "swk_flood" not in srv.log()
+    finally:
+        srv.stop()
+
+
+# -- mounted in a host application ---------------------------------------------------------------
+
+
+@pytest.mark.parametrize("host", ["starlette_host", "fastapi_host"])
+def test_the_api_follows_the_mount_point(keydir: Path, keys_file: Path, api_key: str, issue: Any, host: str) -> None:
+    srv = AppServer(keydir, api_env(keydir, keys_file), app=f"mounted_app:{host}").start()
+    channel = f"news.{unique_sub()}"
+    try:
+        async def go() -> None:
+            async with srv.connect(issue(scope=f"subscribe:{channel}"), path="/realtime/ws") as ws:
+                await welcome(ws)
+                await subscribe(ws, channel)
+                with httpx.Client(verify=srv.ssl_context(), timeout=10) as client:
+                    response = await asyncio.to_thread(
+                        client.post, f"{srv.https}/realtime/api/publish", json={"channel": channel, "data": 7},
+                        headers={"Authorization": f"Bearer {api_key}"},
+                    )
+                assert response.status_code == 200, response.text
+                assert without_position(await recv_json(ws)) == {"type": "message", "channel": channel, "data": 7}
+
+        run(go())
+        no_traceback(srv)
     finally:
         srv.stop()
