@@ -1,6 +1,6 @@
 """secure_ws: an authenticated, rate-limited WebSocket API service over wss, and a library for your own API on it.
 
-``from secure_ws import SecureWS, Context, Reject``. They are loaded on first use, so that
+``from secure_ws import SecureWS, Context, Reject`` (and ``Publisher`` for backends sharing the Redis). They are loaded on first use, so that
 ``secure_ws.client`` (which needs only :mod:`secure_ws.wire`) does not load the server.
 """
 
@@ -13,11 +13,12 @@ if TYPE_CHECKING:
     from .core.context import Context
     from .core.handlers import RegistrationError
     from .core.reject import Reject
+    from .publisher import Publisher
 
-__all__ = ["SecureWS", "Context", "Reject", "RegistrationError"]
+__all__ = ["SecureWS", "Context", "Reject", "RegistrationError", "Publisher"]
 __version__ = "0.1.0"
 
-_WHERE = {"SecureWS": "app", "Context": "core.context", "Reject": "core.reject", "RegistrationError": "core.handlers"}
+_WHERE = {"SecureWS": "app", "Context": "core.context", "Reject": "core.reject", "RegistrationError": "core.handlers", "Publisher": "publisher"}
 
 
 def __getattr__(name: str) -> Any:

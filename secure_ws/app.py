@@ -21,11 +21,11 @@ from . import demo, logs, metrics
 from .core.handlers import HandlerFunc, HookFunc, RegistrationError
 from .core.handshake import HandshakeMiddleware
 from .core.session import DIRECT, Session
+from .server_api import PREFIX as API_PREFIX
+from .server_api import ServerApi
 from .service import Service
 from .settings import ConfigError, Settings, load_settings
-from .state.storage import DISCONNECT, SEND
 from .uvicorn.install import install
-from .wire.messages import CHANNEL, encode
 
 WS_PATH = "/ws"
 
@@ -85,19 +85,18 @@ class SecureWS:
 
     # -- the server side ---------------------------------------------------------------
 
-    async def publish(self, channel: str, data: Any) -> None:
-        """``{"type":"message","channel":C,"data":X}`` (no ``from``) to every subscriber, on every worker."""
-        if type(channel) is not str or not CHANNEL.fullmatch(channel):
-            raise ValueError(f"channel must match ^{CHANNEL.pattern}$")
-        await self.service.storage.publish(channel, encode({"type": "message", "channel": channel, "data": data}))
+    async def publish(self, channel: str, data: Any) -> dict[str, Any]:
+        """``{"type":"message","channel":C,"data":X}`` (no ``from``) to every subscriber, on every worker;
+        returns ``{"offset":N,"epoch":E}`` on a channel with history, else ``{}``."""
+        return await self.service.publish(channel, data)
 
     async def send(self, sub: str, data: Any) -> None:
         """``{"type":"push","data":X}`` to every connection of ``sub``, on every worker and host."""
-        await self.service.storage.signal(SEND, sub, encode({"type": "push", "data": data}))
+        await self.service.send(sub, data)
 
     async def disconnect(self, sub: str) -> None:
         """Close every connection of ``sub`` with 1008 ``disconnected``, on every worker and host."""
-        await self.service.storage.signal(DISCONNECT, sub)
+        await self.service.disconnect(sub)
 
 
 def _asgi(service: Service) -> Any:
@@ -135,6 +134,7 @@ def _asgi(service: Service) -> Any:
         await Session(deps, send, scope["secure_ws.principal"]).run(receive, scope["secure_ws.subprotocol"], direct)
 
     gate = HandshakeMiddleware(session, service)
+    server_api = ServerApi(service, fallback=http)
 
     async def app(scope: dict[str, Any], receive: Any, send: Any) -> None:
         if scope["type"] == "websocket":
@@ -144,6 +144,11 @@ def _asgi(service: Service) -> Any:
                 await receive()
                 await send({"type": "websocket.close", "code": 1008})  # uvicorn answers HTTP 403
             return
+        if scope["type"] == "http":
+            path = _route_path(scope)
+            if path.startswith(API_PREFIX):
+                await server_api(scope, receive, send, path)
+                return
         await http(scope, receive, send)
 
     app.service = service  # type: ignore[attr-defined]  # for tests and the CLI

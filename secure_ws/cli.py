@@ -9,10 +9,9 @@ from __future__ import annotations
 
 import argparse
 import asyncio
-import math
+import json
 import os
 import sys
-import time
 from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
@@ -77,34 +76,76 @@ def cmd_token_issue(args: argparse.Namespace) -> None:
 
 
 def cmd_token_revoke(args: argparse.Namespace) -> None:
-    from .auth.revocation import Revocations, sub_cutoff
+    from .state import actions
     from .state.storage import Storage
     from .state.url import run_storage
 
     settings = _settings()
-    now = time.time()
-    # Kept until every token it can cover has expired anyway.
-    until = now + settings.max_token_ttl + settings.leeway
-    if args.jti:
-        def change(r: Revocations) -> Revocations:
-            return r.with_jti(args.jti, until)
-    else:
-        cutoff = sub_cutoff(now)
 
-        def change(r: Revocations) -> Revocations:
-            return r.with_sub(args.sub, cutoff, until)
-
-    async def revoke(storage: Storage) -> object:
-        return await storage.update_revocations(change)
+    async def revoke(storage: Storage) -> None:
+        await actions.revoke(storage, settings, jti=args.jti, sub=args.sub)
 
     asyncio.run(run_storage(settings.storage_url, settings.revocation_file, revoke))
     if args.jti:
         print(f"revoked jti {args.jti}")
     else:
-        # Tokens issued later in this same second would carry the same iat; wait it out so that
-        # every token issued after this command returns is unaffected.
-        time.sleep(max(0.0, math.floor(cutoff) + 1 - time.time()))
         print(f"revoked every token of sub {args.sub} issued until now")
+
+
+def cmd_apikey_create(args: argparse.Namespace) -> None:
+    from .auth.api_keys import ApiKeyFile
+
+    path = _settings().api_keys_file
+    key = ApiKeyFile(path).create(args.name)
+    print(f"api key {args.name!r} created in {path} (only its SHA-256 is kept): this is the only time it is shown", file=sys.stderr)
+    print(key)
+
+
+def cmd_apikey_list(args: argparse.Namespace) -> None:
+    from .auth.api_keys import ApiKeyFile
+
+    path = _settings().api_keys_file
+    print(f"api keys file: {path}", file=sys.stderr)
+    keys = ApiKeyFile(path).list()
+    if not keys:
+        print("no api keys (run `secure-ws apikey create NAME`); /api/* answers 404")
+        return
+    print(f"{'name':<64} created (UTC)")
+    for k in keys:
+        print(f"{k.name:<64} {datetime.fromtimestamp(k.created, UTC).strftime('%Y-%m-%d %H:%M:%S')}")
+
+
+def cmd_apikey_revoke(args: argparse.Namespace) -> None:
+    from .auth.api_keys import ApiKeyFile
+
+    path = _settings().api_keys_file
+    ApiKeyFile(path).revoke(args.name)
+    print(f"revoked api key {args.name!r} in {path}: running servers refuse it within 2 s")
+
+
+def cmd_publish(args: argparse.Namespace) -> None:
+    from .publisher import Publisher
+    from .wire.messages import parse
+
+    settings = _settings()
+    if settings.storage_url == "memory://":
+        raise CommandError(
+            "publish needs SECURE_WS_STORAGE_URL=redis://… shared with the server: with memory:// the server's "
+            "state lives inside its own process (use POST /api/publish instead)"
+        )
+    try:
+        data = parse(args.json)
+    except ValueError:
+        raise CommandError("JSON: not valid JSON (quote it for the shell: '{\"text\":\"hi\"}')") from None
+
+    async def publish() -> dict[str, Any]:
+        async with Publisher.from_url(settings.storage_url) as publisher:
+            try:
+                return await publisher.publish(args.channel, data)
+            except publisher.errors as exc:
+                raise CommandError(f"SECURE_WS_STORAGE_URL does not answer: {exc}") from None
+
+    print(json.dumps(asyncio.run(publish())))
 
 
 def _serve(settings: Settings, host: str, port: int, workers: int, **extra: Any) -> None:
@@ -191,6 +232,21 @@ def build_parser() -> argparse.ArgumentParser:
     group.add_argument("--sub")
     p.set_defaults(func=cmd_token_revoke)
 
+    apikey = sub.add_parser("apikey", help="server-API keys").add_subparsers(dest="apikey_command", required=True)
+    p = apikey.add_parser("create", help="print a new API key, once; only its hash is stored")
+    p.add_argument("name")
+    p.set_defaults(func=cmd_apikey_create)
+    p = apikey.add_parser("list", help="names and creation times (never keys or hashes)")
+    p.set_defaults(func=cmd_apikey_list)
+    p = apikey.add_parser("revoke", help="delete a key: running servers refuse it within 2 s")
+    p.add_argument("name")
+    p.set_defaults(func=cmd_apikey_revoke)
+
+    p = sub.add_parser("publish", help="publish JSON to a channel through the shared Redis (as POST /api/publish)")
+    p.add_argument("channel")
+    p.add_argument("json", help="the message's data, as JSON")
+    p.set_defaults(func=cmd_publish)
+
     for name, helptext in (("serve", "run the server with the hardened TLS context"), ("dev", "the quickstart")):
         p = sub.add_parser(name, help=helptext)
         p.add_argument("--host", default="127.0.0.1")
@@ -224,11 +280,12 @@ def _protect_dashes(argv: list[str]) -> list[str]:
 
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(_protect_dashes(sys.argv[1:] if argv is None else argv))
+    from .auth.api_keys import ApiKeyError
     from .auth.signing import SigningError
 
     try:
         args.func(args)
-    except (ConfigError, CommandError, SigningError) as exc:
+    except (ConfigError, CommandError, SigningError, ApiKeyError) as exc:
         print(f"secure-ws: {exc}", file=sys.stderr)
         return 2
     except (OSError, ValueError) as exc:

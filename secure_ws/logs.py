@@ -19,6 +19,8 @@ _REDACTIONS = (
     (re.compile(r"(?i)((?:access_token|token)=)[^&\s\"']+"), r"\1[redacted]"),
     # anything shaped like a JWS/JWE compact serialisation
     (re.compile(r"eyJ[A-Za-z0-9_-]*\.[A-Za-z0-9_-]*(?:\.[A-Za-z0-9_-]*){1,3}"), "[redacted-jwt]"),
+    # server-API keys (secure_ws.auth.api_keys), wherever one was pasted
+    (re.compile(r"swk_[A-Za-z0-9_-]{8,}"), "swk_[redacted]"),
     # bearer credentials in headers or subprotocols
     (re.compile(r"(?i)(bearer[ .])[A-Za-z0-9_.~+/=-]+"), r"\1[redacted]"),
 )

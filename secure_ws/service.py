@@ -18,6 +18,7 @@ import signal
 from collections.abc import AsyncIterator
 from typing import Any
 
+from .auth.api_keys import ApiKeyChecker, ApiKeyError
 from .auth.keys import KeyringError, KeyStore
 from .auth.tokens import AuthError, Principal, Verifier
 from .core import dispatch
@@ -27,6 +28,7 @@ from .core.presence import Roster
 from .core.ratelimit import Limiter
 from .core.types import Route, SessionDeps
 from .settings import ConfigError, Settings
+from .state import actions
 from .state.url import presence_store, storage_from_url
 from .wire.closes import REVOKED, SHUTTING_DOWN, Close
 from .wire.messages import CHANNEL
@@ -61,6 +63,11 @@ class Service:
             self.storage.load_initial()
         except (OSError, ValueError) as exc:
             raise ConfigError("SECURE_WS_REVOCATION_FILE", str(exc)) from None
+        self.api_keys = ApiKeyChecker(settings.api_keys_file)
+        try:
+            self.api_keys.load_initial()
+        except ApiKeyError as exc:
+            raise ConfigError("SECURE_WS_API_KEYS_FILE", str(exc)) from None
         errors = self.storage.errors
         # What makes a request wait rather than fail: storage unreachable, or a revocation list not known complete.
         self.unavailable: tuple[type[BaseException], ...] = (RevocationsUnavailable, *errors)
@@ -153,12 +160,31 @@ class Service:
         except Exception:
             return False
 
+    # -- the server side: SecureWS.publish/send/disconnect and the server API (secure_ws.server_api) ----------
+
+    async def publish(self, channel: str, data: Any, sender: str | None = None) -> dict[str, Any]:
+        """To every subscriber of ``channel`` on every worker; ``{"offset":N,"epoch":E}``, or ``{}`` with history off."""
+        return await actions.publish(self.storage, channel, data, sender)
+
+    async def send(self, sub: str, data: Any) -> None:
+        await actions.send(self.storage, sub, data)
+
+    async def disconnect(self, sub: str) -> None:
+        await actions.disconnect(self.storage, sub)
+
+    async def revoke(self, jti: str | None = None, sub: str | None = None) -> None:
+        await actions.revoke(self.storage, self.settings, jti=jti, sub=sub)
+
+    async def history(self, channel: str, since: dict[str, Any] | None = None, limit: int | None = None) -> dict[str, Any]:
+        raise NotImplementedError("history")
+
     def _sighup(self) -> None:
-        log.info("SIGHUP: reloading keys and revocations")
+        log.info("SIGHUP: reloading keys, revocations and API keys")
         loop = asyncio.get_running_loop()
         self._tasks = [task for task in self._tasks if not task.done()]  # bounded however often SIGHUP comes
         self._tasks.append(loop.create_task(self.keys.reload_file(force=True)))
         self._tasks.append(loop.create_task(self.storage.reload_revocations()))
+        self._tasks.append(loop.create_task(self.api_keys.poll(force=True)))
 
     @contextlib.asynccontextmanager
     async def lifespan(self, app: Any = None) -> AsyncIterator[None]:
@@ -168,6 +194,7 @@ class Service:
         await self.storage.start()
         await self.roster.store.start()
         self._tasks.append(asyncio.create_task(self.keys.run(), name="secure-ws keyring"))
+        self._tasks.append(asyncio.create_task(self.api_keys.run(), name="secure-ws api keys"))
         loop = asyncio.get_running_loop()
         with contextlib.suppress(NotImplementedError, RuntimeError, ValueError):
             loop.add_signal_handler(signal.SIGHUP, self._sighup)

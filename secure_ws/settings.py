@@ -94,6 +94,7 @@ class Settings:
     forwarded_allow_ips: tuple[ipaddress.IPv4Network | ipaddress.IPv6Network, ...] = ()
     storage_url: str = "memory://"
     revocation_file: Path = Path("certs/revocations.json")
+    api_keys_file: Path = Path("certs/api-keys.json")
     tls_certfile: Path = Path("certs/server.crt")
     tls_keyfile: Path = Path("certs/server.key")
     tls_client_ca: Path | None = None
@@ -266,6 +267,7 @@ def load_settings(
         forwarded_allow_ips=tuple(proxies),
         storage_url=storage_url,
         revocation_file=path("REVOCATION_FILE", "certs/revocations.json"),
+        api_keys_file=path("API_KEYS_FILE", "certs/api-keys.json"),
         tls_certfile=path("TLS_CERTFILE", "certs/server.crt"),
         tls_keyfile=path("TLS_KEYFILE", "certs/server.key"),
         tls_client_ca=Path(client_ca) if client_ca else None,

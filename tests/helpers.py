@@ -49,12 +49,8 @@ def free_port() -> int:
 
 
 def base_env(keydir: Path, **extra: str) -> dict[str, str]:
-    defaults = {
-        # Many handshakes come from 127.0.0.1 in a test run; the throttle has its own tests.
-        "SECURE_WS_HANDSHAKE_RATE_LIMIT": "100000/minute",
-        "PYTHONUNBUFFERED": "1",
-    }
-    return keydir_env(keydir, **{**defaults, **extra})
+    # Many handshakes come from 127.0.0.1 in a test run; the throttle has its own tests (which set it in ``extra``).
+    return keydir_env(keydir, **{"SECURE_WS_HANDSHAKE_RATE_LIMIT": "100000/minute", "PYTHONUNBUFFERED": "1", **extra})
 
 
 def cli(keydir: Path, *args: str, env: dict[str, str] | None = None, check: bool = True) -> subprocess.CompletedProcess:
@@ -345,6 +341,15 @@ async def wait_until(condition: Callable[[], Any], within: float, what: str, eve
         await asyncio.sleep(every)
 
 
+def rss_kb(pid: int, field: str = "VmRSS") -> int:
+    """A process's resident memory (``VmRSS``), or its peak (``VmHWM``), in KiB."""
+    with open(f"/proc/{pid}/status") as status:
+        for line in status:
+            if line.startswith(field + ":"):
+                return int(line.split()[1])
+    raise AssertionError(f"no {field} for {pid}")
+
+
 class RedisProcess:
     """A throw-away ``redis-server`` in the foreground on a spare port (no persistence), killed like a crash."""
 
@@ -389,3 +394,59 @@ class RedisProcess:
         if self.proc is not None and self.proc.poll() is None:
             self.proc.kill()
             self.proc.wait(10)
+
+
+# -- the server API (SPEC §10) -----------------------------------------------------------------------
+
+
+def api_call(srv: Server, method: str, body: Any = None, key: str | None = None, raw: bytes | None = None,
+             headers: dict[str, str] | None = None, http_method: str = "POST") -> Any:
+    """One ``/api/<method>`` request with httpx (an ``httpx.Response``); ``body`` goes as JSON, ``raw`` as given."""
+    import httpx
+
+    sent = dict(headers or {})
+    if key is not None:
+        sent["Authorization"] = f"Bearer {key}"
+    content = raw if raw is not None else (None if body is None else json.dumps(body).encode())
+    with httpx.Client(verify=srv.ssl_context(), timeout=10) as client:
+        return client.request(http_method, f"{srv.https}/api/{method}", content=content, headers=sent)
+
+
+async def api_acall(srv: Server, method: str, body: Any = None, key: str | None = None) -> Any:
+    """:func:`api_call` from a test's event loop, without blocking the clients on it."""
+    return await asyncio.to_thread(api_call, srv, method, body, key)
+
+
+def api_error(response: Any, status: int, code: str) -> str:
+    """Assert an API error answer ``{"error":{"code":code,"message":…}}`` with ``status``; return its message."""
+    assert response.status_code == status, (response.status_code, response.text)
+    assert response.headers["content-type"] == "application/json"
+    document = response.json()
+    assert set(document) == {"error"} and set(document["error"]) == {"code", "message"}, document
+    assert document["error"]["code"] == code, document
+    assert isinstance(document["error"]["message"], str) and document["error"]["message"]
+    return document["error"]["message"]
+
+
+def api_env(keydir: Path, keys_file: Path, **extra: str) -> dict[str, str]:
+    return base_env(keydir, SECURE_WS_API_KEYS_FILE=str(keys_file), **extra)
+
+
+def create_api_key(keydir: Path, keys_file: Path, name: str) -> str:
+    """``secure-ws apikey create NAME``: the key it prints."""
+    return cli(keydir, "apikey", "create", name, env=api_env(keydir, keys_file)).stdout.strip()
+
+
+def without_position(message: dict[str, Any]) -> dict[str, Any]:
+    """A ``message`` frame without the ``offset``/``epoch`` a channel with history adds (SPEC §11)."""
+    return {k: v for k, v in message.items() if k not in ("offset", "epoch")}
+
+
+async def subscribe(ws: Any, channel: str) -> None:
+    reply = await request(ws, {"type": "subscribe", "channel": channel})
+    assert reply["type"] == "subscribed" and reply["channel"] == channel, reply
+
+
+def no_traceback(srv: Server) -> None:
+    log = srv.log()
+    assert "Traceback" not in log, log[-3000:]

@@ -24,7 +24,22 @@ import jwt
 import pytest
 import redis
 import websockets
-from helpers import Server, assert_error, base_env, cli, closed_with, recv_json, refusal, request, run, running_pair, unique_sub, welcome
+from helpers import (
+    Server,
+    assert_error,
+    base_env,
+    cli,
+    closed_with,
+    recv_json,
+    refusal,
+    request,
+    rss_kb,
+    run,
+    running_pair,
+    subscribe,
+    unique_sub,
+    welcome,
+)
 
 REDIS_DB = 7
 REDIS_URL = f"redis://127.0.0.1:6379/{REDIS_DB}"
@@ -111,10 +126,6 @@ async def quiet(ws: Any, seconds: float) -> list[dict[str, Any]]:
 
 async def alive(ws: Any) -> None:
     assert await request(ws, {"type": "ping", "id": "alive"}) == {"type": "pong", "id": "alive"}
-
-
-async def subscribe(ws: Any, channel: str) -> None:
-    assert await request(ws, {"type": "subscribe", "channel": channel}) == {"type": "subscribed", "channel": channel}
 
 
 def unique_channel(prefix: str = "room") -> str:
@@ -536,14 +547,6 @@ def test_refresh_that_narrows_scope_drops_the_channel(pair, issue, rdb):
 
 
 # -- slow consumer (SPEC §4) ----------------------------------------------------------------------
-
-
-def rss_kb(pid: int, field: str = "VmRSS") -> int:
-    with open(f"/proc/{pid}/status") as status:
-        for line in status:
-            if line.startswith(field + ":"):
-                return int(line.split()[1])
-    raise AssertionError(f"no {field} for {pid}")
 
 
 FLOOD_MESSAGES = 20_000

@@ -83,14 +83,30 @@ class Limiter:
         try:
             retry = await self._hit(self.strategy, identity)
         except self.storage_errors as exc:
-            if self._fallback is None:
-                log.warning("rate-limit storage unreachable (%s); enforcing per-process limits meanwhile", exc)
-                self._fallback = STRATEGIES[self._strategy_name](LocalStorage())
-            return await self._hit(self._fallback, identity)
+            return await self._hit(self._degraded(exc), identity)
         if self._fallback is not None:
             log.info("rate-limit storage reachable again")
             self._fallback = None
         return retry
+
+    async def blocked_ms(self, identity: str) -> int:
+        """A look without a hit: 0 if a hit for ``identity`` would be allowed now, else ms until one would."""
+        try:
+            return await self._blocked_ms(self.strategy, identity)
+        except self.storage_errors as exc:
+            return await self._blocked_ms(self._degraded(exc), identity)
+
+    def _degraded(self, exc: BaseException) -> RateLimiter:
+        if self._fallback is None:
+            log.warning("rate-limit storage unreachable (%s); enforcing per-process limits meanwhile", exc)
+            self._fallback = STRATEGIES[self._strategy_name](LocalStorage())
+        return self._fallback
+
+    async def _blocked_ms(self, strategy: RateLimiter, identity: str) -> int:
+        for item in self.items:
+            if not await strategy.test(item, self.namespace, identity):
+                return await self._retry_ms(strategy, item, identity)
+        return 0
 
     async def _hit(self, strategy: RateLimiter, identity: str) -> int:
         for item in self.items:

@@ -75,6 +75,15 @@ def _parse(text: str) -> Any:
     return value if end == len(text) else _decoder.decode(text)
 
 
+def parse(text: str) -> Any:
+    """Any JSON value, as strictly as requests are read (no NaN or infinities); ``ValueError`` otherwise,
+    nesting too deep for the parser included."""
+    try:
+        return _parse(text)
+    except RecursionError:
+        raise ValueError("nested too deeply") from None
+
+
 def decode(text: str) -> dict[str, Any]:
     """A request object with a string ``type`` and a valid ``id``, or :class:`ProtocolError`."""
     try:

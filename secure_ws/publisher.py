@@ -1,0 +1,71 @@
+"""``secure_ws.Publisher``: push to clients from another Python process that shares the server's Redis
+(a Celery task, a Django view), without an HTTP round trip to the server API.
+
+It opens the same storage the server does (:mod:`secure_ws.state`) and goes through the same
+actions (:mod:`secure_ws.state.actions`), so what it publishes is exactly what ``POST /api/publish``
+would publish. It starts none of the storage's watchers: it only writes.
+
+    publisher = Publisher.from_url("redis://127.0.0.1:6379/0")   # the server's SECURE_WS_STORAGE_URL
+    await publisher.publish("news", {"title": "…"})                # {"offset":N,"epoch":E}, or {}
+    await publisher.send("alice", {"unread": 3})
+    await publisher.disconnect("mallory")
+    await publisher.close()                                        # or: async with Publisher.from_url(…) as publisher:
+"""
+
+from __future__ import annotations
+
+import os
+import re
+from pathlib import Path
+from types import TracebackType
+from typing import Any
+
+from .state import actions
+from .state.storage import Storage
+from .state.url import storage_from_url
+
+# Storage wants a revocation file; a publisher never reads or writes it (it does not start the storage).
+_UNUSED_REVOCATION_FILE = Path(os.devnull)
+
+
+class Publisher:
+    def __init__(self, storage: Storage) -> None:
+        self.storage = storage
+
+    @classmethod
+    def from_url(cls, url: str) -> Publisher:
+        """For the server's ``SECURE_WS_STORAGE_URL``, which must be ``redis://`` or ``rediss://``: with
+        ``memory://`` the server's state lives inside its own process, out of any other process's reach."""
+        if not re.match(r"^rediss?://", url):
+            raise ValueError(
+                "a Publisher needs the server's redis:// storage URL; with memory:// the server's state lives "
+                "inside its process (use the server API, POST /api/publish, instead)"
+            )
+        return cls(storage_from_url(url, _UNUSED_REVOCATION_FILE))
+
+    @property
+    def errors(self) -> tuple[type[BaseException], ...]:
+        """What the calls raise while Redis cannot be reached."""
+        return self.storage.errors
+
+    async def publish(self, channel: str, data: Any) -> dict[str, Any]:
+        """``{"type":"message","channel":C,"data":X}`` to every subscriber of ``channel`` on every node;
+        ``{"offset":N,"epoch":E}`` on a channel with history, else ``{}``."""
+        return await actions.publish(self.storage, channel, data)
+
+    async def send(self, sub: str, data: Any) -> None:
+        """``{"type":"push","data":X}`` to every live connection of ``sub`` on every node."""
+        await actions.send(self.storage, sub, data)
+
+    async def disconnect(self, sub: str) -> None:
+        """Close every connection of ``sub`` 1008 ``disconnected`` (the client may reconnect)."""
+        await actions.disconnect(self.storage, sub)
+
+    async def close(self) -> None:
+        await self.storage.close()
+
+    async def __aenter__(self) -> Publisher:
+        return self
+
+    async def __aexit__(self, kind: type[BaseException] | None, exc: BaseException | None, tb: TracebackType | None) -> None:
+        await self.close()

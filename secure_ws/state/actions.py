@@ -1,0 +1,81 @@
+"""What backends and operators do to the live service, over any storage: publish, push, disconnect, revoke.
+
+One code path for each, whoever asks: :class:`secure_ws.SecureWS` and the service
+(``api.publish`` …), the server API (``POST /api/…``), :class:`secure_ws.Publisher`
+(another process sharing the Redis) and the ``secure-ws`` commands.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import math
+import time
+from typing import Any
+
+from ..auth.revocation import Revocations, sub_cutoff
+from ..settings import Settings
+from ..wire.messages import CHANNEL, encode
+from .storage import DISCONNECT, SEND, Storage
+
+
+def check_channel(channel: Any) -> str:
+    if type(channel) is not str or not CHANNEL.fullmatch(channel):
+        raise ValueError(f"channel must match ^{CHANNEL.pattern}$")
+    return channel
+
+
+def check_sub(sub: Any) -> str:
+    if type(sub) is not str or not sub:
+        raise ValueError("sub must be a non-empty string")
+    return sub
+
+
+async def publish(storage: Storage, channel: str, data: Any, sender: str | None = None) -> dict[str, Any]:
+    """``{"type":"message","channel":C,"data":X}`` (with ``from`` when ``sender`` is given) to every subscriber,
+    on every worker. Returns the publication's ``{"offset","epoch"}`` on a channel with history, else ``{}``.
+    ``ValueError`` for a bad channel, ``TypeError`` for data that is not JSON, the storage's errors if it is down."""
+    check_channel(channel)
+    message: dict[str, Any] = {"type": "message", "channel": channel}
+    if sender is not None:
+        message["from"] = sender
+    message["data"] = data
+    await storage.publish(channel, encode(message))
+    return {}
+
+
+async def send(storage: Storage, sub: str, data: Any) -> None:
+    """``{"type":"push","data":X}`` to every connection of ``sub``, on every worker and host."""
+    await storage.signal(SEND, check_sub(sub), encode({"type": "push", "data": data}))
+
+
+async def disconnect(storage: Storage, sub: str) -> None:
+    """Close every connection of ``sub`` with 1008 ``disconnected``, on every worker and host."""
+    await storage.signal(DISCONNECT, check_sub(sub))
+
+
+async def revoke(storage: Storage, settings: Settings, jti: str | None = None, sub: str | None = None) -> None:
+    """``secure-ws token revoke``: one token (``jti``) or every token of ``sub`` issued until now.
+
+    Durable first (the revocation file), then every worker. A ``sub`` revocation returns only once the
+    current second is over: tokens carry whole-second ``iat``s, so one issued later within this second
+    would be covered too; every token issued after this returns is unaffected.
+    """
+    if (jti is None) == (sub is None):
+        raise ValueError("revoke exactly one of jti or sub")
+    now = time.time()
+    until = now + settings.max_token_ttl + settings.leeway  # kept until every token it covers has expired anyway
+    if jti is not None:
+        if type(jti) is not str or not jti:
+            raise ValueError("jti must be a non-empty string")
+
+        def change(r: Revocations) -> Revocations:
+            return r.with_jti(jti, until)
+    else:
+        revoked, cutoff = check_sub(sub), sub_cutoff(now)
+
+        def change(r: Revocations) -> Revocations:
+            return r.with_sub(revoked, cutoff, until)
+
+    await storage.update_revocations(change)
+    if sub is not None:
+        await asyncio.sleep(max(0.0, math.floor(cutoff) + 1 - time.time()))
