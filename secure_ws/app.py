@@ -90,6 +90,7 @@ class SecureWS:
         if type(channel) is not str or not CHANNEL.fullmatch(channel):
             raise ValueError(f"channel must match ^{CHANNEL.pattern}$")
         await self.service.storage.publish(channel, encode({"type": "message", "channel": channel, "data": data}))
+        metrics.STATS.publishes += 1
 
     async def send(self, sub: str, data: Any) -> None:
         """``{"type":"push","data":X}`` to every connection of ``sub``, on every worker and host."""
