@@ -182,6 +182,9 @@ KEYRING_RELOADS = Counter(
     "secure_ws_keyring_reloads_total", "Verification-key reloads by source (file, url) and result (ok, error)",
     ["source", "result"], registry=REGISTRY,
 )
+for _source in ("file", "url"):  # every series present from the start, at 0: rate() and alerts see the first one
+    for _result in ("ok", "error"):
+        KEYRING_RELOADS.labels(source=_source, result=_result)
 KEYRING_KEYS = Gauge(
     "secure_ws_keyring_keys", "Verification keys in use (the lowest of all workers)", registry=REGISTRY, multiprocess_mode="livemin"
 )
