@@ -11,6 +11,8 @@ from ..settings import Settings
 from .http_protocol import HTTP_PROTOCOL, uvicorn_context_factory
 from .ws_protocol import supported
 
+GRACEFUL_SHUTDOWN_SECONDS = 10  # on SIGTERM, how long live connections get to finish (deploy/ budgets for it)
+
 
 def serve(settings: Settings, host: str, port: int, workers: int, **extra: Any) -> None:
     with metrics.run_directory(workers):  # the workers' shared metrics files, made before they start
@@ -26,6 +28,6 @@ def serve(settings: Settings, host: str, port: int, workers: int, **extra: Any) 
             ws_ping_interval=20.0,
             ws_ping_timeout=20.0,
             ws_per_message_deflate=False,
-            timeout_graceful_shutdown=10,
+            timeout_graceful_shutdown=GRACEFUL_SHUTDOWN_SECONDS,
             **extra,
         )
