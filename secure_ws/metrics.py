@@ -376,24 +376,30 @@ class _WorkerProcesses:
         yield from families.values()
 
 
-def _scrape_registry() -> CollectorRegistry:
-    if MULTIPROC_DIR is None:
-        ProcessCollector(registry=REGISTRY)
-        REGISTRY.register(_BuildInfo())
-        return REGISTRY
+def _multiprocess_registry(path: str) -> CollectorRegistry:
     registry = CollectorRegistry()
-    _multiprocess.MultiProcessCollector(registry, path=MULTIPROC_DIR)
+    _multiprocess.MultiProcessCollector(registry, path=path)
     registry.register(_WORKERS)
     registry.register(_BuildInfo())
     return registry
 
 
 _WORKERS = _WorkerProcesses()
-_SCRAPED = _scrape_registry()
+if MULTIPROC_DIR is None:
+    ProcessCollector(registry=REGISTRY)
+    REGISTRY.register(_BuildInfo())
+    _SCRAPED = REGISTRY
+else:
+    _SCRAPED = _multiprocess_registry(MULTIPROC_DIR)
 
 
 def exposition() -> tuple[bytes, str]:
+    """The Prometheus text for ``/metrics``: every worker's, from any process of the run (a worker, or the
+    ``secure-ws serve`` parent inside :func:`run_directory`), else this process's own."""
     flush()
-    if MULTIPROC_DIR is not None:
-        _WORKERS.pids = _worker_pids(MULTIPROC_DIR)  # before the files are read: a killed worker's gauges go
-    return generate_latest(_SCRAPED), CONTENT_TYPE_LATEST
+    path = MULTIPROC_DIR or os.environ.get(MULTIPROC_ENV)
+    if path is None:
+        return generate_latest(_SCRAPED), CONTENT_TYPE_LATEST
+    _WORKERS.pids = _worker_pids(path)  # before the files are read: a killed worker's gauges go
+    registry = _SCRAPED if MULTIPROC_DIR is not None else _multiprocess_registry(path)
+    return generate_latest(registry), CONTENT_TYPE_LATEST
