@@ -8,6 +8,7 @@ instead of hoping so.
 
 from __future__ import annotations
 
+import asyncio
 import os
 import platform
 import signal
@@ -94,15 +95,19 @@ def start_multi(kind: str, keydir: Path, redis_url: str, **env: str) -> Server:
 
 async def spread(server: Server, issue, pids: set[int], per_worker: int, limit: int = 60) -> list[tuple[object, int]]:
     """Open connections until every worker holds at least ``per_worker``: [(ws, worker pid)]."""
+    async def one() -> object:
+        ws = await server.connect(issue())
+        await welcome(ws)
+        return ws
+
     opened: list[tuple[object, int]] = []
     held = dict.fromkeys(pids, 0)
     while min(held.values()) < per_worker:
         assert len(opened) < limit, f"{limit} connections never reached every worker: {held}"
-        ws = await server.connect(issue())
-        await welcome(ws)
-        pid = holder(server, ws, pids)
-        held[pid] += 1
-        opened.append((ws, pid))
+        for ws in await asyncio.gather(one(), one()):  # two at once: both workers race to accept
+            pid = holder(server, ws, pids)
+            held[pid] += 1
+            opened.append((ws, pid))
     return opened
 
 
