@@ -18,6 +18,7 @@ import signal
 from collections.abc import AsyncIterator
 from typing import Any
 
+from . import metrics
 from .auth.api_keys import ApiKeyChecker, ApiKeyError
 from .auth.keys import KeyringError, KeyStore
 from .auth.tokens import AuthError, Principal, Verifier
@@ -34,6 +35,8 @@ from .wire.closes import REVOKED, SHUTTING_DOWN, Close
 from .wire.messages import CHANNEL
 
 log = logging.getLogger("secure_ws")
+
+HEALTH_INTERVAL = 5.0  # how often each worker pings storage and samples its gauges for /metrics
 
 
 NOT_STARTED = "the app's lifespan has not run (mounted in another app? pass lifespan=api.lifespan, see the README)"
@@ -155,10 +158,25 @@ class Service:
         """For ``/readyz``: started, storage answers and the revocation list is known complete."""
         if self.session_deps is None or self.storage.revocations_problem is not None:
             return False
+        return await self._ping()
+
+    async def _ping(self) -> bool:
         try:
-            return await self.storage.ping()
+            up = await self.storage.ping()
         except Exception:
-            return False
+            up = False
+        metrics.STORAGE_UP.set(1 if up else 0)
+        return up
+
+    async def _sample(self) -> None:
+        """Background task: the gauges only this worker can know, for ``/metrics`` on any worker."""
+        while True:
+            await self._ping()
+            revocations = self.storage.revocations
+            metrics.REVOCATIONS_CHECKED.set(self.storage.revocations_checked_at)
+            metrics.REVOCATIONS_ACTIVE.set(len(revocations.jtis) + len(revocations.subs))
+            metrics.KEYRING_KEYS.set(len(self.keys.keyring))
+            await asyncio.sleep(HEALTH_INTERVAL)
 
     # -- the server side: SecureWS.publish/send/disconnect and the server API (secure_ws.server_api) ----------
 
@@ -195,6 +213,8 @@ class Service:
         await self.roster.store.start()
         self._tasks.append(asyncio.create_task(self.keys.run(), name="secure-ws keyring"))
         self._tasks.append(asyncio.create_task(self.api_keys.run(), name="secure-ws api keys"))
+        self._tasks.append(asyncio.create_task(self._sample(), name="secure-ws metrics sampler"))
+        self._tasks.append(asyncio.create_task(metrics.flush_every(), name="secure-ws metrics flush"))
         loop = asyncio.get_running_loop()
         with contextlib.suppress(NotImplementedError, RuntimeError, ValueError):
             loop.add_signal_handler(signal.SIGHUP, self._sighup)

@@ -6,6 +6,7 @@ Real parts, real wire: ``Server`` is uvicorn in a subprocess over TLS on an ephe
 - ``Server``/``Serve``/``AppServer``: ``uvicorn secure_ws.main:app``, ``secure-ws serve``, an application in tests/apps.
 - ``recv_json``/``request``/``welcome``/``assert_error``/``closed_with``/``refusal``: one frame at a time.
 - ``wait_for``/``wait_until``: poll a condition to a deadline (never a bare sleep as synchronisation).
+- ``scrape``/``metric``: ``GET /metrics`` parsed, and one sample of it.
 - ``make_keydir``/``keydir_env``: the key directory builder shared with scripts/bench.py.
 """
 
@@ -217,6 +218,27 @@ def running_pair(make: Callable[[], Server]) -> Iterator[tuple[Server, Server]]:
     finally:
         a.stop()
         b.stop()
+
+
+Samples = dict[tuple[str, tuple[tuple[str, str], ...]], float]
+
+
+def scrape(srv: Server) -> Samples:
+    """``GET /metrics`` parsed: (sample name, sorted labels) → value."""
+    from prometheus_client.parser import text_string_to_metric_families
+
+    status, headers, body = srv.get("/metrics")
+    assert status == 200
+    assert headers["content-type"].startswith("text/plain"), headers
+    return {
+        (s.name, tuple(sorted(s.labels.items()))): s.value
+        for family in text_string_to_metric_families(body.decode())
+        for s in family.samples
+    }
+
+
+def metric(samples: Samples, name: str, **labels: str) -> float:
+    return samples.get((name, tuple(sorted(labels.items()))), 0.0)
 
 
 async def closed_with(ws: Any, timeout: float = 5.0) -> tuple[int, str]:

@@ -34,9 +34,11 @@ from helpers import (
     cli,
     closed_with,
     free_port,
+    metric,
     refusal,
     request,
     run,
+    scrape,
     signing_key,
     unique_sub,
     welcome,
@@ -655,23 +657,6 @@ def test_handshake_throttle_counts_refused_attempts(make_server, issue):
 # -- HTTP routes and metrics -----------------------------------------------------------------------------
 
 
-def scrape(srv: Server) -> dict[tuple[str, tuple[tuple[str, str], ...]], float]:
-    from prometheus_client.parser import text_string_to_metric_families
-
-    status, headers, body = srv.get("/metrics")
-    assert status == 200
-    assert headers["content-type"].startswith("text/plain"), headers
-    return {
-        (s.name, tuple(sorted(s.labels.items()))): s.value
-        for family in text_string_to_metric_families(body.decode())
-        for s in family.samples
-    }
-
-
-def metric(samples: dict, name: str, **labels: str) -> float:
-    return samples.get((name, tuple(sorted(labels.items()))), 0.0)
-
-
 def test_metrics_exposition(server, issue):
     before = scrape(server)
     body = server.get("/metrics")[2].decode()
@@ -714,7 +699,7 @@ def test_metrics_exposition(server, issue):
     grew("secure_ws_handshakes_total", 1, result="invalid_token")
     grew("secure_ws_messages_total", 31)
     grew("secure_ws_rate_limited_total", 1)
-    grew("secure_ws_closes_total", 1, code="1003")
+    grew("secure_ws_closes_total", 1, code="1003", reason="binary_frames_are_not_accepted")
     grew("secure_ws_handshake_seconds_count", 2)
     grew("secure_ws_frame_seconds_count", 1)
 

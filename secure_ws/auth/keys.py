@@ -21,6 +21,7 @@ from typing import Any
 from jwt import PyJWK
 from jwt.exceptions import PyJWKError
 
+from .. import metrics
 from ..files import fingerprint
 from ..settings import HMAC_ALGORITHMS, Settings
 
@@ -236,8 +237,10 @@ class KeyStore:
             else:
                 keys = await asyncio.to_thread(read_jwks_file, s.jwks_file, s.algorithms)
         except KeyringError as exc:
+            metrics.KEYRING_RELOADS.labels(source="file", result="error").inc()
             log.error("jwks file: %s; keeping the last good keyring", exc)
             return
+        metrics.KEYRING_RELOADS.labels(source="file", result="ok").inc()
         self._file_keys = keys
         self._rebuild()
 
@@ -256,8 +259,10 @@ class KeyStore:
         try:
             self._url_keys = await asyncio.to_thread(fetch_jwks_url, url, self.settings.algorithms)
             ok = True
+            metrics.KEYRING_RELOADS.labels(source="url", result="ok").inc()
             self._rebuild()
         except KeyringError as exc:
+            metrics.KEYRING_RELOADS.labels(source="url", result="error").inc()
             log.error("jwks url: %s; keeping the last good keys", exc)
         finally:
             self._url_fetch.set_result(ok)

@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import time
 from collections.abc import Callable
 from pathlib import Path
 
@@ -31,11 +32,14 @@ class RevocationFile:
         self.problem: str | None = None  # why the file cannot be read now, or None
         self._stamp: tuple[int, int, int, int] | None = None
         self._missing_logged = False
+        self.checked_at = 0.0  # when the file was last read or seen unchanged (or missing), for the metrics
 
     def load_initial(self) -> Revocations:
         """Blocking, at start-up, where an unreadable file is a configuration error (OSError, ValueError)."""
         self._stamp = change_stamp(self.path)
-        return self.read() or Revocations()
+        revocations = self.read() or Revocations()
+        self.checked_at = time.time()
+        return revocations
 
     def read(self) -> Revocations | None:
         """Blocking: call in a worker thread once the event loop runs."""
@@ -58,6 +62,7 @@ class RevocationFile:
         try:
             stamp = await asyncio.to_thread(change_stamp, self.path)
             if stamp == self._stamp and not force and self.problem is None:
+                self.checked_at = time.time()
                 return None
             self._stamp = stamp
             revocations = await asyncio.to_thread(self.read)
@@ -70,6 +75,7 @@ class RevocationFile:
                 )
             self.problem = problem
             return None
+        self.checked_at = time.time()
         if self.problem is not None:
             log.warning("revocations: %s can be read again; accepting handshakes", self.path)
             self.problem = None

@@ -9,6 +9,7 @@ from __future__ import annotations
 import logging
 from typing import TYPE_CHECKING, Any
 
+from .. import metrics
 from ..auth.tokens import AuthError
 from ..wire.closes import INVALID, Close
 from ..wire.messages import BAD_REQUEST, FORBIDDEN, LIMIT_EXCEEDED, ProtocolError, channel_of, encode, error, reply
@@ -84,6 +85,7 @@ async def _publish(session: Connection, request: Request) -> None:
     # Encoded once here; every subscriber, local or on another worker, gets these same bytes.
     payload = encode({"type": "message", "channel": channel, "from": session.principal.sub, "data": request["data"]})
     await session.deps.publish(channel, payload)
+    metrics.STATS.publishes += 1
     session.send(reply(request, {"type": "published", "channel": channel}))
 
 

@@ -155,7 +155,7 @@ class HandshakeMiddleware:
             )
             await refuse(receive, send, SERVICE_UNAVAILABLE, subprotocol, code=Close.TRY_AGAIN_LATER)
             return
-        metrics.HANDSHAKE_SECONDS.observe(time.perf_counter() - started)
+        metrics.HANDSHAKE.observe(time.perf_counter() - started)
         metrics.HANDSHAKES.labels(result="accepted").inc()
         scope["secure_ws.principal"] = principal
         scope["secure_ws.subprotocol"] = subprotocol

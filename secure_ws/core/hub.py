@@ -11,6 +11,7 @@ from __future__ import annotations
 from collections import defaultdict
 from typing import TYPE_CHECKING
 
+from .. import metrics
 from ..auth.keys import Keyring
 from ..auth.revocation import Revocations
 from ..state.storage import DISCONNECT, SEND, Storage
@@ -68,13 +69,16 @@ class Hub:
             await self.storage.unsubscribe(channel)  # never raises: storage reconciles after an outage
 
     def fan_out(self, channel: str, payload: str) -> None:
-        for session in tuple(self._channels.get(channel, ())):
+        members = tuple(self._channels.get(channel, ()))
+        metrics.STATS.deliveries += len(members)
+        for session in members:
             session.deliver(payload)
 
     def signal(self, kind: str, sub: str, text: str | None) -> None:
         """A push to every local connection of ``sub`` (``SEND``), or their close (``DISCONNECT``)."""
         for session in tuple(self._by_sub.get(sub, ())):
             if kind == SEND and text is not None:
+                metrics.STATS.deliveries += 1
                 session.deliver(text)
             elif kind == DISCONNECT:
                 session.close_soon(Close.POLICY_VIOLATION, DISCONNECTED)

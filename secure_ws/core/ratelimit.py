@@ -15,6 +15,7 @@ from limits.aio.strategies import (
     SlidingWindowCounterRateLimiter,
 )
 
+from .. import metrics
 from ..state.local_window import LocalStorage
 
 STRATEGIES: dict[str, type[RateLimiter]] = {
@@ -81,7 +82,7 @@ class Limiter:
         if not self.storage_errors:
             return await self._hit(self.strategy, identity)
         try:
-            retry = await self._hit(self.strategy, identity)
+            retry = await metrics.timed("rate_limit", self._hit(self.strategy, identity))
         except self.storage_errors as exc:
             return await self._hit(self._degraded(exc), identity)
         if self._fallback is not None:

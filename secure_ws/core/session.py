@@ -299,7 +299,7 @@ class Session:
         if work is not None:
             return work
         if sampled:
-            metrics.FRAME_SECONDS.observe(perf_counter() - started)
+            metrics.FRAMES.observe(perf_counter() - started)
         return None
 
     async def waiting(self, request: Request, work: Awaitable[None]) -> None:
@@ -319,7 +319,7 @@ class Session:
             for text in held:
                 self.send(text)
         if started:
-            metrics.FRAME_SECONDS.observe(perf_counter() - started)
+            metrics.FRAMES.observe(perf_counter() - started)
 
     def _settle(self, exc: Exception, id: Any) -> Awaitable[None] | None:
         """A request that raised: an error frame for the client's mistakes and for storage outages,
@@ -474,7 +474,7 @@ class Session:
             return
         self.closed = True
         self._queue.clear()
-        metrics.CLOSES.labels(code=str(code)).inc()
+        metrics.closed(code, reason)
         log.info(
             "session %s sub=%s closed %d %s", self.id, self.principal.sub, code, reason,
             extra=self.log_fields("close", code, reason),

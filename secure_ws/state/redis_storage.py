@@ -36,6 +36,7 @@ from limits.aio.storage import RedisStorage as LimitsRedisStorage
 from redis.asyncio.client import PubSub
 from redis.exceptions import RedisError
 
+from .. import metrics
 from ..auth.revocation import Revocations
 from .storage import Storage
 
@@ -167,6 +168,7 @@ class RedisStorage(Storage):
         self._pubsub = self.redis.pubsub(ignore_subscribe_messages=True)
         self._tasks: list[asyncio.Task[None]] = []
         self._redis_read = False  # until then, revocations only Redis holds (none in the file) are unknown
+        self._redis_checked_at = 0.0
 
     async def start(self) -> None:
         await super().start()
@@ -195,21 +197,21 @@ class RedisStorage(Storage):
 
     async def ping(self) -> bool:
         try:
-            return bool(await asyncio.wait_for(self.redis.ping(), 2))
+            return bool(await metrics.timed("ping", asyncio.wait_for(self.redis.ping(), 2)))
         except (TimeoutError, RedisError, OSError):
             return False
 
     # -- connection leases ---------------------------------------------------------
 
     async def acquire_connection(self, sub: str, connection_id: str, limit: int) -> bool:
-        ok = await self._acquire(keys=[_conn_key(sub)], args=[limit, LEASE_SECONDS, connection_id])
+        ok = await metrics.timed("connection_slot", self._acquire(keys=[_conn_key(sub)], args=[limit, LEASE_SECONDS, connection_id]))
         if ok:
             self._leases[connection_id] = sub
         return bool(ok)
 
     async def release_connection(self, sub: str, connection_id: str) -> None:
         self._leases.pop(connection_id, None)
-        await self.redis.zrem(_conn_key(sub), connection_id)
+        await metrics.timed("connection_slot", self.redis.zrem(_conn_key(sub), connection_id))
 
     async def _renew_leases(self) -> None:
         while True:
@@ -231,11 +233,15 @@ class RedisStorage(Storage):
     def revocations_problem(self) -> str | None:
         return super().revocations_problem or (None if self._redis_read else "Redis not read since start-up")
 
+    @property
+    def revocations_checked_at(self) -> float:
+        return min(super().revocations_checked_at, self._redis_checked_at)
+
     async def _read(self) -> Revocations:
         async with self.redis.pipeline(transaction=False) as pipe:
             pipe.hgetall(REV_JTI)
             pipe.hgetall(REV_SUB)
-            jtis_raw, subs_raw = await pipe.execute()
+            jtis_raw, subs_raw = await metrics.timed("revocations", pipe.execute())
         jtis: dict[str, float] = {}
         subs: dict[str, tuple[float, float]] = {}
         bad = 0
@@ -264,6 +270,7 @@ class RedisStorage(Storage):
 
     async def _reload(self) -> None:
         """Read Redis, learn from it, and write back what this worker knows and Redis lacks."""
+        read_at = time.time()
         stored = await self._read()
         live = stored.pruned()
         expired_jtis = stored.jtis.keys() - live.jtis.keys()
@@ -273,6 +280,7 @@ class RedisStorage(Storage):
                 keys=[REV_JTI, REV_SUB], args=[time.time(), len(expired_jtis), *expired_jtis, *expired_subs]
             )
         self._redis_read = True
+        self._redis_checked_at = read_at
         known = self.learn(live)
         lacking = _stronger(known, live)
         if lacking:
@@ -313,7 +321,7 @@ class RedisStorage(Storage):
     # -- channels ------------------------------------------------------------------
 
     async def subscribe(self, channel: str) -> None:
-        await self._pubsub.subscribe(CHANNEL_PREFIX + channel)
+        await metrics.timed("subscribe", self._pubsub.subscribe(CHANNEL_PREFIX + channel))
         self._wanted.add(channel)
 
     async def unsubscribe(self, channel: str) -> None:
@@ -327,10 +335,10 @@ class RedisStorage(Storage):
         await reconcile_subscriptions(self._pubsub, CHANNEL_PREFIX, self._wanted)
 
     async def publish(self, channel: str, payload: str) -> None:
-        await self.redis.publish(CHANNEL_PREFIX + channel, payload)
+        await metrics.timed("publish", self.redis.publish(CHANNEL_PREFIX + channel, payload))
 
     async def signal(self, kind: str, sub: str, payload: str | None = None) -> None:
-        await self.redis.publish(SIGNAL_CHANNEL, json.dumps([kind, sub, payload], ensure_ascii=False))
+        await metrics.timed("signal", self.redis.publish(SIGNAL_CHANNEL, json.dumps([kind, sub, payload], ensure_ascii=False)))
 
     def _signalled(self, data: bytes) -> None:
         try:

@@ -58,6 +58,12 @@ class Storage(ABC):
         """Why the revocation list may be incomplete right now (handshakes are refused meanwhile), or None."""
         return self.revocation_file.problem
 
+    @property
+    def revocations_checked_at(self) -> float:
+        """When this process last confirmed its revocation list against every source (epoch s): a revocation
+        written to them before then is enforced here."""
+        return self.revocation_file.checked_at
+
     def learn(self, revocations: Revocations) -> Revocations:
         """Merge what a source says into what this process knows; tell the listener if that changed."""
         merged = self.revocations.merged(revocations).pruned()
