@@ -225,6 +225,7 @@ def _protect_dashes(argv: list[str]) -> list[str]:
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(_protect_dashes(sys.argv[1:] if argv is None else argv))
     from .auth.signing import SigningError
+    from .state.storage import StorageUnavailable
 
     try:
         args.func(args)
@@ -233,6 +234,9 @@ def main(argv: list[str] | None = None) -> int:
         return 2
     except (OSError, ValueError) as exc:
         print(f"secure-ws: {exc.__class__.__name__}: {exc}", file=sys.stderr)
+        return 1
+    except StorageUnavailable as exc:
+        print(f"secure-ws: storage unavailable: {exc}", file=sys.stderr)
         return 1
     except KeyboardInterrupt:
         return 130

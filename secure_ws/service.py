@@ -26,6 +26,7 @@ from .core.hub import Hub
 from .core.ratelimit import Limiter
 from .core.types import Route, SessionDeps
 from .settings import ConfigError, Settings
+from .state.storage import StorageUnavailable
 from .state.url import storage_from_url
 from .wire.closes import REVOKED, SHUTTING_DOWN, Close
 
@@ -59,12 +60,11 @@ class Service:
             self.storage.load_initial()
         except (OSError, ValueError) as exc:
             raise ConfigError("SECURE_WS_REVOCATION_FILE", str(exc)) from None
-        errors = self.storage.errors
         # What makes a request wait rather than fail: storage unreachable, or a revocation list not known complete.
-        self.unavailable: tuple[type[BaseException], ...] = (RevocationsUnavailable, *errors)
+        self.unavailable: tuple[type[BaseException], ...] = (RevocationsUnavailable, StorageUnavailable)
         strategy, limiter_storage = settings.rate_limit_strategy, self.storage.limiter_storage
-        self.limiter = Limiter(settings.rate_limits, strategy, limiter_storage, "msg", errors)
-        self.handshake_limiter = Limiter(settings.handshake_rate_limits, strategy, limiter_storage, "hs", errors)
+        self.limiter = Limiter(settings.rate_limits, strategy, limiter_storage, "msg")
+        self.handshake_limiter = Limiter(settings.handshake_rate_limits, strategy, limiter_storage, "hs")
         self.hub = Hub(self.storage)
         self.storage.on_revocations = self.hub.enforce_revocations
         self.keys.on_change(self.hub.enforce_keyring)
@@ -77,7 +77,7 @@ class Service:
         for handler in registry.handlers.values():
             if handler.rate_limits:  # keyed by sub and type, in the shared storage: one window across workers
                 handler.limiter = Limiter(
-                    handler.rate_limits, settings.rate_limit_strategy, self.storage.limiter_storage, f"t:{handler.type}", self.storage.errors
+                    handler.rate_limits, settings.rate_limit_strategy, self.storage.limiter_storage, f"t:{handler.type}"
                 )
         fallback: Route = dispatch.unknown_type
         if settings.rpc_proxy_url is not None and settings.rpc_proxy_secret is not None:

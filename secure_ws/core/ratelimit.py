@@ -14,6 +14,7 @@ from limits.aio.strategies import (
     RateLimiter,
     SlidingWindowCounterRateLimiter,
 )
+from limits.errors import StorageError
 
 from ..state.local_window import LocalStorage
 
@@ -43,12 +44,10 @@ class Limiter:
         strategy: str,
         storage: LimitsStorage,
         namespace: str,
-        storage_errors: tuple[type[BaseException], ...] = (),
     ) -> None:
         self.items = items
         self.strategy = STRATEGIES[strategy](storage)
         self.namespace = namespace
-        self.storage_errors = storage_errors
         self._strategy_name = strategy
         self._fallback: RateLimiter | None = None
         self._local = storage if isinstance(storage, LocalStorage) and strategy == "sliding-window" else None
@@ -78,13 +77,11 @@ class Limiter:
         if self._local is not None:
             refused = self.take(keys if keys is not None else self.keys(identity))
             return 0 if refused is None or refused < 0 else await self.retry_ms(refused, identity)
-        if not self.storage_errors:
-            return await self._hit(self.strategy, identity)
         try:
             retry = await self._hit(self.strategy, identity)
-        except self.storage_errors as exc:
+        except StorageError as exc:  # what a shared storage made with wrap_exceptions=True raises when unreachable
             if self._fallback is None:
-                log.warning("rate-limit storage unreachable (%s); enforcing per-process limits meanwhile", exc)
+                log.warning("rate-limit storage unreachable (%s); enforcing per-process limits meanwhile", exc.storage_error)
                 self._fallback = STRATEGIES[self._strategy_name](LocalStorage())
             return await self._hit(self._fallback, identity)
         if self._fallback is not None:

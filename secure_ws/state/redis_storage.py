@@ -24,11 +24,13 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import functools
 import json
 import logging
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Coroutine
 from pathlib import Path
+from typing import Any, ParamSpec, TypeVar
 from urllib.parse import urlsplit
 
 import redis.asyncio as aioredis
@@ -36,7 +38,7 @@ from limits.aio.storage import RedisStorage as LimitsRedisStorage
 from redis.exceptions import RedisError
 
 from ..auth.revocation import Revocations
-from .storage import Storage
+from .storage import Storage, StorageUnavailable
 
 log = logging.getLogger("secure_ws.storage")
 
@@ -112,6 +114,35 @@ return 1
 """
 
 
+# What redis-py raises when Redis cannot be reached or answer in time; never seen above this module.
+REDIS_ERRORS = (RedisError, OSError, asyncio.TimeoutError)
+
+P = ParamSpec("P")
+R = TypeVar("R")
+
+
+def _wrapped(call: Callable[P, Coroutine[Any, Any, R]]) -> Callable[P, Coroutine[Any, Any, R]]:
+    """A public coroutine of :class:`RedisStorage`: Redis's errors leave it as :class:`StorageUnavailable`."""
+
+    @functools.wraps(call)
+    async def wrapped(*args: P.args, **kwargs: P.kwargs) -> R:
+        try:
+            return await call(*args, **kwargs)
+        except REDIS_ERRORS as exc:
+            raise StorageUnavailable(f"redis: {type(exc).__name__}: {exc}") from exc
+
+    return wrapped
+
+
+class _LimitsRedisStorage(LimitsRedisStorage):
+    """``limits``' Redis storage raising only ``limits.errors.StorageError`` (``wrap_exceptions=True``), for all
+    of what redis-py may raise, not just ``RedisError``."""
+
+    @property
+    def base_exceptions(self) -> type[Exception] | tuple[type[Exception], ...]:
+        return REDIS_ERRORS
+
+
 def _conn_key(sub: str) -> str:
     return f"sws:conn:{{{sub}}}"
 
@@ -137,12 +168,12 @@ class RedisStorage(Storage):
     def __init__(self, url: str, revocation_file: Path) -> None:
         super().__init__(revocation_file)
         self.url = url
-        self.errors = (RedisError, OSError, asyncio.TimeoutError)
         self.redis = aioredis.Redis.from_url(
             url, socket_connect_timeout=2, socket_timeout=2, health_check_interval=10, retry_on_timeout=False
         )
-        self.limiter_storage = LimitsRedisStorage(
-            "async+" + url, implementation="redispy", connection_pool=self.redis.connection_pool  # type: ignore[arg-type]
+        self.limiter_storage = _LimitsRedisStorage(
+            "async+" + url, implementation="redispy", connection_pool=self.redis.connection_pool,  # type: ignore[arg-type]
+            wrap_exceptions=True,
         )
         self._acquire = self.redis.register_script(_ACQUIRE)
         self._renew = self.redis.register_script(_RENEW)
@@ -159,7 +190,7 @@ class RedisStorage(Storage):
         try:
             await self._pubsub.subscribe(REVOCATION_CHANNEL, SIGNAL_CHANNEL)
             await self._reload()
-        except self.errors as exc:
+        except REDIS_ERRORS as exc:
             log.error(
                 "SECURE_WS_STORAGE_URL %s does not answer (%s); /readyz answers 503 and handshakes are "
                 "refused (1013) until it does", _redacted(self.url), exc,
@@ -182,17 +213,19 @@ class RedisStorage(Storage):
     async def ping(self) -> bool:
         try:
             return bool(await asyncio.wait_for(self.redis.ping(), 2))
-        except (TimeoutError, RedisError, OSError):
+        except REDIS_ERRORS:
             return False
 
     # -- connection leases ---------------------------------------------------------
 
+    @_wrapped
     async def acquire_connection(self, sub: str, connection_id: str, limit: int) -> bool:
         ok = await self._acquire(keys=[_conn_key(sub)], args=[limit, LEASE_SECONDS, connection_id])
         if ok:
             self._leases[connection_id] = sub
         return bool(ok)
 
+    @_wrapped
     async def release_connection(self, sub: str, connection_id: str) -> None:
         self._leases.pop(connection_id, None)
         await self.redis.zrem(_conn_key(sub), connection_id)
@@ -207,7 +240,7 @@ class RedisStorage(Storage):
                     await self._renew(
                         keys=[_conn_key(sub) for _, sub in batch], args=[LEASE_SECONDS, *(slot for slot, _ in batch)]
                     )
-                except (RedisError, OSError) as exc:
+                except REDIS_ERRORS as exc:
                     log.warning("redis: renewing connection leases failed: %s", exc)
                     break
 
@@ -274,8 +307,8 @@ class RedisStorage(Storage):
         try:
             await self._merge(change(Revocations()))  # only this change: concurrent ops commands are not overwritten
             await self.redis.publish(REVOCATION_CHANNEL, b"changed")
-        except self.errors as exc:
-            raise ConnectionError(
+        except REDIS_ERRORS as exc:
+            raise StorageUnavailable(
                 f"recorded in {self.revocation_file.path}, but SECURE_WS_STORAGE_URL {_redacted(self.url)} does not "
                 f"answer ({exc}); workers reading that file apply it, the others once Redis answers again"
             ) from None
@@ -284,7 +317,7 @@ class RedisStorage(Storage):
     async def reload_revocations(self) -> None:
         try:
             await self._reload()
-        except self.errors as exc:
+        except REDIS_ERRORS as exc:
             log.warning("revocations: Redis not re-read on SIGHUP: %s", exc)
         await super().reload_revocations()
 
@@ -292,12 +325,13 @@ class RedisStorage(Storage):
         """Safety net for a nudge or an unsubscribe lost while Redis was away, and the repair of an emptied Redis."""
         while True:
             await asyncio.sleep(REVOCATION_RESYNC_INTERVAL)
-            with contextlib.suppress(*self.errors):
+            with contextlib.suppress(*REDIS_ERRORS):
                 await self._reload()
                 await self._reconcile()
 
     # -- channels ------------------------------------------------------------------
 
+    @_wrapped
     async def subscribe(self, channel: str) -> None:
         await self._pubsub.subscribe(CHANNEL_PREFIX + channel)
         self._wanted.add(channel)
@@ -306,7 +340,7 @@ class RedisStorage(Storage):
         self._wanted.discard(channel)
         try:
             await self._pubsub.unsubscribe(CHANNEL_PREFIX + channel)
-        except self.errors as exc:
+        except REDIS_ERRORS as exc:
             log.warning("redis: unsubscribe %r deferred until Redis answers: %s", channel, exc)
 
     async def _reconcile(self) -> None:
@@ -321,9 +355,11 @@ class RedisStorage(Storage):
         if missing:
             await self._pubsub.subscribe(*missing)
 
+    @_wrapped
     async def publish(self, channel: str, payload: str) -> None:
         await self.redis.publish(CHANNEL_PREFIX + channel, payload)
 
+    @_wrapped
     async def signal(self, kind: str, sub: str, payload: str | None = None) -> None:
         await self.redis.publish(SIGNAL_CHANNEL, json.dumps([kind, sub, payload], ensure_ascii=False))
 
@@ -345,11 +381,11 @@ class RedisStorage(Storage):
                     await self._pubsub.subscribe(REVOCATION_CHANNEL, SIGNAL_CHANNEL)
                 message = await self._pubsub.get_message(timeout=1.0)
                 backoff = 0.1
-            except (RedisError, OSError) as exc:
+            except REDIS_ERRORS as exc:
                 log.warning("redis pub/sub: %s; retrying in %.1fs", exc, backoff)
                 await asyncio.sleep(backoff)
                 backoff = min(backoff * 2, 2.0)
-                with contextlib.suppress(*self.errors):
+                with contextlib.suppress(*REDIS_ERRORS):
                     await self._reload()
                     await self._reconcile()
                 continue
@@ -357,7 +393,7 @@ class RedisStorage(Storage):
                 continue
             channel = message["channel"].decode()
             if channel == REVOCATION_CHANNEL:
-                with contextlib.suppress(*self.errors):
+                with contextlib.suppress(*REDIS_ERRORS):
                     await self._reload()
             elif channel == SIGNAL_CHANNEL:
                 self._signalled(message["data"])

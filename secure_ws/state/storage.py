@@ -36,10 +36,14 @@ SEND = "send"
 DISCONNECT = "disconnect"
 
 
+class StorageUnavailable(Exception):
+    """Shared storage cannot be reached or did not answer in time: the one error a backend raises for it, so
+    callers degrade (or answer ``unavailable``) without knowing the backend's own exception types. The rate
+    limiter's storage (``limits``) says the same with its wrapped ``limits.errors.StorageError``."""
+
+
 class Storage(ABC):
     limiter_storage: LimitsStorage
-    # What this storage raises when it cannot be reached: callers degrade instead of failing with 1011.
-    errors: tuple[type[BaseException], ...] = ()
 
     def __init__(self, revocation_file: Path) -> None:
         self.on_revocations: RevocationListener = lambda revocations: None
