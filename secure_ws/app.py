@@ -25,7 +25,7 @@ from .service import Service
 from .settings import ConfigError, Settings, load_settings
 from .state.storage import DISCONNECT, SEND
 from .uvicorn.install import install
-from .wire.messages import CHANNEL, encode
+from .wire.messages import encode
 
 WS_PATH = "/ws"
 
@@ -85,11 +85,10 @@ class SecureWS:
 
     # -- the server side ---------------------------------------------------------------
 
-    async def publish(self, channel: str, data: Any) -> None:
-        """``{"type":"message","channel":C,"data":X}`` (no ``from``) to every subscriber, on every worker."""
-        if type(channel) is not str or not CHANNEL.fullmatch(channel):
-            raise ValueError(f"channel must match ^{CHANNEL.pattern}$")
-        await self.service.storage.publish(channel, encode({"type": "message", "channel": channel, "data": data}))
+    async def publish(self, channel: str, data: Any) -> dict[str, Any]:
+        """``{"type":"message","channel":C,"data":X}`` (no ``from``) to every subscriber, on every worker; returns
+        ``{"offset": N, "epoch": E}`` (``{}`` with history off)."""
+        return await self.service.publish(channel, data)
 
     async def send(self, sub: str, data: Any) -> None:
         """``{"type":"push","data":X}`` to every connection of ``sub``, on every worker and host."""

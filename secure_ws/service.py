@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import json
 import logging
 import secrets
 import signal
@@ -26,9 +27,10 @@ from .core.hub import Hub
 from .core.ratelimit import Limiter
 from .core.types import Route, SessionDeps
 from .settings import ConfigError, Settings
-from .state.storage import StorageUnavailable
+from .state.storage import HistoryLimits, Position, StorageUnavailable
 from .state.url import storage_from_url
 from .wire.closes import REVOKED, SHUTTING_DOWN, Close
+from .wire.messages import CHANNEL, encode, parse_limit, parse_since
 
 log = logging.getLogger("secure_ws")
 
@@ -55,7 +57,8 @@ class Service:
                 "SECURE_WS_JWKS_FILE", f"no usable key for {','.join(settings.algorithms)} (see the log lines above)"
             )
         self.verifier = Verifier(settings, self.keys)
-        self.storage = storage_from_url(settings.storage_url, settings.revocation_file)
+        history = HistoryLimits(settings.history_size, settings.history_ttl, settings.history_max_bytes)
+        self.storage = storage_from_url(settings.storage_url, settings.revocation_file, history)
         try:
             self.storage.load_initial()
         except (OSError, ValueError) as exc:
@@ -92,11 +95,48 @@ class Service:
             routes=dispatch.routes(registry.handlers),
             fallback=fallback,
             authenticate=self.authenticate,
-            publish=self.storage.publish,
+            publish=self.publish,
+            history=self.storage.history,
             unavailable=self.unavailable,
             on_connect=tuple(registry.on_connect),
             on_disconnect=tuple(registry.on_disconnect),
         )
+
+    async def publish(self, channel: str, data: Any, sender: str | None = None) -> dict[str, Any]:
+        """The one way a publication goes out (the built-in ``publish``, ``Context.publish``, ``SecureWS.publish``,
+        the server API): ``{"type":"message","channel":C,"from":sender,"data":data}`` (no ``from`` without a
+        sender) to every subscriber on every worker, and into the channel's history. Returns ``{"offset": N,
+        "epoch": E}``, or ``{}`` with history off. ``ValueError`` for a bad channel, ``TypeError`` for data that
+        is not JSON, ``StorageUnavailable`` when storage does not answer (then nothing was published)."""
+        if type(channel) is not str or not CHANNEL.fullmatch(channel):
+            raise ValueError(f"channel must match ^{CHANNEL.pattern}$")
+        message: dict[str, Any] = {"type": "message", "channel": channel}
+        if sender is not None:
+            message["from"] = sender
+        message["data"] = data
+        # Encoded once, without its closing brace: storage appends the offset and epoch (or just the brace).
+        position = await self.storage.publish(channel, encode(message)[:-1])
+        return {} if position is None else {"offset": position.offset, "epoch": position.epoch}
+
+    async def history(self, channel: str, since: dict[str, Any] | None = None, limit: int | None = None) -> dict[str, Any]:
+        """For the server API's ``history``: ``{"messages": [...], "offset": N, "epoch": E}``, the messages as the
+        objects subscribers received (with ``since``: those after it, at most ``limit``; else the latest
+        ``limit``; ``limit`` defaults to and is clamped to SECURE_WS_HISTORY_SIZE). With ``since`` that cannot be
+        honoured (another epoch, fallen out) the messages are empty and ``"recovered": false`` is added (``true``
+        when it could). ``{"messages": []}`` with history off. ``ValueError`` for a bad channel, ``since`` or
+        ``limit`` (the message says which), ``StorageUnavailable`` when storage does not answer."""
+        if type(channel) is not str or not CHANNEL.fullmatch(channel):
+            raise ValueError(f"channel must match ^{CHANNEL.pattern}$")
+        size = self.settings.history_size
+        limit = size if limit is None else parse_limit(limit, size)
+        position = None if since is None else Position(*parse_since(since))
+        found = await self.storage.history(channel, position, limit)
+        answer: dict[str, Any] = {"messages": [json.loads(text) for text in found.messages] if found is not None else []}
+        if found is not None:
+            answer["offset"], answer["epoch"] = found.offset, found.epoch
+        if since is not None:
+            answer["recovered"] = found is not None and found.recovered
+        return answer
 
     async def authenticate(self, token: str) -> Principal:
         if self.session_deps is None:

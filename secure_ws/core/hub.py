@@ -65,9 +65,9 @@ class Hub:
             del self._channels[channel]
             await self.storage.unsubscribe(channel)  # never raises: storage reconciles after an outage
 
-    def fan_out(self, channel: str, payload: str) -> None:
+    def fan_out(self, channel: str, payload: str, offset: int, epoch: str) -> None:
         for session in tuple(self._channels.get(channel, ())):
-            session.deliver(payload)
+            session.deliver(payload, channel, offset, epoch)
 
     def signal(self, kind: str, sub: str, text: str | None) -> None:
         """A push to every local connection of ``sub`` (``SEND``), or their close (``DISCONNECT``)."""
