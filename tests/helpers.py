@@ -390,3 +390,29 @@ class RedisProcess:
         if self.proc is not None and self.proc.poll() is None:
             self.proc.kill()
             self.proc.wait(10)
+
+
+# -- channels with history (SPEC §11) ---------------------------------------------------------
+
+ROOMS = "subscribe:room.* publish:room.*"
+
+
+def unique_channel() -> str:
+    """A fresh channel under ROOMS, so that histories never mix between tests."""
+    return f"room.h{secrets.token_hex(4)}"
+
+
+async def publish(ws: Any, channel: str, *values: Any) -> None:
+    for value in values:
+        assert await request(ws, {"type": "publish", "channel": channel, "data": value}) == {"type": "published", "channel": channel}
+
+
+async def messages(ws: Any, count: int) -> list[dict[str, Any]]:
+    frames = [await recv_json(ws) for _ in range(count)]
+    assert all(frame["type"] == "message" for frame in frames), frames
+    return frames
+
+
+async def nothing_more(ws: Any) -> None:
+    """No frame is pending: a ping's pong is the next one."""
+    assert await request(ws, {"type": "ping", "id": "end"}) == {"type": "pong", "id": "end"}

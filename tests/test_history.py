@@ -8,38 +8,9 @@ from __future__ import annotations
 
 import asyncio
 import json
-import secrets
-from typing import Any
 
 import pytest
-from helpers import Server, assert_error, base_env, recv_json, run, welcome
-
-ROOMS = "subscribe:room.* publish:room.*"
-
-
-def unique_channel() -> str:
-    return f"room.h{secrets.token_hex(4)}"
-
-
-async def ask(ws: Any, message: dict[str, Any] | str) -> dict[str, Any]:
-    await ws.send(message if isinstance(message, str) else json.dumps(message))
-    return await recv_json(ws)
-
-
-async def publish(ws: Any, channel: str, *values: Any) -> None:
-    for value in values:
-        assert await ask(ws, {"type": "publish", "channel": channel, "data": value}) == {"type": "published", "channel": channel}
-
-
-async def messages(ws: Any, count: int) -> list[dict[str, Any]]:
-    frames = [await recv_json(ws) for _ in range(count)]
-    assert all(frame["type"] == "message" for frame in frames), frames
-    return frames
-
-
-async def nothing_more(ws: Any) -> None:
-    """No frame is pending: a ping's pong is the next one."""
-    assert await ask(ws, {"type": "ping", "id": "end"}) == {"type": "pong", "id": "end"}
+from helpers import ROOMS, Server, assert_error, base_env, messages, nothing_more, publish, recv_json, request, run, unique_channel, welcome
 
 
 @pytest.fixture(scope="module")
@@ -65,7 +36,7 @@ def test_messages_and_subscribed_carry_offset_and_epoch(server, issue):
         async with server.connect(issue(scope=ROOMS)) as sub, server.connect(issue(scope=ROOMS)) as pub:
             await welcome(sub)
             hello = await welcome(pub)
-            first = await ask(sub, {"type": "subscribe", "channel": channel, "id": 1})
+            first = await request(sub, {"type": "subscribe", "channel": channel, "id": 1})
             assert set(first) == {"type", "channel", "offset", "epoch", "id"} and first["offset"] == 0, first
             epoch = first["epoch"]
             assert isinstance(epoch, str) and epoch
@@ -76,7 +47,7 @@ def test_messages_and_subscribed_carry_offset_and_epoch(server, issue):
                 for n, data in ((1, "a"), (2, {"b": 2}), (3, None))
             ]
             # A later subscriber is told where the channel is now, and gets only what follows.
-            assert await ask(pub, {"type": "subscribe", "channel": channel}) == {
+            assert await request(pub, {"type": "subscribe", "channel": channel}) == {
                 "type": "subscribed", "channel": channel, "offset": 3, "epoch": epoch}
             await publish(pub, channel, "d")
             assert (await recv_json(pub))["offset"] == 4
@@ -94,21 +65,21 @@ def test_subscribe_since_recovers_what_was_missed_then_live(server, issue):
             await welcome(pub)
             async with server.connect(token) as sub:
                 await welcome(sub)
-                epoch = (await ask(sub, {"type": "subscribe", "channel": channel}))["epoch"]
+                epoch = (await request(sub, {"type": "subscribe", "channel": channel}))["epoch"]
                 await publish(pub, channel, 1, 2)
                 assert [m["offset"] for m in await messages(sub, 2)] == [1, 2]
             await publish(pub, channel, 3, 4, 5)  # missed while away
             async with server.connect(token) as sub:
                 await welcome(sub)
                 since = {"offset": 2, "epoch": epoch}
-                assert await ask(sub, {"type": "subscribe", "channel": channel, "since": since, "id": "r"}) == {
+                assert await request(sub, {"type": "subscribe", "channel": channel, "since": since, "id": "r"}) == {
                     "type": "subscribed", "channel": channel, "offset": 5, "epoch": epoch, "recovered": True, "id": "r"}
                 assert [m["data"] for m in await messages(sub, 3)] == [3, 4, 5]
                 await publish(pub, channel, 6)
                 assert [(m["offset"], m["data"]) for m in await messages(sub, 1)] == [(6, 6)]
                 await nothing_more(sub)
                 # Up to date: recovered, nothing to replay.
-                up_to_date = await ask(sub, {"type": "subscribe", "channel": channel, "since": {"offset": 6, "epoch": epoch}})
+                up_to_date = await request(sub, {"type": "subscribe", "channel": channel, "since": {"offset": 6, "epoch": epoch}})
                 assert up_to_date["recovered"] is True and up_to_date["offset"] == 6
                 await nothing_more(sub)
 
@@ -121,11 +92,11 @@ def test_recovered_false_for_another_epoch_or_a_future_offset(server, issue):
     async def go():
         async with server.connect(issue(scope=ROOMS)) as ws:
             await welcome(ws)
-            epoch = (await ask(ws, {"type": "subscribe", "channel": channel}))["epoch"]
+            epoch = (await request(ws, {"type": "subscribe", "channel": channel}))["epoch"]
             await publish(ws, channel, "x")
             await messages(ws, 1)
             for since in ({"offset": 0, "epoch": "not-" + epoch}, {"offset": 7, "epoch": epoch}):
-                reply = await ask(ws, {"type": "subscribe", "channel": channel, "since": since})
+                reply = await request(ws, {"type": "subscribe", "channel": channel, "since": since})
                 assert reply == {"type": "subscribed", "channel": channel, "offset": 1, "epoch": epoch, "recovered": False}
                 await nothing_more(ws)  # live only: nothing replayed
             await publish(ws, channel, "y")
@@ -141,14 +112,14 @@ def test_recovered_false_when_the_offset_fell_out_of_history(small, issue):
         async with small.connect(issue(scope=ROOMS)) as pub, small.connect(issue(scope=ROOMS)) as sub:
             await welcome(pub)
             await welcome(sub)
-            epoch = (await ask(sub, {"type": "subscribe", "channel": channel}))["epoch"]
+            epoch = (await request(sub, {"type": "subscribe", "channel": channel}))["epoch"]
             await publish(pub, channel, *range(1, 6))
             await messages(sub, 5)
             # History holds 3, 4, 5: since 2 is the oldest position still recoverable, since 1 is not.
-            ok = await ask(sub, {"type": "subscribe", "channel": channel, "since": {"offset": 2, "epoch": epoch}})
+            ok = await request(sub, {"type": "subscribe", "channel": channel, "since": {"offset": 2, "epoch": epoch}})
             assert ok["recovered"] is True
             assert [m["offset"] for m in await messages(sub, 3)] == [3, 4, 5]
-            lost = await ask(sub, {"type": "subscribe", "channel": channel, "since": {"offset": 1, "epoch": epoch}})
+            lost = await request(sub, {"type": "subscribe", "channel": channel, "since": {"offset": 1, "epoch": epoch}})
             assert lost == {"type": "subscribed", "channel": channel, "offset": 5, "epoch": epoch, "recovered": False}
             await nothing_more(sub)
 
@@ -162,12 +133,12 @@ def test_history_off_means_no_offsets_and_no_recovery(make_server, issue):
     async def go():
         async with srv.connect(issue(scope=ROOMS)) as ws:
             hello = await welcome(ws)
-            assert await ask(ws, {"type": "subscribe", "channel": channel}) == {"type": "subscribed", "channel": channel}
+            assert await request(ws, {"type": "subscribe", "channel": channel}) == {"type": "subscribed", "channel": channel}
             await publish(ws, channel, "plain")
             assert await recv_json(ws) == {"type": "message", "channel": channel, "from": hello["sub"], "data": "plain"}
-            reply = await ask(ws, {"type": "subscribe", "channel": channel, "since": {"offset": 1, "epoch": "e"}})
+            reply = await request(ws, {"type": "subscribe", "channel": channel, "since": {"offset": 1, "epoch": "e"}})
             assert reply == {"type": "subscribed", "channel": channel, "recovered": False}
-            assert await ask(ws, {"type": "history", "channel": channel}) == {"type": "history", "channel": channel, "messages": []}
+            assert await request(ws, {"type": "history", "channel": channel}) == {"type": "history", "channel": channel, "messages": []}
 
     run(go())
 
@@ -180,22 +151,22 @@ def test_history_request(server, issue):
                 server.connect(issue(scope="subscribe:other.*")) as outsider:
             for each in (ws, reader, outsider):
                 await welcome(each)
-            epoch = (await ask(reader, {"type": "subscribe", "channel": channel}))["epoch"]
+            epoch = (await request(reader, {"type": "subscribe", "channel": channel}))["epoch"]
             await publish(ws, channel, "a", "b", "c", "d")
             sent = await messages(reader, 4)
-            latest = await ask(ws, {"type": "history", "channel": channel, "limit": 2, "id": 5})
+            latest = await request(ws, {"type": "history", "channel": channel, "limit": 2, "id": 5})
             assert latest == {"type": "history", "channel": channel, "offset": 4, "epoch": epoch, "id": 5, "messages": sent[2:]}
-            everything = await ask(ws, {"type": "history", "channel": channel})
+            everything = await request(ws, {"type": "history", "channel": channel})
             assert everything["messages"] == sent  # exactly the objects subscribers received
-            page = await ask(ws, {"type": "history", "channel": channel, "since": {"offset": 1, "epoch": epoch}, "limit": 2})
+            page = await request(ws, {"type": "history", "channel": channel, "since": {"offset": 1, "epoch": epoch}, "limit": 2})
             assert page["messages"] == sent[1:3] and page["recovered"] is True and page["offset"] == 4
-            none = await ask(ws, {"type": "history", "channel": channel, "limit": 0})
+            none = await request(ws, {"type": "history", "channel": channel, "limit": 0})
             assert none["messages"] == [] and none["offset"] == 4
-            huge = await ask(ws, {"type": "history", "channel": channel, "limit": 10**30})  # clamped to the size
+            huge = await request(ws, {"type": "history", "channel": channel, "limit": 10**30})  # clamped to the size
             assert huge["messages"] == sent
-            stale = await ask(ws, {"type": "history", "channel": channel, "since": {"offset": 1, "epoch": "old"}})
+            stale = await request(ws, {"type": "history", "channel": channel, "since": {"offset": 1, "epoch": "old"}})
             assert stale["messages"] == [] and stale["recovered"] is False and stale["epoch"] == epoch
-            assert_error(await ask(outsider, {"type": "history", "channel": channel, "id": 1}), "forbidden", 1)
+            assert_error(await request(outsider, {"type": "history", "channel": channel, "id": 1}), "forbidden", 1)
             await nothing_more(ws)
 
     run(go())
@@ -232,15 +203,15 @@ def test_hostile_since_and_limit_get_bad_request_and_the_connection_stays(fast, 
             for n, since in enumerate(SINCE_GARBAGE):
                 for kind in ("subscribe", "history"):
                     frame = json.dumps({"type": kind, "channel": channel, "since": since, "id": n})
-                    reply = await ask(ws, frame)
+                    reply = await request(ws, frame)
                     assert_error(reply, "bad_request", n)
                     assert "since" in reply["message"] and len(reply["message"]) < 200, reply
             for n, limit in enumerate(LIMIT_GARBAGE):
-                reply = await ask(ws, {"type": "history", "channel": channel, "limit": limit, "id": n})
+                reply = await request(ws, {"type": "history", "channel": channel, "limit": limit, "id": n})
                 assert_error(reply, "bad_request", n)
                 assert "limit" in reply["message"], reply
             # Refused subscribes left no subscription behind.
-            assert (await ask(ws, {"type": "unsubscribe", "channel": channel}))["type"] == "unsubscribed"
+            assert (await request(ws, {"type": "unsubscribe", "channel": channel}))["type"] == "unsubscribed"
             await nothing_more(ws)
 
     run(go())
@@ -254,7 +225,7 @@ def test_a_server_restart_changes_every_epoch(make_server, issue):
     async def subscribe_and_publish() -> str:
         async with srv.connect(token) as ws:
             await welcome(ws)
-            epoch = (await ask(ws, {"type": "subscribe", "channel": channel}))["epoch"]
+            epoch = (await request(ws, {"type": "subscribe", "channel": channel}))["epoch"]
             await publish(ws, channel, "before")
             await messages(ws, 1)
             return epoch
@@ -262,7 +233,7 @@ def test_a_server_restart_changes_every_epoch(make_server, issue):
     async def after_restart(epoch: str) -> None:
         async with srv.connect(token) as ws:
             await welcome(ws)
-            reply = await ask(ws, {"type": "subscribe", "channel": channel, "since": {"offset": 1, "epoch": epoch}})
+            reply = await request(ws, {"type": "subscribe", "channel": channel, "since": {"offset": 1, "epoch": epoch}})
             assert reply["recovered"] is False and reply["epoch"] != epoch and reply["offset"] == 0, reply
 
     epoch = run(subscribe_and_publish())
@@ -281,7 +252,7 @@ def test_publishing_during_recovery_leaves_no_gap_and_no_duplicate(fast, issue):
             await welcome(pub)
             async with fast.connect(token) as sub:
                 await welcome(sub)
-                epoch = (await ask(sub, {"type": "subscribe", "channel": channel}))["epoch"]
+                epoch = (await request(sub, {"type": "subscribe", "channel": channel}))["epoch"]
             await publish(pub, channel, *range(10))
             stop = asyncio.Event()
 
