@@ -397,6 +397,14 @@ class RedisProcess:
 ROOMS = "subscribe:room.* publish:room.*"
 
 
+def sans_position(frame: dict[str, Any]) -> dict[str, Any]:
+    """A ``message`` or ``subscribed`` frame of a channel with history, checked to carry a well-formed ``offset``
+    and ``epoch``, without them: for tests of what else the frame holds (SPEC §5)."""
+    assert type(frame.get("offset")) is int and frame["offset"] >= 0, frame
+    assert isinstance(frame.get("epoch"), str) and frame["epoch"], frame
+    return {k: v for k, v in frame.items() if k not in ("offset", "epoch")}
+
+
 def unique_channel() -> str:
     """A fresh channel under ROOMS, so that histories never mix between tests."""
     return f"room.h{secrets.token_hex(4)}"

@@ -97,7 +97,11 @@ async def _subscribe(session: Connection, request: Request) -> None:
     if found is not None:
         for text in found.messages:
             session.send(text)
-        session.recovered_to(channel, Position(found.offset, found.epoch))
+        if since is not None or not held:
+            # Publications up to here that arrive from now on are duplicates of the replay, or (a first subscribe)
+            # older than the position just told. A plain re-subscribe to a held channel drops nothing: what is in
+            # flight to this connection was never sent to it.
+            session.recovered_to(channel, Position(found.offset, found.epoch))
 
 
 async def _unsubscribe(session: Connection, request: Request) -> None:

@@ -409,21 +409,21 @@ class RedisStorage(Storage):
     async def subscribe(self, channel: str) -> None:
         """Returns once Redis confirmed the subscription: from then on every publication reaches this process, so
         a history read made afterwards leaves no gap before the live ones."""
+        # Wanted from now on, so that a reconcile in between never unsubscribes it before the confirmation comes.
+        self._wanted.add(channel)
         waiter = self._confirming.get(channel)
-        if waiter is None:
-            waiter = self._confirming[channel] = asyncio.get_running_loop().create_future()
-            try:
-                await self._pubsub.subscribe(CHANNEL_PREFIX + channel)
-            except BaseException:
-                del self._confirming[channel]
-                raise
         try:
+            if waiter is None:
+                waiter = self._confirming[channel] = asyncio.get_running_loop().create_future()
+                await self._pubsub.subscribe(CHANNEL_PREFIX + channel)
             await asyncio.wait_for(asyncio.shield(waiter), SUBSCRIBE_TIMEOUT)
-        except TimeoutError:
+        except BaseException as exc:
             if self._confirming.get(channel) is waiter:
                 del self._confirming[channel]
-            raise StorageUnavailable(f"redis: subscription to {channel!r} not confirmed within {SUBSCRIBE_TIMEOUT:g}s") from None
-        self._wanted.add(channel)
+            self._wanted.discard(channel)  # only called for a channel without local subscribers: none is lost
+            if isinstance(exc, TimeoutError):
+                raise StorageUnavailable(f"redis: subscription to {channel!r} not confirmed within {SUBSCRIBE_TIMEOUT:g}s") from None
+            raise
 
     async def unsubscribe(self, channel: str) -> None:
         self._wanted.discard(channel)
