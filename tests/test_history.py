@@ -8,9 +8,13 @@ from __future__ import annotations
 
 import asyncio
 import json
+from unittest import mock
 
 import pytest
 from helpers import ROOMS, Server, assert_error, base_env, messages, nothing_more, publish, recv_json, request, run, unique_channel, welcome
+
+from secure_ws.state.memory_history import ENTRY_COST, RECORD_COST, MemoryHistory
+from secure_ws.state.storage import HistoryLimits, Position
 
 
 @pytest.fixture(scope="module")
@@ -280,3 +284,50 @@ def test_publishing_during_recovery_leaves_no_gap_and_no_duplicate(fast, issue):
                 assert offsets == list(range(1, total + 1))
 
     run(go())
+
+
+# -- the memory backend's bounds (a unit: no wire needed to count bytes) ----------------------------------------
+
+
+def test_memory_history_stays_under_its_byte_bound_evicting_the_least_recently_published_channels():
+    head = '{"type":"message","channel":"c","data":"' + "x" * 200 + '"'
+    history = MemoryHistory(HistoryLimits(size=10, ttl=300, max_bytes=20_000))
+    last: dict[str, Position] = {}
+    for n in range(200):
+        channel = f"c{n % 40}"
+        _, last[channel] = history.append(channel, head)
+        assert history.bytes <= 20_000
+    # The bytes counted are the bytes held.
+    held = history._live | history._idle
+    assert history.bytes == sum(RECORD_COST + sum(len(t) + ENTRY_COST for t in r.texts) for r in held.values())
+    # The most recent channel kept its history and its epoch; the oldest were evicted whole: a read makes a
+    # new record, whose epoch is new, so a subscriber from before learns its history was lost.
+    assert history.read("c39", Position(last["c39"].offset - 1, last["c39"].epoch), 10).recovered
+    lost = history.read("c0", Position(last["c0"].offset - 1, last["c0"].epoch), 10)
+    assert not lost.recovered and lost.epoch != last["c0"].epoch and lost.offset == 0
+
+
+def test_memory_history_keeps_one_oversized_channel_by_dropping_its_oldest_messages():
+    history = MemoryHistory(HistoryLimits(size=1000, ttl=300, max_bytes=10_000))
+    for n in range(100):
+        text, position = history.append("big", '{"data":"' + "y" * 1000 + '"')
+        assert history.bytes <= 10_000 and position.offset == n + 1
+    found = history.read("big", None, 1000)
+    assert 1 <= len(found.messages) < 10 and found.messages[-1] == text
+    assert history.read("big", Position(90, position.epoch), 1000).recovered is False  # fell out
+
+
+def test_memory_history_expires_messages_after_the_ttl_but_keeps_the_position():
+    now = [1000.0]
+    with mock.patch("secure_ws.state.memory_history.time.monotonic", lambda: now[0]):
+        history = MemoryHistory(HistoryLimits(size=10, ttl=60))
+        for _ in range(3):
+            _, position = history.append("c", '{"data":1')
+        now[0] += 61  # idle past the TTL: the messages go, the epoch and offset stay
+        assert history.read("c", None, 10).messages == []
+        assert history.read("c", position, 10).recovered  # up to date: nothing was missed
+        assert not history.read("c", Position(1, position.epoch), 10).recovered  # 2 and 3 are gone
+        assert history.bytes == RECORD_COST
+        now[0] += 3600  # past the record's own TTL: forgotten, a new epoch
+        fresh = history.read("c", position, 10)
+        assert not fresh.recovered and fresh.epoch != position.epoch and fresh.offset == 0
