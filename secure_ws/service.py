@@ -30,7 +30,7 @@ from .settings import ConfigError, Settings
 from .state.storage import HistoryLimits, Position, StorageUnavailable
 from .state.url import storage_from_url
 from .wire.closes import REVOKED, SHUTTING_DOWN, Close
-from .wire.messages import CHANNEL, encode, parse_limit, parse_since
+from .wire.messages import CHANNEL, message_head, parse_limit, parse_since
 
 log = logging.getLogger("secure_ws")
 
@@ -108,14 +108,7 @@ class Service:
         sender) to every subscriber on every worker, and into the channel's history. Returns ``{"offset": N,
         "epoch": E}``, or ``{}`` with history off. ``ValueError`` for a bad channel, ``TypeError`` for data that
         is not JSON, ``StorageUnavailable`` when storage does not answer (then nothing was published)."""
-        if type(channel) is not str or not CHANNEL.fullmatch(channel):
-            raise ValueError(f"channel must match ^{CHANNEL.pattern}$")
-        message: dict[str, Any] = {"type": "message", "channel": channel}
-        if sender is not None:
-            message["from"] = sender
-        message["data"] = data
-        # Encoded once, without its closing brace: storage appends the offset and epoch (or just the brace).
-        position = await self.storage.publish(channel, encode(message)[:-1])
+        position = await self.storage.publish(channel, message_head(channel, data, sender))  # encoded once, here
         return {} if position is None else {"offset": position.offset, "epoch": position.epoch}
 
     async def history(self, channel: str, since: dict[str, Any] | None = None, limit: int | None = None) -> dict[str, Any]:

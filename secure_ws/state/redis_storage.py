@@ -500,13 +500,13 @@ class RedisStorage(Storage):
                 continue
             if message is None:
                 continue
-            channel = message["channel"].decode()
-            if message["type"] != "message":
+            if message["type"] != "message":  # subscribe / unsubscribe confirmations (and a pong, which has no channel)
                 if message["type"] == "subscribe":
-                    waiter = self._confirming.pop(channel[prefix:], None)
+                    waiter = self._confirming.pop(message["channel"].decode()[prefix:], None)
                     if waiter is not None and not waiter.done():
                         waiter.set_result(None)
                 continue
+            channel = message["channel"].decode()
             if channel == REVOCATION_CHANNEL:
                 with contextlib.suppress(*REDIS_ERRORS):
                     await self._reload()
@@ -515,4 +515,10 @@ class RedisStorage(Storage):
             else:
                 offset, _, rest = message["data"].partition(b" ")
                 epoch, _, text = rest.partition(b" ")
-                self.on_message(channel[prefix:], text.decode(), int(offset), epoch.decode())
+                try:
+                    position = int(offset)
+                    decoded = text.decode()
+                except ValueError:  # UnicodeDecodeError included; not from a secure_ws of this version
+                    log.warning("redis: unreadable publication on %r skipped", channel)
+                    continue
+                self.on_message(channel[prefix:], decoded, position, epoch.decode("ascii", "replace"))

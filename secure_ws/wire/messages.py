@@ -123,6 +123,19 @@ def reply(request: dict[str, Any], frame: dict[str, Any]) -> str:
     return encode(frame)
 
 
+def message_head(channel: str, data: Any, sender: str | None = None) -> str:
+    """``{"type":"message","channel":C,"from":sender,"data":data}`` (no ``from`` without a sender) encoded without
+    its closing brace, as storage's ``publish`` takes it: storage appends ``,"offset":N,"epoch":"E"}`` (or just
+    the brace with history off). ``ValueError`` for a bad channel, ``TypeError`` for data that is not JSON."""
+    if type(channel) is not str or not CHANNEL.fullmatch(channel):
+        raise ValueError(f"channel must match ^{CHANNEL.pattern}$")
+    message: dict[str, Any] = {"type": "message", "channel": channel}
+    if sender is not None:
+        message["from"] = sender
+    message["data"] = data
+    return encode(message)[:-1]
+
+
 def channel_of(request: dict[str, Any]) -> str:
     channel = request.get("channel")
     if type(channel) is not str or not CHANNEL.fullmatch(channel):
