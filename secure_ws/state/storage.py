@@ -2,7 +2,9 @@
 
 What workers must agree on: rate-limit windows (``limits``' own storage),
 connection counts per ``sub``, revocations (and a nudge when they change),
-channel fan-out, and signals to every connection of one ``sub``. :func:`secure_ws.storage_url.storage_from_url` picks the
+channel fan-out and history (offsets, epochs, the last publications: SPEC §11),
+and signals to every connection of one ``sub``. When it cannot be reached, a
+backend raises :class:`StorageUnavailable`, nothing of its own. :func:`secure_ws.storage_url.storage_from_url` picks the
 implementation from ``SECURE_WS_STORAGE_URL``.
 
 Revocations, with either storage, are what this process has *learnt* from every
