@@ -83,7 +83,9 @@ async def _subscribe(session: Connection, request: Request) -> None:
     # history read: whatever is published in between is in both, and the floor set below drops the second copy.
     await deps.hub.join(session, channel)
     try:
-        found = await deps.history(channel, None if since is None else Position(*since), deps.settings.history_size if since else 0)
+        # Without `since`, only the position: limit 0. With it, everything after it (at most the whole history).
+        position = None if since is None else Position(*since)
+        found = await deps.history(channel, position, 0 if position is None else deps.settings.history_size)
     except BaseException:
         if not held:  # nothing half-applied: a subscribe that failed leaves no subscription behind
             await deps.hub.leave(session, channel)

@@ -66,7 +66,7 @@ from .context import Context
 from .reject import Reject
 from .types import Hook, Invoke, Request, SessionDeps
 
-Delivery = tuple[str, "str | None", int, str]  # (text, channel, offset, epoch) of a held publication or push
+Delivery = tuple[str, str, int, str]  # (text, channel, offset, epoch) of a held publication ("", 0, "" for a push)
 
 if TYPE_CHECKING:
     from .handlers import Handler
@@ -419,14 +419,14 @@ class Session:
         if self._enqueue(queue, text) and self._drainer is None:
             self._drainer = asyncio.get_running_loop().create_task(self._drain())
 
-    def deliver(self, text: str, channel: str | None = None, offset: int = 0, epoch: str = "") -> None:
+    def deliver(self, text: str, channel: str = "", offset: int = 0, epoch: str = "") -> None:
         """A publication (with its channel, and its offset and epoch when the channel keeps history) or a push:
         sent like a reply, or held while this client's own built-in request (or the connect hook) is in flight."""
         held = self._held
         if held is not None:
             if not self.closed:
                 self._enqueue(held, (text, channel, offset, epoch))
-        elif self._floors is None or not offset or not self._stale(channel, offset, epoch):  # type: ignore[arg-type]
+        elif self._floors is None or not offset or not self._stale(channel, offset, epoch):
             self.send(text)
 
     def recovered_to(self, channel: str, position: Position) -> None:
@@ -455,7 +455,7 @@ class Session:
 
     def _release(self, held: list[Delivery]) -> None:
         for text, channel, offset, epoch in held:
-            if self._floors is None or not offset or not self._stale(channel, offset, epoch):  # type: ignore[arg-type]
+            if self._floors is None or not offset or not self._stale(channel, offset, epoch):
                 self.send(text)
 
     def _enqueue(self, queue: deque[str] | list[Delivery], item: Any) -> bool:
