@@ -393,3 +393,28 @@ def test_reports_when_it_could_not_recover(make_server, issue):
         run(go())
     finally:
         second.stop()
+
+
+def test_a_duplicate_is_dropped_and_a_skip_or_new_epoch_is_reported():
+    """The client's own bookkeeping, fed frames directly: what a server bug or a lost pub/sub connection
+    would look like on the wire."""
+
+    async def go():
+        client = Client("wss://localhost:1/ws", lambda: "t")
+        client._channels.add("c")
+        stream = client.messages("c")
+        frames = [
+            {"type": "subscribed", "channel": "c", "offset": 4, "epoch": "e1"},
+            *({"type": "message", "channel": "c", "data": n, "offset": n, "epoch": "e1"} for n in (5, 6, 6, 5, 9)),
+            {"type": "message", "channel": "c", "data": "new", "offset": 1, "epoch": "e2"},
+        ]
+        for frame in frames:
+            client._route(None, frame)  # type: ignore[arg-type]  # no reply is matched: no connection needed
+        got = []
+        while not stream._queue.empty():
+            got.append((await anext(stream))["data"])
+        assert got == [5, 6, 9, "new"]  # 6 and 5 again dropped
+        assert client.recovery_failures == 2  # 7..8 skipped, then a new epoch
+        assert client._positions["c"] == (1, "e2")
+
+    run(go())

@@ -11,7 +11,21 @@ import json
 from unittest import mock
 
 import pytest
-from helpers import ROOMS, Server, assert_error, base_env, messages, nothing_more, publish, recv_json, request, run, unique_channel, welcome
+from helpers import (
+    ROOMS,
+    Server,
+    assert_error,
+    base_env,
+    keydir_env,
+    messages,
+    nothing_more,
+    publish,
+    recv_json,
+    request,
+    run,
+    unique_channel,
+    welcome,
+)
 
 from secure_ws.state.memory_history import ENTRY_COST, RECORD_COST, MemoryHistory
 from secure_ws.state.storage import HistoryLimits, Position
@@ -219,6 +233,7 @@ def test_hostile_since_and_limit_get_bad_request_and_the_connection_stays(fast, 
             await nothing_more(ws)
 
     run(go())
+    assert "Traceback" not in fast.log()
 
 
 def test_a_server_restart_changes_every_epoch(make_server, issue):
@@ -282,6 +297,42 @@ def test_publishing_during_recovery_leaves_no_gap_and_no_duplicate(fast, issue):
                 total = 10 + sent
                 offsets = [m["offset"] for m in await messages(sub, total)]
                 assert offsets == list(range(1, total + 1))
+
+    run(go())
+
+
+# -- the Python side: Service.publish and Service.history (what the server API answers) ----------------------
+
+
+def test_service_publish_and_history_answer_plain_objects(keydir):
+    from secure_ws.service import Service
+    from secure_ws.settings import load_settings
+
+    async def go():
+        for size, expect_positions in (("100", True), ("0", False)):
+            service = Service(load_settings(keydir_env(keydir, SECURE_WS_HISTORY_SIZE=size), env_file=None))
+            async with service.lifespan():
+                first = await service.publish("room.api", {"n": 1})
+                second = await service.publish("room.api", {"n": 2}, sender="backend")
+                found = await service.history("room.api")
+                if not expect_positions:
+                    assert first == second == {} and found == {"messages": []}
+                    continue
+                assert first["offset"] == 1 and second == {"offset": 2, "epoch": first["epoch"]}
+                assert found == {"offset": 2, "epoch": first["epoch"], "messages": [
+                    {"type": "message", "channel": "room.api", "data": {"n": 1}, "offset": 1, "epoch": first["epoch"]},
+                    {"type": "message", "channel": "room.api", "from": "backend", "data": {"n": 2}, "offset": 2,
+                     "epoch": first["epoch"]},
+                ]}
+                page = await service.history("room.api", since={"offset": 1, "epoch": first["epoch"]}, limit=5)
+                assert [m["offset"] for m in page["messages"]] == [2] and page["recovered"] is True
+                assert (await service.history("room.api", since={"offset": 1, "epoch": "x"}))["recovered"] is False
+                for bad in ({"channel": "no spaces"}, {"channel": "room.api", "limit": -1},
+                            {"channel": "room.api", "since": {"offset": "1", "epoch": "e"}}):
+                    with pytest.raises(ValueError):
+                        await service.history(**bad)
+                with pytest.raises(ValueError):
+                    await service.publish("bad channel", 1)
 
     run(go())
 
