@@ -292,10 +292,10 @@ class Client:
             one at a time, in order. It may be ``async`` and may use the client
             (it does not block the reading of replies). Exceptions are logged.
         on_recovery_failed: called with a channel's name when messages on it may
-            have been missed for good: a re-subscribe after a reconnect was answered
-            ``recovered: false`` (the server's history no longer reaches back to the
-            last message seen, or was lost), or a live message shows the history was
-            lost (a new epoch) or skipped offsets. Called in order with
+            have been missed for good: a re-subscribe (after a reconnect, or after
+            live offsets skipped some) was answered ``recovered: false`` (the server's
+            history no longer reaches back to the last message seen, or was lost), or
+            a live message shows the history was lost (a new epoch). Called in order with
             ``on_message``, before the messages that follow the loss; reload the
             channel's state there. It may be ``async``; exceptions are logged.
         open_timeout: seconds allowed for TCP + TLS + upgrade + ``welcome``.
@@ -351,6 +351,8 @@ class Client:
         self._positions: dict[str, tuple[int, str]] = {}
         #: How many times messages may have been missed for good (see ``on_recovery_failed``).
         self.recovery_failures = 0
+        self._repairing: set[str] = set()  # channels being re-subscribed with `since` after skipped offsets
+        self._repairs: set[asyncio.Task[bool]] = set()  # their tasks, referenced until done
         self._streams: weakref.WeakSet[MessageStream] = weakref.WeakSet()
         self._conn: _Connection | None = None
         self._ready: asyncio.Future[_Connection] | None = None
@@ -701,27 +703,46 @@ class Client:
     async def _resubscribe(self, conn: _Connection) -> bool:
         """Subscribe the new connection to every remembered channel; False if it dropped meanwhile."""
         for channel in list(self._channels):
-            while channel in self._channels:
-                message: dict[str, Any] = {"type": "subscribe", "channel": channel}
-                position = self._positions.get(channel)
-                if position is not None:
-                    message["since"] = {"offset": position[0], "epoch": position[1]}
-                try:
-                    await asyncio.wait_for(self._call(conn, message), self.request_timeout)
-                    break
-                except RateLimited as exc:
-                    await asyncio.sleep(max(exc.retry_after, 0.05))
-                except RequestError as exc:
-                    self._channels.discard(channel)
-                    self._positions.pop(channel, None)
-                    log.warning("secure_ws: re-subscribing %s refused (%s); dropped", channel, exc.code)
-                except ConnectionLost:
-                    return False
-                except TimeoutError:
-                    log.warning("secure_ws: re-subscribing %s timed out; reconnecting", channel)
-                    await conn.ws.close(1011, "subscribe timed out")
-                    return False
+            if not await self._resubscribe_one(conn, channel):
+                return False
         return True
+
+    async def _resubscribe_one(self, conn: _Connection, channel: str) -> bool:
+        """Subscribe ``channel`` again, with ``since`` when a position is known; False if the connection dropped."""
+        while channel in self._channels:
+            message: dict[str, Any] = {"type": "subscribe", "channel": channel}
+            position = self._positions.get(channel)
+            if position is not None:
+                message["since"] = {"offset": position[0], "epoch": position[1]}
+            try:
+                await asyncio.wait_for(self._call(conn, message), self.request_timeout)
+                break
+            except RateLimited as exc:
+                await asyncio.sleep(max(exc.retry_after, 0.05))
+            except RequestError as exc:
+                self._channels.discard(channel)
+                self._positions.pop(channel, None)
+                log.warning("secure_ws: re-subscribing %s refused (%s); dropped", channel, exc.code)
+            except ConnectionLost:
+                return False
+            except TimeoutError:
+                log.warning("secure_ws: re-subscribing %s timed out; reconnecting", channel)
+                await conn.ws.close(1011, "subscribe timed out")
+                return False
+        return True
+
+    def _repair(self, channel: str) -> None:
+        """Offsets skipped on a live connection (the server's pub/sub link dropped some): ask for them again with
+        ``since``; what arrives past the gap meanwhile is dropped, the replay brings it in order."""
+        conn = self._conn
+        if conn is None or channel in self._repairing:
+            return  # without a connection, the reconnect re-subscribes with `since` anyway
+        log.warning("secure_ws: offsets skipped on %s; recovering them", channel)
+        self._repairing.add(channel)
+        task = asyncio.get_running_loop().create_task(self._resubscribe_one(conn, channel), name="secure_ws.client.repair")
+        self._repairs.add(task)
+        task.add_done_callback(self._repairs.discard)
+        task.add_done_callback(lambda _: self._repairing.discard(channel))
 
     async def _read(self, conn: _Connection) -> ConnectionLost:
         """Route every inbound frame until the connection closes; return how it closed."""
@@ -786,7 +807,8 @@ class Client:
             if offset <= known[0]:
                 return False
             if offset > known[0] + 1:
-                self._recovery_failed(channel, f"offsets {known[0] + 1}..{offset - 1} never arrived")
+                self._repair(channel)
+                return False
         elif known is not None:
             self._recovery_failed(channel, "the server lost its history (new epoch)")
         self._positions[channel] = (offset, epoch)

@@ -15,6 +15,7 @@ from pathlib import Path
 from typing import Any
 
 import pytest
+import redis
 from helpers import (
     ROOMS,
     RedisProcess,
@@ -269,3 +270,46 @@ def test_redis_down_means_unavailable_and_redis_lost_means_a_new_epoch(keydir, o
                 assert reply["recovered"] is False and reply["epoch"] != epoch and reply["offset"] == 0, reply
 
         run(go())
+
+
+def test_the_client_recovers_publications_its_worker_missed_while_live(pair, issue):
+    """Publications whose fan-out never reached the client's worker (as when a worker's pub/sub link to Redis
+    drops for a moment: they are in the history, but were never delivered live): the client, seeing the offsets
+    skip on the next live message, asks for them again with ``since``, and hands the application every message
+    once, in order. The lost fan-out is made exactly: offsets 2 and 3 are written to the channel's history the
+    way the publish script writes them, without their PUBLISH."""
+    from secure_ws.client import Client
+
+    a, b = pair
+    channel = unique_channel()
+    reader_token, writer_token = issue(scope=ROOMS), issue(scope=ROOMS)
+    redis_port = int(a.env["SECURE_WS_STORAGE_URL"].rsplit(":", 1)[1].split("/")[0])
+    failed: list[str] = []
+
+    async def go():
+        async with Client(a.url, lambda: reader_token, ssl=a.ssl_context(), on_recovery_failed=failed.append) as reader, \
+                b.connect(writer_token) as writer:
+            writer_sub = (await welcome(writer))["sub"]
+            await reader.subscribe(channel)
+            stream = reader.messages(channel)
+            await publish(writer, channel, 1)
+            first = await asyncio.wait_for(anext(stream), 5)
+            assert first["data"] == 1
+            store = redis.Redis(host="127.0.0.1", port=redis_port)
+            try:
+                for n in (2, 3):
+                    offset = store.hincrby(f"sws:hm:{{{channel}}}", "o", 1)
+                    text = json.dumps({"type": "message", "channel": channel, "from": writer_sub, "data": n,
+                                       "offset": offset, "epoch": first["epoch"]}, separators=(",", ":"))
+                    store.rpush(f"sws:h:{{{channel}}}", text)
+            finally:
+                store.close()
+            await publish(writer, channel, 4)  # offset 4, live: the client sees 2 and 3 skipped
+            got = [await asyncio.wait_for(anext(stream), 10) for _ in range(3)]
+            assert [(m["data"], m["offset"]) for m in got] == [(2, 2), (3, 3), (4, 4)]
+            await publish(writer, channel, 5)
+            assert (await asyncio.wait_for(anext(stream), 5))["offset"] == 5
+            assert await reader.echo("sync") == "sync" and stream._queue.empty()  # nothing twice
+            assert failed == [] and reader.recovery_failures == 0
+
+    run(go())
