@@ -57,8 +57,7 @@ class Service:
                 "SECURE_WS_JWKS_FILE", f"no usable key for {','.join(settings.algorithms)} (see the log lines above)"
             )
         self.verifier = Verifier(settings, self.keys)
-        history = HistoryLimits(settings.history_size, settings.history_ttl, settings.history_max_bytes)
-        self.storage = storage_from_url(settings.storage_url, settings.revocation_file, history)
+        self.storage = storage_from_url(settings.storage_url, settings.revocation_file, HistoryLimits.of(settings))
         try:
             self.storage.load_initial()
         except (OSError, ValueError) as exc:

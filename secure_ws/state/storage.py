@@ -27,6 +27,7 @@ from limits.aio.storage import Storage as LimitsStorage
 
 from ..auth.revocation import Revocations
 from ..auth.revocation_file import RevocationFile
+from ..settings import Settings
 
 log = logging.getLogger("secure_ws.storage")
 
@@ -57,6 +58,11 @@ class HistoryLimits:
     @property
     def meta_ttl(self) -> int:
         return max(self.ttl, META_TTL)
+
+    @classmethod
+    def of(cls, settings: Settings) -> HistoryLimits:
+        """The configured limits: what the server uses, and what anything else publishing into its storage must."""
+        return cls(settings.history_size, settings.history_ttl, settings.history_max_bytes)
 
 
 class Position(NamedTuple):
