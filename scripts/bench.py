@@ -33,6 +33,10 @@ Measured, for each server:
   fan-out       1,000 subscribers, a publisher sending a burst of messages: deliveries/s and
                 p50/p99 publish-to-delivery latency (which includes waiting behind the burst),
                 and the server's CPU time per delivery
+  history       (secure_ws only) the server's CPU per ``publish`` round trip with channel history
+                on (SECURE_WS_HISTORY_SIZE=100) against a second secure_ws with it off, and the
+                server's CPU time (and the wall time, client included) to recover 100 missed
+                messages: a subscribe with ``since`` answered by ``subscribed`` and the 100 replayed
 """
 
 from __future__ import annotations
@@ -60,6 +64,8 @@ sys.path.insert(0, str(ROOT))
 LOADGEN_PROCS = 3
 PAYLOAD = b'{"type":"echo","data":"hello, world"}'
 HANDLER_PAYLOAD = b'{"type":"bench.echo","data":"hello, world"}'
+PUBLISH_PAYLOAD = b'{"type":"publish","channel":"bench","data":"hello, world"}'
+RECOVERED = 100  # messages replayed per recovery in the history phase
 
 # -- a minimal WebSocket client ------------------------------------------------------------
 
@@ -430,6 +436,51 @@ def measure_fanout(t: Target, ca: str, subscribers: int = 1000, messages: int = 
     }
 
 
+def measure_recovery(t: Target, ca: str, rounds: int) -> dict:
+    """The server's CPU and the wall time per recovery of RECOVERED messages, on one connection that
+    re-subscribes with ``since`` (a held channel: each round replays the same RECOVERED)."""
+
+    async def go() -> dict:
+        reader, writer = await ws_open(t.port, client_ssl(ca), t.path, f"Authorization: Bearer {t.tokens[0]}\r\n")  # type: ignore[index]
+        await ws_read(reader, writer)
+        for _ in range(RECOVERED):
+            writer.write(client_frame(PUBLISH_PAYLOAD))
+            await ws_read(reader, writer)
+        writer.write(client_frame(b'{"type":"subscribe","channel":"bench"}'))
+        position = json.loads(await ws_read(reader, writer))
+        since = {"offset": position["offset"] - RECOVERED, "epoch": position["epoch"]}
+        ask = client_frame(json.dumps({"type": "subscribe", "channel": "bench", "since": since}).encode())
+        cpu0, started = t.cpu(), time.perf_counter()
+        for _ in range(rounds):
+            writer.write(ask)
+            reply = json.loads(await ws_read(reader, writer))
+            if reply.get("recovered") is not True:
+                raise RuntimeError(f"recovery refused: {reply}")
+            for _ in range(RECOVERED):
+                await ws_read(reader, writer)
+        wall, cpu = time.perf_counter() - started, t.cpu() - cpu0
+        writer.transport.abort()
+        return {"cpu_ms": cpu / rounds * 1e3, "wall_ms": wall / rounds * 1e3}
+
+    return asyncio.run(go())
+
+
+def measure_history(folder: Path, ca: str, secure: Target, seconds: float, rounds: int) -> dict[str, float]:
+    """Publish CPU with history on (``secure``) against a copy of it with history off, and one recovery's cost."""
+    off = Target("secure_ws_no_history", secure.argv, {**secure.env, "SECURE_WS_HISTORY_SIZE": "0"},
+                 secure.path, secure.fan_path, secure.tokens, True)
+    off.start(folder)
+    try:
+        on_cpu, off_cpu = [], []
+        for _ in range(rounds):
+            on_cpu.append(measure_throughput(secure, ca, seconds, payload=PUBLISH_PAYLOAD)["cpu_us"])
+            off_cpu.append(measure_throughput(off, ca, seconds, payload=PUBLISH_PAYLOAD)["cpu_us"])
+    finally:
+        off.stop()
+    recovery = measure_recovery(secure, ca, 50 if seconds < 5 else 300)
+    return {"publish_on_us": statistics.median(on_cpu), "publish_off_us": statistics.median(off_cpu), **recovery}
+
+
 # -- main ----------------------------------------------------------------------------------
 
 
@@ -479,7 +530,7 @@ def main() -> None:
     parser.add_argument("--mode", choices=("uvicorn", "serve"), default="uvicorn")
     parser.add_argument("--rounds", type=int, default=None)
     parser.add_argument("--seconds", type=float, default=None)
-    parser.add_argument("--skip", default="", help="comma list of phases to skip: throughput,handshakes,idle,fanout")
+    parser.add_argument("--skip", default="", help="comma list of phases to skip: throughput,handshakes,idle,fanout,history")
     parser.add_argument("--storage", default="memory://", help="secure_ws's SECURE_WS_STORAGE_URL (e.g. redis://127.0.0.1:6379/0)")
     parser.add_argument("--workers", type=int, default=1, help="secure_ws worker processes (use with --storage redis://…)")
     args = parser.parse_args()
@@ -494,6 +545,7 @@ def main() -> None:
     ca = str(folder / "ca.crt")
     results: dict[str, dict[str, list[float]]] = {"bare": {}, "secure_ws": {}}
     cpu_notes: list[str] = []
+    history: dict[str, float] = {}
     try:
         bare.start(folder)
         secure.start(folder)
@@ -529,6 +581,8 @@ def main() -> None:
                 m = measure_fanout(t, ca, messages=20 if args.quick else 50)
                 for k, v in (("dps", m["dps"]), ("fp50", m["p50"]), ("fp99", m["p99"]), ("fcpu_us", m["cpu_us"])):
                     results[t.name][k] = [v]
+        if "history" not in skip:
+            history = measure_history(folder, ca, secure, seconds, rounds)
     finally:
         bare.stop()
         secure.stop()
@@ -556,6 +610,11 @@ def main() -> None:
         handler, echo = statistics.median(s["handler_cpu_us"]), statistics.median(s["cpu_us"])
         print(f"{'handler round trips':<28} {'':>12} {statistics.median(s['handler_fps']):>12.1f} {'per s':<8}")
         print(f"{'server CPU per handler call':<28} {'':>12} {handler:>12.1f} {'µs':<8} {handler / echo:>7.2f}× secure_ws's echo")
+    if history:
+        on, off = history["publish_on_us"], history["publish_off_us"]
+        print(f"{'CPU per publish, history':<28} {off:>12.1f} {on:>12.1f} {'µs':<8} {on / off:>7.2f}× history off (off | on)")
+        print(f"{'recover 100 missed messages':<28} {'':>12} {history['cpu_ms']:>12.2f} {'ms CPU':<8} "
+              f"(wall {history['wall_ms']:.2f} ms, client included)")
     print("\nratio = secure_ws / bare (higher is better for rates, lower for latency, memory and CPU)")
     for note in cpu_notes:
         print("  " + note)

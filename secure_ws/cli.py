@@ -125,6 +125,7 @@ def cmd_apikey_revoke(args: argparse.Namespace) -> None:
 
 def cmd_publish(args: argparse.Namespace) -> None:
     from .publisher import Publisher
+    from .state.storage import StorageUnavailable
     from .wire.messages import parse
 
     settings = _settings()
@@ -139,10 +140,10 @@ def cmd_publish(args: argparse.Namespace) -> None:
         raise CommandError("JSON: not valid JSON (quote it for the shell: '{\"text\":\"hi\"}')") from None
 
     async def publish() -> dict[str, Any]:
-        async with Publisher.from_url(settings.storage_url) as publisher:
+        async with Publisher.from_url(settings.storage_url, settings) as publisher:
             try:
                 return await publisher.publish(args.channel, data)
-            except publisher.errors as exc:
+            except StorageUnavailable as exc:
                 raise CommandError(f"SECURE_WS_STORAGE_URL does not answer: {exc}") from None
 
     print(json.dumps(asyncio.run(publish())))
@@ -282,6 +283,7 @@ def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(_protect_dashes(sys.argv[1:] if argv is None else argv))
     from .auth.api_keys import ApiKeyError
     from .auth.signing import SigningError
+    from .state.storage import StorageUnavailable
 
     try:
         args.func(args)
@@ -290,6 +292,9 @@ def main(argv: list[str] | None = None) -> int:
         return 2
     except (OSError, ValueError) as exc:
         print(f"secure-ws: {exc.__class__.__name__}: {exc}", file=sys.stderr)
+        return 1
+    except StorageUnavailable as exc:
+        print(f"secure-ws: storage unavailable: {exc}", file=sys.stderr)
         return 1
     except KeyboardInterrupt:
         return 130

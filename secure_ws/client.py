@@ -11,7 +11,11 @@ and keeps it alive for as long as you use it:
   (``token expired``, ``too many connections``, ``rate limit exceeded``,
   ``slow consumer``, 1001/1011/1012/1013/1006…), waiting a jittered, bounded,
   exponentially growing delay between attempts;
-* it **re-subscribes** every channel you subscribed once a new connection is up;
+* it **re-subscribes** every channel you subscribed once a new connection is up, **recovering** what
+  was published meanwhile: it keeps the last ``offset`` and ``epoch`` it saw on each channel and
+  re-subscribes with ``since``, so the server replays the missed messages before the live ones
+  (SPEC §11); when that cannot be done (history lost, or the client was away too long) it calls
+  ``on_recovery_failed(channel)`` so that the application reloads its state;
 * it **stops** with :exc:`AuthenticationFailed` when the server refuses
   credentials that a fresh token cannot fix (``invalid token``, ``token revoked``,
   ``origin not allowed``, ``ambiguous credentials``, ``missing token``).
@@ -81,6 +85,7 @@ log = logging.getLogger("secure_ws.client")
 
 TokenProvider = Callable[[], str | Awaitable[str]]
 MessageHandler = Callable[[dict[str, Any]], Awaitable[None] | None]
+RecoveryHandler = Callable[[str], Awaitable[None] | None]
 
 #: 1008 close reasons that no fresh token can fix: the client stops instead of reconnecting.
 FATAL_REASONS = frozenset({INVALID, REVOKED, ORIGIN_NOT_ALLOWED, AMBIGUOUS, MISSING})
@@ -177,6 +182,7 @@ def backoff_delay(attempt: int, initial: float, maximum: float, rng: random.Rand
 # -- message streams -------------------------------------------------------------------------
 
 _END = object()
+_RECOVERY_FAILED = " recovery failed"  # a dispatch-queue entry's type no server frame can have (it has a space)
 
 
 class MessageStream:
@@ -285,6 +291,13 @@ class Client:
         on_message: called with each channel message (``type == "message"``),
             one at a time, in order. It may be ``async`` and may use the client
             (it does not block the reading of replies). Exceptions are logged.
+        on_recovery_failed: called with a channel's name when messages on it may
+            have been missed for good: a re-subscribe (after a reconnect, or after
+            live offsets skipped some) was answered ``recovered: false`` (the server's
+            history no longer reaches back to the last message seen, or was lost), or
+            a live message shows the history was lost (a new epoch). Called in order with
+            ``on_message``, before the messages that follow the loss; reload the
+            channel's state there. It may be ``async``; exceptions are logged.
         open_timeout: seconds allowed for TCP + TLS + upgrade + ``welcome``.
         request_timeout: default timeout of :meth:`request` and the helpers.
         rng: random source for the jitter (seed it in tests).
@@ -304,6 +317,7 @@ class Client:
         backoff_max: float = 30.0,
         stable_after: float = 10.0,
         on_message: MessageHandler | None = None,
+        on_recovery_failed: RecoveryHandler | None = None,
         open_timeout: float = 10.0,
         request_timeout: float = 10.0,
         rng: random.Random | None = None,
@@ -326,11 +340,19 @@ class Client:
         self.open_timeout = open_timeout
         self.request_timeout = request_timeout
         self._on_message = on_message
+        self._on_recovery_failed = on_recovery_failed
         self._rng = rng or random.Random()
         self._connect_kwargs = connect_kwargs
 
         self._ids = itertools.count(1)
         self._channels: set[str] = set()
+        # channel → (offset, epoch) of the last message seen (or where the server said the channel was): what a
+        # re-subscribe asks to recover from. One entry per subscribed channel.
+        self._positions: dict[str, tuple[int, str]] = {}
+        #: How many times messages may have been missed for good (see ``on_recovery_failed``).
+        self.recovery_failures = 0
+        self._repairing: set[str] = set()  # channels being re-subscribed with `since` after skipped offsets
+        self._repairs: set[asyncio.Task[bool]] = set()  # their tasks, referenced until done
         self._streams: weakref.WeakSet[MessageStream] = weakref.WeakSet()
         self._conn: _Connection | None = None
         self._ready: asyncio.Future[_Connection] | None = None
@@ -398,7 +420,7 @@ class Client:
         if self._task is None:
             loop = asyncio.get_running_loop()
             self._ready = loop.create_future()
-            if self._on_message is not None:
+            if self._on_message is not None or self._on_recovery_failed is not None:
                 self._dispatch_queue = asyncio.Queue()
                 self._dispatcher = asyncio.create_task(self._dispatch_messages(), name="secure_ws.client.dispatch")
             self._task = asyncio.create_task(self._supervise(), name="secure_ws.client")
@@ -544,11 +566,13 @@ class Client:
             await self._call_idempotent({"type": "subscribe", "channel": channel}, timeout)
         except BaseException:
             self._channels.discard(channel)
+            self._positions.pop(channel, None)
             raise
 
     async def unsubscribe(self, channel: str, timeout: float | None = None) -> None:
         """Stop receiving ``channel`` and stop re-subscribing it."""
         self._channels.discard(channel)
+        self._positions.pop(channel, None)
         await self._call_idempotent({"type": "unsubscribe", "channel": channel}, timeout)
 
     def messages(self, channel: str | None = None) -> MessageStream:
@@ -679,22 +703,46 @@ class Client:
     async def _resubscribe(self, conn: _Connection) -> bool:
         """Subscribe the new connection to every remembered channel; False if it dropped meanwhile."""
         for channel in list(self._channels):
-            while channel in self._channels:
-                try:
-                    await asyncio.wait_for(self._call(conn, {"type": "subscribe", "channel": channel}), self.request_timeout)
-                    break
-                except RateLimited as exc:
-                    await asyncio.sleep(max(exc.retry_after, 0.05))
-                except RequestError as exc:
-                    self._channels.discard(channel)
-                    log.warning("secure_ws: re-subscribing %s refused (%s); dropped", channel, exc.code)
-                except ConnectionLost:
-                    return False
-                except TimeoutError:
-                    log.warning("secure_ws: re-subscribing %s timed out; reconnecting", channel)
-                    await conn.ws.close(1011, "subscribe timed out")
-                    return False
+            if not await self._resubscribe_one(conn, channel):
+                return False
         return True
+
+    async def _resubscribe_one(self, conn: _Connection, channel: str) -> bool:
+        """Subscribe ``channel`` again, with ``since`` when a position is known; False if the connection dropped."""
+        while channel in self._channels:
+            message: dict[str, Any] = {"type": "subscribe", "channel": channel}
+            position = self._positions.get(channel)
+            if position is not None:
+                message["since"] = {"offset": position[0], "epoch": position[1]}
+            try:
+                await asyncio.wait_for(self._call(conn, message), self.request_timeout)
+                break
+            except RateLimited as exc:
+                await asyncio.sleep(max(exc.retry_after, 0.05))
+            except RequestError as exc:
+                self._channels.discard(channel)
+                self._positions.pop(channel, None)
+                log.warning("secure_ws: re-subscribing %s refused (%s); dropped", channel, exc.code)
+            except ConnectionLost:
+                return False
+            except TimeoutError:
+                log.warning("secure_ws: re-subscribing %s timed out; reconnecting", channel)
+                await conn.ws.close(1011, "subscribe timed out")
+                return False
+        return True
+
+    def _repair(self, channel: str) -> None:
+        """Offsets skipped on a live connection (the server's pub/sub link dropped some): ask for them again with
+        ``since``; what arrives past the gap meanwhile is dropped, the replay brings it in order."""
+        conn = self._conn
+        if conn is None or channel in self._repairing:
+            return  # without a connection, the reconnect re-subscribes with `since` anyway
+        log.warning("secure_ws: offsets skipped on %s; recovering them", channel)
+        self._repairing.add(channel)
+        task = asyncio.get_running_loop().create_task(self._resubscribe_one(conn, channel), name="secure_ws.client.repair")
+        self._repairs.add(task)
+        task.add_done_callback(self._repairs.discard)
+        task.add_done_callback(lambda _: self._repairing.discard(channel))
 
     async def _read(self, conn: _Connection) -> ConnectionLost:
         """Route every inbound frame until the connection closes; return how it closed."""
@@ -719,8 +767,11 @@ class Client:
     def _route(self, conn: _Connection, frame: dict[str, Any]) -> None:
         kind = frame.get("type")
         if kind == "message":
-            self._deliver(frame)
+            if self._follow(frame):
+                self._deliver(frame)
             return
+        if kind == "subscribed":
+            self._subscribed(frame)
         id = frame.get("id")
         if id is not None:
             future = conn.pending.pop(id, None)
@@ -744,24 +795,70 @@ class Client:
         else:
             log.debug("secure_ws: ignored frame of type %r", kind)
 
+    def _follow(self, message: dict[str, Any]) -> bool:
+        """Track the channel's position from a message; False for one already seen (never delivered twice)."""
+        channel, offset, epoch = message.get("channel"), message.get("offset"), message.get("epoch")
+        if not isinstance(channel, str) or type(offset) is not int or not isinstance(epoch, str):
+            return True  # a channel without history
+        if channel not in self._channels:
+            return True
+        known = self._positions.get(channel)
+        if known is not None and known[1] == epoch:
+            if offset <= known[0]:
+                return False
+            if offset > known[0] + 1:
+                self._repair(channel)
+                return False
+        elif known is not None:
+            self._recovery_failed(channel, "the server lost its history (new epoch)")
+        self._positions[channel] = (offset, epoch)
+        return True
+
+    def _subscribed(self, frame: dict[str, Any]) -> None:
+        """A ``subscribed`` reply: where the channel is, and whether a recovery worked."""
+        channel, offset, epoch = frame.get("channel"), frame.get("offset"), frame.get("epoch")
+        if not isinstance(channel, str) or channel not in self._channels:
+            return
+        recovered = frame.get("recovered")
+        if recovered is False:
+            self._recovery_failed(channel, "the server could not replay what was missed")
+        if recovered is True or type(offset) is not int or not isinstance(epoch, str):
+            return  # recovered: the replayed messages that follow move the position
+        known = self._positions.get(channel)
+        # A plain subscribe to a channel already followed leaves the position: messages in flight before this
+        # reply are still to come, and are not duplicates.
+        if recovered is False or known is None or known[1] != epoch:
+            self._positions[channel] = (offset, epoch)
+
+    def _recovery_failed(self, channel: str, why: str) -> None:
+        self.recovery_failures += 1
+        log.warning("secure_ws: messages on %s may have been missed: %s", channel, why)
+        if self._on_recovery_failed is not None and self._dispatch_queue is not None:
+            self._dispatch_queue.put_nowait({"type": _RECOVERY_FAILED, "channel": channel})
+
     def _deliver(self, message: dict[str, Any]) -> None:
         channel = message.get("channel")
         for stream in list(self._streams):
             if stream.channel is None or stream.channel == channel:
                 stream._put(message)
-        if self._dispatch_queue is not None:
+        if self._dispatch_queue is not None and self._on_message is not None:
             self._dispatch_queue.put_nowait(message)
 
     async def _dispatch_messages(self) -> None:
-        assert self._dispatch_queue is not None and self._on_message is not None
+        assert self._dispatch_queue is not None
         while True:
             message = await self._dispatch_queue.get()
             try:
-                result = self._on_message(message)
+                if message["type"] == _RECOVERY_FAILED:
+                    assert self._on_recovery_failed is not None
+                    result = self._on_recovery_failed(message["channel"])
+                else:
+                    assert self._on_message is not None
+                    result = self._on_message(message)
                 if inspect.isawaitable(result):
                     await result
             except Exception:  # noqa: BLE001 (an app bug must not stop the client)
-                log.exception("secure_ws: on_message raised")
+                log.exception("secure_ws: %s raised", "on_recovery_failed" if message["type"] == _RECOVERY_FAILED else "on_message")
 
     async def _refresh(self, conn: _Connection) -> None:
         """Keep ``conn`` authenticated: swap in a fresh token before each deadline."""

@@ -20,8 +20,9 @@ from pathlib import Path
 from types import TracebackType
 from typing import Any
 
+from .settings import Settings, load_settings
 from .state import actions
-from .state.storage import Storage
+from .state.storage import HistoryLimits, Storage
 from .state.url import storage_from_url
 
 # Storage wants a revocation file; a publisher never reads or writes it (it does not start the storage).
@@ -33,20 +34,22 @@ class Publisher:
         self.storage = storage
 
     @classmethod
-    def from_url(cls, url: str) -> Publisher:
+    def from_url(cls, url: str, settings: Settings | None = None) -> Publisher:
         """For the server's ``SECURE_WS_STORAGE_URL``, which must be ``redis://`` or ``rediss://``: with
-        ``memory://`` the server's state lives inside its own process, out of any other process's reach."""
+        ``memory://`` the server's state lives inside its own process, out of any other process's reach.
+
+        Publications go into the channels' history with the server's limits: ``SECURE_WS_HISTORY_SIZE`` and
+        ``SECURE_WS_HISTORY_TTL`` are read from ``settings`` (by default from the environment and ``.env``, as
+        the server reads them), so give this process the server's values."""
         if not re.match(r"^rediss?://", url):
             raise ValueError(
                 "a Publisher needs the server's redis:// storage URL; with memory:// the server's state lives "
                 "inside its process (use the server API, POST /api/publish, instead)"
             )
-        return cls(storage_from_url(url, _UNUSED_REVOCATION_FILE))
+        limits = HistoryLimits.of(settings if settings is not None else load_settings())
+        return cls(storage_from_url(url, _UNUSED_REVOCATION_FILE, limits))
 
-    @property
-    def errors(self) -> tuple[type[BaseException], ...]:
-        """What the calls raise while Redis cannot be reached."""
-        return self.storage.errors
+    # Every call raises secure_ws.state.storage.StorageUnavailable while Redis cannot be reached.
 
     async def publish(self, channel: str, data: Any) -> dict[str, Any]:
         """``{"type":"message","channel":C,"data":X}`` to every subscriber of ``channel`` on every node;

@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import json
 import logging
 import secrets
 import signal
@@ -30,9 +31,10 @@ from .core.ratelimit import Limiter
 from .core.types import Route, SessionDeps
 from .settings import ConfigError, Settings
 from .state import actions
+from .state.storage import HistoryLimits, Position, StorageUnavailable
 from .state.url import presence_store, storage_from_url
 from .wire.closes import REVOKED, SHUTTING_DOWN, Close
-from .wire.messages import CHANNEL
+from .wire.messages import CHANNEL, parse_limit, parse_since
 
 log = logging.getLogger("secure_ws")
 
@@ -61,7 +63,7 @@ class Service:
                 "SECURE_WS_JWKS_FILE", f"no usable key for {','.join(settings.algorithms)} (see the log lines above)"
             )
         self.verifier = Verifier(settings, self.keys)
-        self.storage = storage_from_url(settings.storage_url, settings.revocation_file)
+        self.storage = storage_from_url(settings.storage_url, settings.revocation_file, HistoryLimits.of(settings))
         try:
             self.storage.load_initial()
         except (OSError, ValueError) as exc:
@@ -71,12 +73,11 @@ class Service:
             self.api_keys.load_initial()
         except ApiKeyError as exc:
             raise ConfigError("SECURE_WS_API_KEYS_FILE", str(exc)) from None
-        errors = self.storage.errors
         # What makes a request wait rather than fail: storage unreachable, or a revocation list not known complete.
-        self.unavailable: tuple[type[BaseException], ...] = (RevocationsUnavailable, *errors)
+        self.unavailable: tuple[type[BaseException], ...] = (RevocationsUnavailable, StorageUnavailable)
         strategy, limiter_storage = settings.rate_limit_strategy, self.storage.limiter_storage
-        self.limiter = Limiter(settings.rate_limits, strategy, limiter_storage, "msg", errors)
-        self.handshake_limiter = Limiter(settings.handshake_rate_limits, strategy, limiter_storage, "hs", errors)
+        self.limiter = Limiter(settings.rate_limits, strategy, limiter_storage, "msg")
+        self.handshake_limiter = Limiter(settings.handshake_rate_limits, strategy, limiter_storage, "hs")
         self.roster = Roster(presence_store(self.storage))
         self.hub = Hub(self.storage, self.roster)
         self.roster.store.node_stats = lambda: {"connections": len(self.hub.sessions)}
@@ -91,7 +92,7 @@ class Service:
         for handler in registry.handlers.values():
             if handler.rate_limits:  # keyed by sub and type, in the shared storage: one window across workers
                 handler.limiter = Limiter(
-                    handler.rate_limits, settings.rate_limit_strategy, self.storage.limiter_storage, f"t:{handler.type}", self.storage.errors
+                    handler.rate_limits, settings.rate_limit_strategy, self.storage.limiter_storage, f"t:{handler.type}"
                 )
         fallback: Route = dispatch.unknown_type
         if settings.rpc_proxy_url is not None and settings.rpc_proxy_secret is not None:
@@ -106,12 +107,33 @@ class Service:
             routes=dispatch.routes(registry.handlers),
             fallback=fallback,
             authenticate=self.authenticate,
-            publish=self.storage.publish,
+            publish=self.publish,
+            history=self.storage.history,
             unavailable=self.unavailable,
             presence=self.roster,
             on_connect=tuple(registry.on_connect),
             on_disconnect=tuple(registry.on_disconnect),
         )
+
+    async def history(self, channel: str, since: dict[str, Any] | None = None, limit: int | None = None) -> dict[str, Any]:
+        """For the server API's ``history``: ``{"messages": [...], "offset": N, "epoch": E}``, the messages as the
+        objects subscribers received (with ``since``: those after it, at most ``limit``; else the latest
+        ``limit``; ``limit`` defaults to and is clamped to SECURE_WS_HISTORY_SIZE). With ``since`` that cannot be
+        honoured (another epoch, fallen out) the messages are empty and ``"recovered": false`` is added (``true``
+        when it could). ``{"messages": []}`` with history off. ``ValueError`` for a bad channel, ``since`` or
+        ``limit`` (the message says which), ``StorageUnavailable`` when storage does not answer."""
+        if type(channel) is not str or not CHANNEL.fullmatch(channel):
+            raise ValueError(f"channel must match ^{CHANNEL.pattern}$")
+        size = self.settings.history_size
+        limit = size if limit is None else parse_limit(limit, size)
+        position = None if since is None else Position(*parse_since(since))
+        found = await self.storage.history(channel, position, limit)
+        answer: dict[str, Any] = {"messages": [json.loads(text) for text in found.messages] if found is not None else []}
+        if found is not None:
+            answer["offset"], answer["epoch"] = found.offset, found.epoch
+        if since is not None:
+            answer["recovered"] = found is not None and found.recovered
+        return answer
 
     async def authenticate(self, token: str) -> Principal:
         if self.session_deps is None:
@@ -181,7 +203,8 @@ class Service:
     # -- the server side: SecureWS.publish/send/disconnect and the server API (secure_ws.server_api) ----------
 
     async def publish(self, channel: str, data: Any, sender: str | None = None) -> dict[str, Any]:
-        """To every subscriber of ``channel`` on every worker; ``{"offset":N,"epoch":E}``, or ``{}`` with history off."""
+        """To every subscriber of ``channel`` on every worker; ``{"offset":N,"epoch":E}``, or ``{}`` with history off
+        (:func:`secure_ws.state.actions.publish`, the one publish path)."""
         return await actions.publish(self.storage, channel, data, sender)
 
     async def send(self, sub: str, data: Any) -> None:
@@ -192,9 +215,6 @@ class Service:
 
     async def revoke(self, jti: str | None = None, sub: str | None = None) -> None:
         await actions.revoke(self.storage, self.settings, jti=jti, sub=sub)
-
-    async def history(self, channel: str, since: dict[str, Any] | None = None, limit: int | None = None) -> dict[str, Any]:
-        raise NotImplementedError("history")
 
     def _sighup(self) -> None:
         log.info("SIGHUP: reloading keys, revocations and API keys")

@@ -24,6 +24,7 @@ ASYMMETRIC_ALGORITHMS = frozenset(
 HMAC_ALGORITHMS = frozenset({"HS256", "HS384", "HS512"})
 STRATEGIES = ("sliding-window", "moving-window", "fixed-window")
 MIN_SECRET_BYTES = 32
+MAX_HISTORY_SIZE = 10_000
 
 _DURATION = re.compile(r"^\s*(\d+)\s*([smhd]?)\s*$")
 _DURATION_UNITS = {"": 1, "s": 1, "m": 60, "h": 3600, "d": 86400}
@@ -86,6 +87,9 @@ class Settings:
     max_message_bytes: int = 65536
     send_queue_size: int = 256
     max_subscriptions: int = 128
+    history_size: int = 100
+    history_ttl: int = 300
+    history_max_bytes: int = 64 * 1024 * 1024
     handler_timeout: float = 10.0
     max_inflight: int = 8
     rpc_proxy_url: str | None = None
@@ -101,6 +105,11 @@ class Settings:
     tls_min_version: str = "1.2"
     log_format: str = "text"
     demo: bool = False
+
+    @property
+    def history(self) -> bool:
+        """Channels keep history (SPEC §11): off when either its size or its TTL is 0."""
+        return self.history_size > 0 and self.history_ttl > 0
 
 
 def load_settings(
@@ -236,6 +245,14 @@ def load_settings(
         if proxy_url is None:
             raise ConfigError("SECURE_WS_RPC_PROXY_SECRET", "is set but SECURE_WS_RPC_PROXY_URL is not")
 
+    try:
+        history_ttl = parse_duration(get("HISTORY_TTL", "5m"))
+    except ValueError as exc:
+        raise ConfigError("SECURE_WS_HISTORY_TTL", str(exc)) from None
+    history_size = integer("HISTORY_SIZE", 100)
+    if history_size > MAX_HISTORY_SIZE:  # one recovery sends at most this many messages in one go
+        raise ConfigError("SECURE_WS_HISTORY_SIZE", f"at most {MAX_HISTORY_SIZE}, got {history_size}")
+
     client_ca = get("TLS_CLIENT_CA")
     settings = Settings(
         jwks_file=path("JWKS_FILE", "certs/jwks.json"),
@@ -259,6 +276,9 @@ def load_settings(
         max_message_bytes=integer("MAX_MESSAGE_BYTES", 65536, minimum=64),
         send_queue_size=integer("SEND_QUEUE_SIZE", 256, minimum=1),
         max_subscriptions=integer("MAX_SUBSCRIPTIONS", 128, minimum=1),
+        history_size=history_size,
+        history_ttl=history_ttl,
+        history_max_bytes=integer("HISTORY_MAX_BYTES", 64 * 1024 * 1024, minimum=65536),
         handler_timeout=handler_timeout,
         max_inflight=integer("MAX_INFLIGHT", 8, minimum=1),
         rpc_proxy_url=proxy_url,

@@ -459,11 +459,6 @@ def create_api_key(keydir: Path, keys_file: Path, name: str) -> str:
     return cli(keydir, "apikey", "create", name, env=api_env(keydir, keys_file)).stdout.strip()
 
 
-def without_position(message: dict[str, Any]) -> dict[str, Any]:
-    """A ``message`` frame without the ``offset``/``epoch`` a channel with history adds (SPEC §11)."""
-    return {k: v for k, v in message.items() if k not in ("offset", "epoch")}
-
-
 async def subscribe(ws: Any, channel: str) -> None:
     reply = await request(ws, {"type": "subscribe", "channel": channel})
     assert reply["type"] == "subscribed" and reply["channel"] == channel, reply
@@ -472,3 +467,36 @@ async def subscribe(ws: Any, channel: str) -> None:
 def no_traceback(srv: Server) -> None:
     log = srv.log()
     assert "Traceback" not in log, log[-3000:]
+
+# -- channels with history (SPEC §11) ---------------------------------------------------------
+
+ROOMS = "subscribe:room.* publish:room.*"
+
+
+def sans_position(frame: dict[str, Any]) -> dict[str, Any]:
+    """A ``message`` or ``subscribed`` frame of a channel with history, checked to carry a well-formed ``offset``
+    and ``epoch``, without them: for tests of what else the frame holds (SPEC §5)."""
+    assert type(frame.get("offset")) is int and frame["offset"] >= 0, frame
+    assert isinstance(frame.get("epoch"), str) and frame["epoch"], frame
+    return {k: v for k, v in frame.items() if k not in ("offset", "epoch")}
+
+
+def unique_channel() -> str:
+    """A fresh channel under ROOMS, so that histories never mix between tests."""
+    return f"room.h{secrets.token_hex(4)}"
+
+
+async def publish(ws: Any, channel: str, *values: Any) -> None:
+    for value in values:
+        assert await request(ws, {"type": "publish", "channel": channel, "data": value}) == {"type": "published", "channel": channel}
+
+
+async def messages(ws: Any, count: int) -> list[dict[str, Any]]:
+    frames = [await recv_json(ws) for _ in range(count)]
+    assert all(frame["type"] == "message" for frame in frames), frames
+    return frames
+
+
+async def nothing_more(ws: Any) -> None:
+    """No frame is pending: a ping's pong is the next one."""
+    assert await request(ws, {"type": "ping", "id": "end"}) == {"type": "pong", "id": "end"}

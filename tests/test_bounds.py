@@ -11,7 +11,7 @@ import re
 import time
 
 import pytest
-from helpers import Server, base_env, refusal, request, run, wait_for, welcome
+from helpers import Server, base_env, refusal, request, run, sans_position, wait_for, welcome
 from hypothesis import given, settings
 from hypothesis import strategies as st
 from test_settings import assert_one_clear_line, start_failure
@@ -90,7 +90,7 @@ def test_hostile_scope_is_answered_at_once_and_other_clients_are_served_meanwhil
                 frame = json.loads(await asyncio.wait_for(attacker.recv(), 5))
                 assert (frame["type"], frame["code"], frame["id"]) == ("error", "forbidden", id)
             matching = "." * 126 + "x"
-            assert await request(attacker, {"type": "subscribe", "channel": matching}) == {
+            assert sans_position(await request(attacker, {"type": "subscribe", "channel": matching})) == {
                 "type": "subscribed", "channel": matching,
             }
 
@@ -133,7 +133,7 @@ def test_default_cap_is_128_subscriptions(make_server, issue):
             for i in range(128):
                 await ws.send(json.dumps({"type": "subscribe", "channel": f"room.{i}"}))
             for i in range(128):
-                assert json.loads(await asyncio.wait_for(ws.recv(), 5)) == {"type": "subscribed", "channel": f"room.{i}"}
+                assert sans_position(json.loads(await asyncio.wait_for(ws.recv(), 5))) == {"type": "subscribed", "channel": f"room.{i}"}
             assert (await request(ws, {"type": "subscribe", "channel": "room.128"}))["code"] == "limit_exceeded"
 
     run(go())

@@ -31,7 +31,7 @@ from secure_ws.service import Service
 from secure_ws.settings import load_settings
 from secure_ws.wire.messages import CHANNEL, ProtocolError, channel_of, decode, reply
 
-REPLY_TYPES = {"welcome", "pong", "echo", "subscribed", "unsubscribed", "published", "message", "refreshed", "error"}
+REPLY_TYPES = {"welcome", "pong", "echo", "subscribed", "unsubscribed", "published", "message", "refreshed", "history", "error"}
 ERROR_CODES = {"bad_request", "unknown_type", "forbidden", "rate_limited"}
 SPEC_CLOSE_CODES = {1003, 1007, 1008, 1009, 1001}
 CLOSE_REASONS_1008 = {"rate limit exceeded", "invalid token", "token expired", "token revoked", "slow consumer"}
@@ -86,7 +86,7 @@ def weighted(*choices: tuple[int, st.SearchStrategy]) -> st.SearchStrategy:
 
 
 REQUEST_TYPES = weighted(
-    (12, st.sampled_from(["ping", "echo", "subscribe", "unsubscribe", "publish", "refresh"])),  # reach dispatch
+    (12, st.sampled_from(["ping", "echo", "subscribe", "unsubscribe", "publish", "refresh", "history"])),  # reach dispatch
     (1, st.sampled_from(["PING", "Ping", "pong", "message", "welcome", "", " ping"])),
     (1, st.text(max_size=10)),
     (1, st.integers() | st.none() | st.lists(st.text(max_size=3), max_size=2)),
@@ -109,9 +109,18 @@ IDS = weighted((4, VALID_IDS), (1, INVALID_IDS))
 TOKEN_KINDS = ("same-sub", "other-sub", "expired", "forged", "garbage", "empty")
 TOKENS = weighted((5, st.sampled_from(TOKEN_KINDS).map(lambda kind: f"<<{kind}>>")), (1, st.integers() | st.none()))
 
+# SPEC §11 positions: well-formed (some matching nothing), and everything else a client could send.
+SINCES = weighted(
+    (3, st.fixed_dictionaries({"offset": st.integers(min_value=0, max_value=2**53), "epoch": st.text(min_size=1, max_size=64)})),
+    (2, st.fixed_dictionaries({"offset": st.integers() | st.floats(allow_nan=False) | st.text(max_size=3),
+                               "epoch": st.text(max_size=80) | st.integers()})),
+    (1, JSON_VALUES),
+)
+LIMITS = st.integers(min_value=-(2**70), max_value=2**70) | JSON_VALUES
 REQUESTS = st.fixed_dictionaries(
     {"type": REQUEST_TYPES},
-    optional={"id": IDS, "channel": CHANNELS, "data": JSON_VALUES, "token": TOKENS, "extra": JSON_VALUES},
+    optional={"id": IDS, "channel": CHANNELS, "data": JSON_VALUES, "token": TOKENS, "extra": JSON_VALUES,
+              "since": SINCES, "limit": LIMITS},
 )
 
 

@@ -12,7 +12,7 @@ from typing import Any
 
 import pytest
 import websockets
-from helpers import Server, assert_error, base_env, closed_with, recv_json, run, unique_sub, welcome
+from helpers import Server, assert_error, base_env, closed_with, recv_json, run, sans_position, unique_sub, welcome
 
 
 async def ask(ws: Any, message: dict[str, Any] | str, timeout: float = 5.0) -> dict[str, Any]:
@@ -432,15 +432,15 @@ def test_subscribe_publish_deliver(server, issue):
         ) as bob, server.connect(issue(sub=publisher_sub, scope=ROOMS)) as pub:
             for ws in (alice, bob, pub):
                 await welcome(ws)
-            assert await ask(alice, {"type": "subscribe", "channel": "room.lobby"}) == {
+            assert sans_position(await ask(alice, {"type": "subscribe", "channel": "room.lobby"})) == {
                 "type": "subscribed", "channel": "room.lobby"}
-            assert await ask(bob, {"type": "subscribe", "channel": "room.lobby", "id": 9}) == {
+            assert sans_position(await ask(bob, {"type": "subscribe", "channel": "room.lobby", "id": 9})) == {
                 "type": "subscribed", "channel": "room.lobby", "id": 9}
             assert await ask(pub, {"type": "publish", "channel": "room.lobby", "data": data, "id": "p1"}) == {
                 "type": "published", "channel": "room.lobby", "id": "p1"}
             expected = {"type": "message", "channel": "room.lobby", "from": publisher_sub, "data": data}
-            assert await recv_json(alice) == expected
-            assert await recv_json(bob) == expected
+            assert sans_position(await recv_json(alice)) == expected
+            assert sans_position(await recv_json(bob)) == expected
             await still_alive(alice)
 
     run(go())
@@ -455,7 +455,7 @@ def test_publish_any_json_value(server, issue, data):
             await ask(sub, {"type": "subscribe", "channel": "room.any"})
             assert await ask(pub, {"type": "publish", "channel": "room.any", "data": data}) == {
                 "type": "published", "channel": "room.any"}
-            assert await recv_json(sub) == {"type": "message", "channel": "room.any", "from": hello["sub"], "data": data}
+            assert sans_position(await recv_json(sub)) == {"type": "message", "channel": "room.any", "from": hello["sub"], "data": data}
 
     run(go())
 
@@ -582,7 +582,7 @@ def test_longest_channel_name_is_accepted(server, issue):
     async def go():
         async with server.connect(issue(scope="subscribe:* publish:*")) as ws:
             await welcome(ws)
-            assert await ask(ws, {"type": "subscribe", "channel": channel}) == {"type": "subscribed", "channel": channel}
+            assert sans_position(await ask(ws, {"type": "subscribe", "channel": channel})) == {"type": "subscribed", "channel": channel}
             assert await ask(ws, {"type": "publish", "channel": channel, "data": 1}) == {
                 "type": "published", "channel": channel}
             assert (await recv_json(ws))["channel"] == channel  # subscribed to it itself

@@ -36,10 +36,10 @@ from helpers import (
     request,
     rss_kb,
     run,
+    sans_position,
     subscribe,
     unique_sub,
     welcome,
-    without_position,
 )
 
 MIB = 1 << 20
@@ -88,7 +88,7 @@ def test_publish_reaches_subscribers_with_no_from(api: Server, api_key: str, iss
             response = await api_acall(api, "publish", {"channel": channel, "data": {"n": [1, "two"]}}, api_key)
             assert response.status_code == 200, response.text
             assert set(response.json()) <= {"offset", "epoch"}  # {} with history off
-            assert without_position(await recv_json(ws)) == {"type": "message", "channel": channel, "data": {"n": [1, "two"]}}
+            assert sans_position(await recv_json(ws)) == {"type": "message", "channel": channel, "data": {"n": [1, "two"]}}
 
     run(go())
 
@@ -110,7 +110,7 @@ def test_broadcast_reaches_every_channel_and_a_bad_list_publishes_nothing(api: S
             assert response.status_code == 200, response.text
             results = response.json()["results"]
             assert [r["channel"] for r in results] == channels
-            got = [without_position(await recv_json(ws)) for _ in channels]
+            got = [sans_position(await recv_json(ws)) for _ in channels]
             assert sorted(got, key=lambda m: m["channel"]) == [
                 {"type": "message", "channel": c, "data": "hi"} for c in sorted(channels)
             ]
@@ -197,6 +197,24 @@ def test_channels_presence_and_info_answer_across_the_node(api: Server, api_key:
             assert len(nodes) == 1 and nodes[0]["connections"] >= 1, nodes
 
     run(go())
+
+
+def test_history_answers_what_subscribers_received(api: Server, api_key: str, issue: Any) -> None:
+    channel = f"room.{unique_sub('api-history')}"
+    first = api_call(api, "publish", {"channel": channel, "data": 1}, api_key).json()
+    second = api_call(api, "publish", {"channel": channel, "data": 2}, api_key).json()
+    assert second == {"offset": first["offset"] + 1, "epoch": first["epoch"]}
+    answer = api_call(api, "history", {"channel": channel}, api_key)
+    assert answer.status_code == 200, answer.text
+    document = answer.json()
+    assert (document["offset"], document["epoch"]) == (second["offset"], second["epoch"])
+    assert [m["data"] for m in document["messages"]] == [1, 2]
+    assert document["messages"][-1] == {"type": "message", "channel": channel, "data": 2, **second}
+    since = {"offset": first["offset"], "epoch": first["epoch"]}
+    answer = api_call(api, "history", {"channel": channel, "since": since, "limit": 10}, api_key).json()
+    assert [m["data"] for m in answer["messages"]] == [2] and answer["recovered"] is True
+    answer = api_call(api, "history", {"channel": channel, "since": {**since, "epoch": "other"}}, api_key).json()
+    assert answer["messages"] == [] and answer["recovered"] is False
 
 
 def test_bodies_of_the_read_methods_are_checked(api: Server, api_key: str) -> None:
@@ -473,7 +491,7 @@ def test_the_api_follows_the_mount_point(keydir: Path, keys_file: Path, api_key:
                         headers={"Authorization": f"Bearer {api_key}"},
                     )
                 assert response.status_code == 200, response.text
-                assert without_position(await recv_json(ws)) == {"type": "message", "channel": channel, "data": 7}
+                assert sans_position(await recv_json(ws)) == {"type": "message", "channel": channel, "data": 7}
 
         run(go())
         no_traceback(srv)

@@ -24,11 +24,11 @@ from helpers import (
     request,
     run,
     running_pair,
+    sans_position,
     subscribe,
     unique_sub,
     wait_for,
     welcome,
-    without_position,
 )
 
 from secure_ws import Publisher
@@ -62,7 +62,7 @@ def test_the_api_on_one_worker_reaches_clients_on_both(redis_pair: Any, issue: A
             response = await api_acall(a, "publish", {"channel": channel, "data": {"n": 1}}, key)
             assert response.status_code == 200, response.text
             for ws in (s_a, s_b):
-                assert without_position(await recv_json(ws)) == {"type": "message", "channel": channel, "data": {"n": 1}}
+                assert sans_position(await recv_json(ws)) == {"type": "message", "channel": channel, "data": {"n": 1}}
 
             assert (await api_acall(a, "send", {"sub": sub, "data": "hello"}, key)).status_code == 200
             for ws in (on_a, on_b):
@@ -91,7 +91,7 @@ def test_publisher_from_url_reaches_clients_of_running_servers(redis_pair: Any, 
                 answer = await publisher.publish(channel, {"from_celery": True})
                 assert set(answer) <= {"offset", "epoch"}
                 for ws in (s_a, s_b):
-                    assert without_position(await recv_json(ws)) == {"type": "message", "channel": channel, "data": {"from_celery": True}}
+                    assert sans_position(await recv_json(ws)) == {"type": "message", "channel": channel, "data": {"from_celery": True}}
                 await publisher.send(sub, [1, 2])
                 assert await recv_json(target) == {"type": "push", "data": [1, 2]}
                 with pytest.raises(ValueError):
@@ -114,7 +114,7 @@ def test_secure_ws_publish_command(redis_pair: Any, keydir: Path, issue: Any) ->
             await subscribe(ws, channel)
             result = cli(keydir, "publish", channel, '{"text": "from a shell"}', env=env)
             assert set(json.loads(result.stdout)) <= {"offset", "epoch"}
-            assert without_position(await recv_json(ws)) == {"type": "message", "channel": channel, "data": {"text": "from a shell"}}
+            assert sans_position(await recv_json(ws)) == {"type": "message", "channel": channel, "data": {"text": "from a shell"}}
 
     run(go())
     for args in ((channel, "{not json"), ("bad channel!", "1")):

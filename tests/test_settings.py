@@ -94,6 +94,11 @@ BAD_VALUES = [
     ("origin-with-path-in-list", "SECURE_WS_ALLOWED_ORIGINS",
      {"SECURE_WS_ALLOWED_ORIGINS": "https://ok.example.com,https://app.example.com/x"}),
     ("tls-min-1.1", "SECURE_WS_TLS_MIN_VERSION", {"SECURE_WS_TLS_MIN_VERSION": "1.1"}),
+    ("history-size-abc", "SECURE_WS_HISTORY_SIZE", {"SECURE_WS_HISTORY_SIZE": "lots"}),
+    ("history-size-negative", "SECURE_WS_HISTORY_SIZE", {"SECURE_WS_HISTORY_SIZE": "-1"}),
+    ("history-size-huge", "SECURE_WS_HISTORY_SIZE", {"SECURE_WS_HISTORY_SIZE": "10001"}),
+    ("history-ttl-soon", "SECURE_WS_HISTORY_TTL", {"SECURE_WS_HISTORY_TTL": "soon"}),
+    ("history-max-bytes-tiny", "SECURE_WS_HISTORY_MAX_BYTES", {"SECURE_WS_HISTORY_MAX_BYTES": "100"}),
 ]
 
 
@@ -201,6 +206,13 @@ def test_defaults_match_the_spec():
     assert (s.tls_certfile, s.tls_keyfile) == (Path("certs/server.crt"), Path("certs/server.key"))
     assert s.tls_min_version == "1.2"
     assert s.log_format == "text"
+    assert (s.history_size, s.history_ttl, s.history_max_bytes, s.history) == (100, 300, 64 * 1024 * 1024, True)
+
+
+@pytest.mark.parametrize("size,ttl,on", [("0", "5m", False), ("100", "0", False), ("1", "90s", True)])
+def test_history_is_off_when_its_size_or_ttl_is_zero(size, ttl, on):
+    settings = load_settings(environ={"SECURE_WS_HISTORY_SIZE": size, "SECURE_WS_HISTORY_TTL": ttl}, env_file=None)
+    assert settings.history is on
 
 
 def test_load_settings_ignores_the_process_environment_when_given_one(monkeypatch):

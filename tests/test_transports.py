@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import pytest
-from helpers import AppServer, base_env, closed_with, refusal, request, run, unique_sub, welcome
+from helpers import AppServer, base_env, closed_with, refusal, request, run, sans_position, unique_sub, welcome
 
 
 @pytest.mark.parametrize("transport", ["header", "subprotocol", "query", "token"])
@@ -98,7 +98,7 @@ def test_the_protocol_holds_on_another_asgi_websocket_server(make_server, issue)
                 "type": "echo", "data": [1, "é"], "id": 7,
             }
             assert (await request(ws, {"type": "nope"}))["code"] == "unknown_type"
-            assert await request(ws, {"type": "subscribe", "channel": "room.1"}) == {
+            assert sans_position(await request(ws, {"type": "subscribe", "channel": "room.1"})) == {
                 "type": "subscribed", "channel": "room.1",
             }
             assert await request(ws, {"type": "publish", "channel": "room.1", "data": 1}) == {

@@ -9,10 +9,21 @@ from __future__ import annotations
 import logging
 from typing import TYPE_CHECKING, Any
 
-from .. import metrics
 from ..auth.tokens import AuthError
+from ..state.storage import History, Position
 from ..wire.closes import INVALID, Close
-from ..wire.messages import BAD_REQUEST, FORBIDDEN, LIMIT_EXCEEDED, ProtocolError, channel_of, encode, error, reply
+from ..wire.messages import (
+    BAD_REQUEST,
+    FORBIDDEN,
+    LIMIT_EXCEEDED,
+    ProtocolError,
+    channel_of,
+    encode,
+    error,
+    limit_of,
+    reply,
+    since_of,
+)
 from . import presence
 
 if TYPE_CHECKING:
@@ -54,20 +65,50 @@ def refresh(session: Connection, request: Request) -> Awaitable[None]:
     return session.waiting(request, _refresh(session, request))
 
 
+def history(session: Connection, request: Request) -> Awaitable[None]:
+    return session.waiting(request, _history(session, request))
+
+
 async def _subscribe(session: Connection, request: Request) -> None:
     channel = channel_of(request)
     join_leave = request.get("join_leave", False)
     if type(join_leave) is not bool:
         raise ProtocolError(BAD_REQUEST, "join_leave must be true or false", request.get("id"))
+    since = since_of(request)
     if not session.grants.may_subscribe(channel):
         raise ProtocolError(FORBIDDEN, f"scope does not grant subscribe:{channel}", request.get("id"))
     # Each held channel costs memory here and a subscription in storage; one already held is free.
-    limit = session.deps.settings.max_subscriptions
-    if len(session.channels) >= limit and channel not in session.channels:
+    deps = session.deps
+    limit = deps.settings.max_subscriptions
+    held = channel in session.channels
+    if len(session.channels) >= limit and not held:
         raise ProtocolError(LIMIT_EXCEEDED, f"at most {limit} subscriptions per connection", request.get("id"))
-    await session.deps.hub.join(session, channel)
-    await session.deps.presence.join(session, channel, join_leave)
-    session.send(reply(request, {"type": "subscribed", "channel": channel}))
+    # Joined to the live stream first (publications are held meanwhile: this runs inside `waiting`), then the
+    # history read: whatever is published in between is in both, and the floor set below drops the second copy.
+    await deps.hub.join(session, channel)
+    await deps.presence.join(session, channel, join_leave)  # leaves the channel again if it raises
+    try:
+        # Without `since`, only the position: limit 0. With it, everything after it (at most the whole history).
+        position = None if since is None else Position(*since)
+        found = await deps.history(channel, position, 0 if position is None else deps.settings.history_size)
+    except BaseException:
+        if not held:  # nothing half-applied: a subscribe that failed leaves no subscription behind
+            await deps.hub.leave(session, channel)
+        raise
+    frame: dict[str, Any] = {"type": "subscribed", "channel": channel}
+    if found is not None:
+        frame["offset"], frame["epoch"] = found.offset, found.epoch
+    if since is not None:
+        frame["recovered"] = found is not None and found.recovered
+    session.send(reply(request, frame))
+    if found is not None:
+        for text in found.messages:
+            session.send(text)
+        if since is not None or not held:
+            # Publications up to here that arrive from now on are duplicates of the replay, or (a first subscribe)
+            # older than the position just told. A plain re-subscribe to a held channel drops nothing: what is in
+            # flight to this connection was never sent to it.
+            session.recovered_to(channel, Position(found.offset, found.epoch))
 
 
 async def _unsubscribe(session: Connection, request: Request) -> None:
@@ -82,11 +123,30 @@ async def _publish(session: Connection, request: Request) -> None:
         raise ProtocolError(BAD_REQUEST, "publish needs 'data'", request.get("id"))
     if not session.grants.may_publish(channel):
         raise ProtocolError(FORBIDDEN, f"scope does not grant publish:{channel}", request.get("id"))
-    # Encoded once here; every subscriber, local or on another worker, gets these same bytes.
-    payload = encode({"type": "message", "channel": channel, "from": session.principal.sub, "data": request["data"]})
-    await session.deps.publish(channel, payload)
-    metrics.STATS.publishes += 1
+    await session.deps.publish(channel, request["data"], session.principal.sub)
     session.send(reply(request, {"type": "published", "channel": channel}))
+
+
+async def _history(session: Connection, request: Request) -> None:
+    channel = channel_of(request)
+    since = since_of(request)
+    limit = limit_of(request, session.deps.settings.history_size)
+    if not session.grants.may_subscribe(channel):
+        raise ProtocolError(FORBIDDEN, f"scope does not grant subscribe:{channel}", request.get("id"))
+    found = await session.deps.history(channel, None if since is None else Position(*since), limit)
+    session.send(history_reply(request, channel, found, since is not None))
+
+
+def history_reply(request: Request, channel: str, found: History | None, with_since: bool) -> str:
+    """``{"type":"history","channel":C,"offset":N,"epoch":E,"messages":[…]}`` (``recovered`` too when asked
+    ``since``), the messages spliced in as the texts they are: no JSON decoded or encoded per message."""
+    frame: dict[str, Any] = {"type": "history", "channel": channel}
+    if found is not None:
+        frame["offset"], frame["epoch"] = found.offset, found.epoch
+    if with_since:
+        frame["recovered"] = found is not None and found.recovered
+    head = reply(request, frame)
+    return head[:-1] + ',"messages":[' + ",".join(found.messages if found is not None else ()) + "]}"
 
 
 async def _refresh(session: Connection, request: Request) -> None:
@@ -119,4 +179,5 @@ BUILT_INS: dict[str, Route] = {
     "publish": publish,
     "refresh": refresh,
     "presence": presence.request,
+    "history": history,
 }

@@ -6,7 +6,7 @@ from collections.abc import Mapping
 from typing import TYPE_CHECKING, Any
 
 from ..wire.closes import DISCONNECTED, Close
-from ..wire.messages import CHANNEL, encode
+from ..wire.messages import encode
 
 if TYPE_CHECKING:
     from .types import Connection
@@ -42,13 +42,11 @@ class Context:
         """Push ``{"type":"push","data":data}`` to this connection (``TypeError`` if ``data`` is not JSON)."""
         self._session.deliver(encode({"type": "push", "data": data}))
 
-    async def publish(self, channel: str, data: Any) -> None:
-        """Deliver ``data`` to every subscriber of ``channel``, on every worker, ``from`` this ``sub``.
-        No scope is checked: the application decides who may."""
-        if type(channel) is not str or not CHANNEL.fullmatch(channel):
-            raise ValueError(f"channel must match ^{CHANNEL.pattern}$")
-        payload = encode({"type": "message", "channel": channel, "from": self._session.principal.sub, "data": data})
-        await self._session.deps.publish(channel, payload)
+    async def publish(self, channel: str, data: Any) -> dict[str, Any]:
+        """Deliver ``data`` to every subscriber of ``channel``, on every worker, ``from`` this ``sub``; returns
+        ``{"offset": N, "epoch": E}`` (``{}`` with history off). No scope is checked: the application decides who
+        may. ``ValueError`` for a bad channel name, ``TypeError`` for data that is not JSON."""
+        return await self._session.deps.publish(channel, data, self._session.principal.sub)
 
     async def close(self) -> None:
         """Close this connection with 1008 ``disconnected``."""

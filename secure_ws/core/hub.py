@@ -68,11 +68,11 @@ class Hub:
             del self._channels[channel]
             await self.storage.unsubscribe(channel)  # never raises: storage reconciles after an outage
 
-    def fan_out(self, channel: str, payload: str) -> None:
+    def fan_out(self, channel: str, payload: str, offset: int, epoch: str) -> None:
         members = tuple(self._channels.get(channel, ()))
         metrics.STATS.deliveries += len(members)
         for session in members:
-            session.deliver(payload)
+            session.deliver(payload, channel, offset, epoch)
 
     def signal(self, kind: str, sub: str, text: str | None) -> None:
         """A push to every local connection of ``sub`` (``SEND``), or their close (``DISCONNECT``)."""

@@ -16,6 +16,7 @@ from __future__ import annotations
 import logging
 from typing import TYPE_CHECKING, Any
 
+from ..state.storage import StorageUnavailable
 from ..wire.messages import FORBIDDEN, ProtocolError, channel_of, encode, reply
 
 if TYPE_CHECKING:
@@ -57,7 +58,7 @@ class Roster:
         await self._unlisten(connection, channel)
         try:
             await self.store.remove(channel, connection.id, _event("leave", channel, connection))
-        except self.store.errors as exc:
+        except StorageUnavailable as exc:
             log.warning("session %s: presence in %r not withdrawn (expires by itself): %s", connection.id, channel, exc)
 
     async def _listen(self, connection: Connection, channel: str) -> None:

@@ -14,6 +14,7 @@ from limits.aio.strategies import (
     RateLimiter,
     SlidingWindowCounterRateLimiter,
 )
+from limits.errors import StorageError
 
 from .. import metrics
 from ..state.local_window import LocalStorage
@@ -44,12 +45,10 @@ class Limiter:
         strategy: str,
         storage: LimitsStorage,
         namespace: str,
-        storage_errors: tuple[type[BaseException], ...] = (),
     ) -> None:
         self.items = items
         self.strategy = STRATEGIES[strategy](storage)
         self.namespace = namespace
-        self.storage_errors = storage_errors
         self._strategy_name = strategy
         self._fallback: RateLimiter | None = None
         self._local = storage if isinstance(storage, LocalStorage) and strategy == "sliding-window" else None
@@ -79,12 +78,10 @@ class Limiter:
         if self._local is not None:
             refused = self.take(keys if keys is not None else self.keys(identity))
             return 0 if refused is None or refused < 0 else await self.retry_ms(refused, identity)
-        if not self.storage_errors:
-            return await self._hit(self.strategy, identity)
         try:
             retry = await metrics.timed("rate_limit", self._hit(self.strategy, identity))
-        except self.storage_errors as exc:
-            return await self._hit(self._degraded(exc), identity)
+        except StorageError as exc:  # what a shared storage made with wrap_exceptions=True raises when unreachable
+            return await self._hit(self._degraded(exc.storage_error), identity)
         if self._fallback is not None:
             log.info("rate-limit storage reachable again")
             self._fallback = None
@@ -94,8 +91,8 @@ class Limiter:
         """A look without a hit: 0 if a hit for ``identity`` would be allowed now, else ms until one would."""
         try:
             return await self._blocked_ms(self.strategy, identity)
-        except self.storage_errors as exc:
-            return await self._blocked_ms(self._degraded(exc), identity)
+        except StorageError as exc:
+            return await self._blocked_ms(self._degraded(exc.storage_error), identity)
 
     def _degraded(self, exc: BaseException) -> RateLimiter:
         if self._fallback is None:

@@ -40,6 +40,7 @@ from typing import TYPE_CHECKING, Any
 from .. import metrics
 from ..auth.scopes import Grants
 from ..auth.tokens import Principal
+from ..state.storage import Position
 from ..wire.closes import (
     BINARY_REFUSED,
     CONNECTION_REFUSED,
@@ -64,6 +65,8 @@ from . import reject
 from .context import Context
 from .reject import Reject
 from .types import Hook, Invoke, Request, SessionDeps
+
+Delivery = tuple[str, str, int, str]  # (text, channel, offset, epoch) of a held publication ("", 0, "" for a push)
 
 if TYPE_CHECKING:
     from .handlers import Handler
@@ -95,10 +98,12 @@ class Session:
         "_keys",
         "_limiter",
         "_max_bytes",
+        "_max_queue",
         "_timer",
         "_closer",
         "_queue",
         "_held",
+        "_floors",
         "_drainer",
         "_rejections",
         "_frames",
@@ -123,10 +128,18 @@ class Session:
         self._limiter = deps.limiter
         self._keys = self._limiter.keys(self._sub)
         self._max_bytes = deps.settings.max_message_bytes
+        # What a client may leave unread before it is cut as a slow consumer, plus room for one recovery's replay
+        # (at most SECURE_WS_HISTORY_SIZE messages, sent at once on a subscribe with `since`).
+        self._max_queue = deps.settings.send_queue_size + deps.settings.history_size
         self._timer: asyncio.TimerHandle | None = None
         self._closer: asyncio.Task[None] | None = None
         self._queue: deque[str] = deque()
-        self._held: list[str] | None = None  # publications that arrive while a request waits on storage
+        # Publications that arrive while a request waits on storage: (text, channel, offset, epoch).
+        self._held: list[Delivery] | None = None
+        # channel → the position a subscribe told this client (and recovered it to): a publication at or before it
+        # that arrives later is a duplicate, dropped. Each entry goes with the first publication past it; at most
+        # one per held channel (recovered_to prunes), None when empty so that deliver() pays one test.
+        self._floors: dict[str, Position] | None = None
         self._drainer: asyncio.Task[None] | None = None
         self._rejections = 0
         self._frames = 0
@@ -179,8 +192,7 @@ class Session:
                     }
                 )
             )
-            for text in held:
-                self.send(text)
+            self._release(held)
             code = await self._loop(receive)
             log.info(
                 "session %s sub=%s disconnected %s", self.id, self._sub, code,
@@ -316,8 +328,7 @@ class Session:
                 await settled
         finally:
             held, self._held = self._held, None
-            for text in held:
-                self.send(text)
+            self._release(held)
         if started:
             metrics.FRAMES.observe(perf_counter() - started)
 
@@ -442,20 +453,50 @@ class Session:
         if self._enqueue(queue, text) and self._drainer is None:
             self._drainer = asyncio.get_running_loop().create_task(self._drain())
 
-    def deliver(self, text: str) -> None:
-        """A publication or a push: sent like a reply, or held while this client's own built-in request
-        (or the connect hook) is in flight."""
+    def deliver(self, text: str, channel: str = "", offset: int = 0, epoch: str = "") -> None:
+        """A publication (with its channel, and its offset and epoch when the channel keeps history) or a push:
+        sent like a reply, or held while this client's own built-in request (or the connect hook) is in flight."""
         held = self._held
-        if held is None:
+        if held is not None:
+            if not self.closed:
+                self._enqueue(held, (text, channel, offset, epoch))
+        elif self._floors is None or not offset or not self._stale(channel, offset, epoch):
             self.send(text)
-        elif not self.closed:
-            self._enqueue(held, text)
 
-    def _enqueue(self, queue: deque[str] | list[str], text: str) -> bool:
-        if len(queue) >= self.deps.settings.send_queue_size:
+    def recovered_to(self, channel: str, position: Position) -> None:
+        """This client was told ``channel`` is at ``position`` (and sent every message up to it): drop later
+        arrivals at or before it. Called while deliveries are held (inside :meth:`waiting`)."""
+        floors = self._floors
+        if floors is None:
+            floors = self._floors = {}
+        elif len(floors) >= len(self.channels):  # bound: entries of channels no longer held go
+            for gone in [c for c in floors if c not in self.channels]:
+                del floors[gone]
+        floors[channel] = position
+
+    def _stale(self, channel: str, offset: int, epoch: str) -> bool:
+        floors = self._floors
+        assert floors is not None
+        floor = floors.get(channel)
+        if floor is None:
+            return False
+        if epoch == floor.epoch and offset <= floor.offset:
+            return True
+        del floors[channel]  # publications come in offset order: no duplicate can follow this one
+        if not floors:
+            self._floors = None
+        return False
+
+    def _release(self, held: list[Delivery]) -> None:
+        for text, channel, offset, epoch in held:
+            if self._floors is None or not offset or not self._stale(channel, offset, epoch):
+                self.send(text)
+
+    def _enqueue(self, queue: deque[str] | list[Delivery], item: Any) -> bool:
+        if len(queue) >= self._max_queue:
             self.close_soon(Close.POLICY_VIOLATION, SLOW_CONSUMER)
             return False
-        queue.append(text)
+        queue.append(item)
         return True
 
     async def _drain(self) -> None:

@@ -17,6 +17,7 @@ from typing import Any, Protocol
 from ..auth.scopes import Grants
 from ..auth.tokens import Principal
 from ..settings import Settings
+from ..state.storage import History, Position
 from .ratelimit import Limiter
 
 Request = dict[str, Any]
@@ -38,7 +39,8 @@ class Connection(Protocol):
     def deps(self) -> SessionDeps: ...
 
     def send(self, text: str) -> None: ...
-    def deliver(self, text: str) -> None: ...
+    def deliver(self, text: str, channel: str = "", offset: int = 0, epoch: str = "") -> None: ...
+    def recovered_to(self, channel: str, position: Position) -> None: ...
     async def close(self, code: int, reason: str = "") -> None: ...
     def close_soon(self, code: int, reason: str) -> None: ...
     def waiting(self, request: Request, work: Awaitable[None]) -> Awaitable[None]: ...
@@ -74,7 +76,9 @@ class SessionDeps:
     routes: Mapping[str, Route]
     fallback: Route  # for a type no route names: unknown_type, or the RPC proxy
     authenticate: Callable[[str], Awaitable[Principal]]
-    publish: Callable[[str, str], Awaitable[None]]  # (channel, encoded message) to every subscriber, every worker
+    # Service.publish: (channel, data, sender) to every subscriber, every worker → {"offset","epoch"} or {} (no history)
+    publish: Callable[[str, Any, str | None], Awaitable[dict[str, Any]]]
+    history: Callable[[str, Position | None, int], Awaitable[History | None]]  # storage's read; None: history off
     unavailable: tuple[type[BaseException], ...]  # what storage raises when it cannot be reached
     presence: Presence
     on_connect: Sequence[Hook] = ()

@@ -12,9 +12,10 @@ import math
 import time
 from typing import Any
 
+from .. import metrics
 from ..auth.revocation import Revocations, sub_cutoff
 from ..settings import Settings
-from ..wire.messages import CHANNEL, encode
+from ..wire.messages import CHANNEL, encode, message_head
 from .storage import DISCONNECT, SEND, Storage
 
 
@@ -31,16 +32,15 @@ def check_sub(sub: Any) -> str:
 
 
 async def publish(storage: Storage, channel: str, data: Any, sender: str | None = None) -> dict[str, Any]:
-    """``{"type":"message","channel":C,"data":X}`` (with ``from`` when ``sender`` is given) to every subscriber,
-    on every worker. Returns the publication's ``{"offset","epoch"}`` on a channel with history, else ``{}``.
-    ``ValueError`` for a bad channel, ``TypeError`` for data that is not JSON, the storage's errors if it is down."""
-    check_channel(channel)
-    message: dict[str, Any] = {"type": "message", "channel": channel}
-    if sender is not None:
-        message["from"] = sender
-    message["data"] = data
-    await storage.publish(channel, encode(message))
-    return {}
+    """The one way a publication goes out (the built-in ``publish``, ``Context.publish``, ``SecureWS.publish``,
+    the server API, :class:`secure_ws.Publisher`, ``secure-ws publish``): ``{"type":"message","channel":C,
+    "from":sender,"data":data}`` (no ``from`` without a sender) to every subscriber on every worker, and into
+    the channel's history. Returns ``{"offset": N, "epoch": E}``, or ``{}`` with history off. ``ValueError``
+    for a bad channel, ``TypeError`` for data that is not JSON, ``StorageUnavailable`` when storage does not
+    answer (then nothing was published)."""
+    position = await storage.publish(channel, message_head(channel, data, sender))  # encoded once, here
+    metrics.STATS.publishes += 1
+    return {} if position is None else {"offset": position.offset, "epoch": position.epoch}
 
 
 async def send(storage: Storage, sub: str, data: Any) -> None:

@@ -1,7 +1,8 @@
 """Storage for one process: everything in memory, revocations from the file.
 
 Bounds: one set of connection ids per ``sub`` holding a connection (each at most
-``SECURE_WS_MAX_CONNECTIONS_PER_CLIENT``), one entry per channel with a local subscriber.
+``SECURE_WS_MAX_CONNECTIONS_PER_CLIENT``), one entry per channel with a local subscriber, and the
+channel history's own (:mod:`.memory_history`).
 """
 
 from __future__ import annotations
@@ -13,14 +14,16 @@ from pathlib import Path
 
 from ..auth.revocation import Revocations
 from .local_window import LocalStorage
-from .storage import Storage
+from .memory_history import MemoryHistory
+from .storage import History, HistoryLimits, Position, Storage
 
 
 class MemoryStorage(Storage):
     """One process: revocations live only in the file, which the ops commands write and this polls."""
 
-    def __init__(self, revocation_file: Path) -> None:
-        super().__init__(revocation_file)
+    def __init__(self, revocation_file: Path, history: HistoryLimits | None = None) -> None:
+        super().__init__(revocation_file, history)
+        self._history = MemoryHistory(self.history_limits) if self.history_limits is not None else None
         self.limiter_storage = LocalStorage()
         self._connections: defaultdict[str, set[str]] = defaultdict(set)
         self._channels: set[str] = set()
@@ -51,9 +54,18 @@ class MemoryStorage(Storage):
     async def unsubscribe(self, channel: str) -> None:
         self._channels.discard(channel)
 
-    async def publish(self, channel: str, payload: str) -> None:
+    async def publish(self, channel: str, head: str) -> Position | None:
+        if self._history is None:
+            if channel in self._channels:
+                self.on_message(channel, head + "}", 0, "")
+            return None
+        text, position = self._history.append(channel, head)
         if channel in self._channels:
-            self.on_message(channel, payload)
+            self.on_message(channel, text, position.offset, position.epoch)
+        return position
+
+    async def history(self, channel: str, since: Position | None, limit: int) -> History | None:
+        return None if self._history is None else self._history.read(channel, since, limit)
 
     async def signal(self, kind: str, sub: str, payload: str | None = None) -> None:
         self.on_signal(kind, sub, payload)

@@ -40,8 +40,8 @@ def this_node() -> dict[str, Any]:
 
 
 class PresenceStore(ABC):
-    # What this store raises when it cannot be reached (the callers answer `unavailable`).
-    errors: tuple[type[BaseException], ...] = ()
+    """Raises :class:`~secure_ws.state.storage.StorageUnavailable` when it cannot be reached (callers answer
+    ``unavailable``)."""
 
     def __init__(self) -> None:
         self.on_event: EventListener = lambda channel, text: None

@@ -29,7 +29,7 @@ import redis.asyncio as aioredis
 from redis.exceptions import RedisError
 
 from .presence import PresenceStore
-from .redis_storage import reconcile_subscriptions
+from .redis_storage import REDIS_ERRORS, raises_unavailable, reconcile_subscriptions
 
 log = logging.getLogger("secure_ws.storage")
 
@@ -150,10 +150,9 @@ def _member(connection_id: str, sub: str) -> bytes:
 
 
 class RedisPresence(PresenceStore):
-    def __init__(self, redis: aioredis.Redis, errors: tuple[type[BaseException], ...]) -> None:
+    def __init__(self, redis: aioredis.Redis) -> None:
         super().__init__()
         self.redis = redis
-        self.errors = errors
         self._add = redis.register_script(_ADD)
         self._remove = redis.register_script(_REMOVE)
         self._renew = redis.register_script(_RENEW)
@@ -189,6 +188,7 @@ class RedisPresence(PresenceStore):
 
     # -- entries and events ------------------------------------------------------------
 
+    @raises_unavailable
     async def add(self, channel: str, connection_id: str, sub: str, event: str) -> None:
         if (channel, connection_id) in self._held:
             return
@@ -198,6 +198,7 @@ class RedisPresence(PresenceStore):
         )
         self._held[channel, connection_id] = sub
 
+    @raises_unavailable
     async def remove(self, channel: str, connection_id: str, event: str) -> None:
         # Forgotten first: if Redis does not answer, the entry is no longer renewed and expires by itself.
         sub = self._held.pop((channel, connection_id), None)
@@ -208,6 +209,7 @@ class RedisPresence(PresenceStore):
             args=[_member(connection_id, sub), channel, EVENTS_PREFIX + channel, event],
         )
 
+    @raises_unavailable
     async def listen(self, channel: str) -> None:
         if channel in self._wanted:
             return
@@ -219,7 +221,7 @@ class RedisPresence(PresenceStore):
         self._wanted.discard(channel)
         try:
             await self._pubsub.unsubscribe(EVENTS_PREFIX + channel)
-        except self.errors as exc:
+        except REDIS_ERRORS as exc:
             log.warning("redis: presence unsubscribe %r deferred until Redis answers: %s", channel, exc)
 
     async def _listen(self) -> None:
@@ -235,7 +237,7 @@ class RedisPresence(PresenceStore):
                 log.warning("redis presence pub/sub: %s; retrying in %.1fs", exc, backoff)
                 await asyncio.sleep(backoff)
                 backoff = min(backoff * 2, 2.0)
-                with contextlib.suppress(*self.errors):
+                with contextlib.suppress(*REDIS_ERRORS):
                     await reconcile_subscriptions(self._pubsub, EVENTS_PREFIX, self._wanted)
                 continue
             if message is None:
@@ -258,7 +260,7 @@ class RedisPresence(PresenceStore):
                     if lost:
                         await self._renew_batch(lost, "ALL")
                         log.warning("presence: wrote back %d entries Redis had lost (restarted, or away too long)", len(lost))
-                except self.errors as exc:
+                except REDIS_ERRORS as exc:
                     log.warning("redis: renewing presence failed: %s", exc)
                     break
 
@@ -282,7 +284,7 @@ class RedisPresence(PresenceStore):
                 if failing:
                     log.info("redis: node heartbeat resumed")
                 failing = False
-            except self.errors as exc:
+            except REDIS_ERRORS as exc:
                 if not failing:  # once per outage, not every beat
                     log.warning("redis: node heartbeat failed: %s", exc)
                 failing = True
@@ -290,6 +292,7 @@ class RedisPresence(PresenceStore):
 
     # -- reads ---------------------------------------------------------------------------
 
+    @raises_unavailable
     async def clients(self, channel: str, limit: int) -> tuple[dict[str, str], int]:
         count, members = await self._clients(keys=[_entries_key(channel)], args=[limit])
         listed = {}
@@ -298,10 +301,12 @@ class RedisPresence(PresenceStore):
             listed[connection_id] = sub
         return listed, int(count)
 
+    @raises_unavailable
     async def channels(self, limit: int) -> dict[str, int]:
         flat = await self._channels(keys=[INDEX], args=[ENTRIES_PREFIX, limit])
         return {flat[i].decode(): int(flat[i + 1]) for i in range(0, len(flat), 2)}
 
+    @raises_unavailable
     async def nodes(self, limit: int) -> list[dict[str, Any]]:
         mine = self.node_info()  # live, not as of the last heartbeat
         nodes = [mine]

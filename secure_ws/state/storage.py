@@ -2,7 +2,9 @@
 
 What workers must agree on: rate-limit windows (``limits``' own storage),
 connection counts per ``sub``, revocations (and a nudge when they change),
-channel fan-out, and signals to every connection of one ``sub``. :func:`secure_ws.storage_url.storage_from_url` picks the
+channel fan-out and history (offsets, epochs, the last publications: SPEC §11),
+and signals to every connection of one ``sub``. When it cannot be reached, a
+backend raises :class:`StorageUnavailable`, nothing of its own. :func:`secure_ws.storage_url.storage_from_url` picks the
 implementation from ``SECURE_WS_STORAGE_URL``.
 
 Revocations, with either storage, are what this process has *learnt* from every
@@ -17,33 +19,84 @@ import asyncio
 import logging
 from abc import ABC, abstractmethod
 from collections.abc import Callable
+from dataclasses import dataclass
 from pathlib import Path
+from typing import NamedTuple
 
 from limits.aio.storage import Storage as LimitsStorage
 
 from ..auth.revocation import Revocations
 from ..auth.revocation_file import RevocationFile
+from ..settings import Settings
 
 log = logging.getLogger("secure_ws.storage")
 
 POLL_INTERVAL = 0.5
 
 RevocationListener = Callable[[Revocations], None]
-MessageListener = Callable[[str, str], None]  # (channel, payload)
+MessageListener = Callable[[str, str, int, str], None]  # (channel, payload, offset, epoch); 0 and "" without history
 SignalListener = Callable[[str, str, "str | None"], None]  # (kind, sub, payload)
 # Signals to every connection of one sub, on every worker and host (SPEC §9: api.send, api.disconnect).
 SEND = "send"
 DISCONNECT = "disconnect"
 
 
+# A channel's history record outlives its messages by this much (or the history TTL, if longer): a client that
+# saw everything still recovers (with nothing to replay) after the channel was idle past the TTL.
+META_TTL = 3600
+
+
+@dataclass(frozen=True, slots=True)
+class HistoryLimits:
+    """SPEC §11: each channel keeps its last ``size`` publications for ``ttl`` seconds after its last one;
+    ``max_bytes`` bounds the memory backend's total."""
+
+    size: int
+    ttl: int
+    max_bytes: int = 64 * 1024 * 1024
+
+    @property
+    def meta_ttl(self) -> int:
+        return max(self.ttl, META_TTL)
+
+    @classmethod
+    def of(cls, settings: Settings) -> HistoryLimits:
+        """The configured limits: what the server uses, and what anything else publishing into its storage must."""
+        return cls(settings.history_size, settings.history_ttl, settings.history_max_bytes)
+
+
+class Position(NamedTuple):
+    """Where a channel's history is: its last offset (0 before the first publication) and its epoch."""
+
+    offset: int
+    epoch: str
+
+
+class History(NamedTuple):
+    """What a read of a channel's history found. ``messages`` are the exact texts subscribers were sent, oldest
+    first, each with its offset: with ``since``, those after it (all consecutive); without, the latest ones.
+    ``recovered`` is False when ``since`` could not be honoured (another epoch, or fallen out), and then
+    ``messages`` is empty."""
+
+    offset: int
+    epoch: str
+    messages: list[str]
+    recovered: bool
+
+
+class StorageUnavailable(Exception):
+    """Shared storage cannot be reached or did not answer in time: the one error a backend raises for it, so
+    callers degrade (or answer ``unavailable``) without knowing the backend's own exception types. The rate
+    limiter's storage (``limits``) says the same with its wrapped ``limits.errors.StorageError``."""
+
+
 class Storage(ABC):
     limiter_storage: LimitsStorage
-    # What this storage raises when it cannot be reached: callers degrade instead of failing with 1011.
-    errors: tuple[type[BaseException], ...] = ()
 
-    def __init__(self, revocation_file: Path) -> None:
+    def __init__(self, revocation_file: Path, history: HistoryLimits | None = None) -> None:
+        self.history_limits = history if history is not None and history.size > 0 and history.ttl > 0 else None
         self.on_revocations: RevocationListener = lambda revocations: None
-        self.on_message: MessageListener = lambda channel, payload: None
+        self.on_message: MessageListener = lambda channel, payload, offset, epoch: None
         self.on_signal: SignalListener = lambda kind, sub, payload: None
         self.revocation_file = RevocationFile(revocation_file)
         self.revocations = Revocations()  # everything this process knows is revoked
@@ -117,7 +170,16 @@ class Storage(ABC):
         """Never raises: if storage is unreachable, the subscription is dropped once it answers again."""
 
     @abstractmethod
-    async def publish(self, channel: str, payload: str) -> None: ...
+    async def publish(self, channel: str, head: str) -> Position | None:
+        """``head`` is the message's JSON object without its closing brace. With history, append it to the channel's
+        history with the next offset and ``,"offset":N,"epoch":"E"}``, and fan it out, as one step (no subscriber
+        sees N+1 before N); return where it went. Without, fan out ``head + "}"`` and return None."""
+
+    @abstractmethod
+    async def history(self, channel: str, since: Position | None, limit: int) -> History | None:
+        """The channel's position and at most ``limit`` messages (after ``since``, or the latest); None with
+        history off. Creates the channel's record (with a fresh epoch) if it has none, so the epoch a subscriber
+        is told stays valid until history is really lost."""
 
     @abstractmethod
     async def signal(self, kind: str, sub: str, payload: str | None = None) -> None:

@@ -132,8 +132,71 @@ def reply(request: dict[str, Any], frame: dict[str, Any]) -> str:
     return encode(frame)
 
 
+def message_head(channel: str, data: Any, sender: str | None = None) -> str:
+    """``{"type":"message","channel":C,"from":sender,"data":data}`` (no ``from`` without a sender) encoded without
+    its closing brace, as storage's ``publish`` takes it: storage appends ``,"offset":N,"epoch":"E"}`` (or just
+    the brace with history off). ``ValueError`` for a bad channel, ``TypeError`` for data that is not JSON."""
+    if type(channel) is not str or not CHANNEL.fullmatch(channel):
+        raise ValueError(f"channel must match ^{CHANNEL.pattern}$")
+    message: dict[str, Any] = {"type": "message", "channel": channel}
+    if sender is not None:
+        message["from"] = sender
+    message["data"] = data
+    return encode(message)[:-1]
+
+
 def channel_of(request: dict[str, Any]) -> str:
     channel = request.get("channel")
     if type(channel) is not str or not CHANNEL.fullmatch(channel):
         raise ProtocolError(BAD_REQUEST, "channel must match ^[A-Za-z0-9_.:-]{1,128}$", request.get("id"))
     return channel
+
+
+MAX_OFFSET = 2**53  # offsets are JSON numbers: beyond this, not every client reads them exactly
+MAX_EPOCH_CHARS = 64
+
+
+SINCE_SHAPE = f'since must be {{"offset": an integer 0..2^53, "epoch": a string of 1..{MAX_EPOCH_CHARS} characters}}'
+LIMIT_SHAPE = "limit must be a non-negative integer"
+
+
+def parse_since(since: Any) -> tuple[int, str]:
+    """A ``since`` position (SPEC §11) as (offset, epoch). Strict: anything but an object of exactly a non-negative
+    integer ``offset`` (at most 2^53) and a short string ``epoch`` is a ``ValueError``."""
+    if (
+        type(since) is not dict
+        or since.keys() != {"offset", "epoch"}
+        or type(since["offset"]) is not int
+        or not 0 <= since["offset"] <= MAX_OFFSET
+        or type(since["epoch"]) is not str
+        or not 0 < len(since["epoch"]) <= MAX_EPOCH_CHARS
+    ):
+        raise ValueError(SINCE_SHAPE)
+    return since["offset"], since["epoch"]
+
+
+def parse_limit(limit: Any, maximum: int) -> int:
+    """A ``limit``: a non-negative integer (``ValueError`` otherwise), clamped to ``maximum``."""
+    if type(limit) is not int or limit < 0:
+        raise ValueError(LIMIT_SHAPE)
+    return min(limit, maximum)
+
+
+def since_of(request: dict[str, Any]) -> tuple[int, str] | None:
+    """A request's ``since``, None when absent; ``bad_request`` when malformed."""
+    if "since" not in request:
+        return None
+    try:
+        return parse_since(request["since"])
+    except ValueError:
+        raise ProtocolError(BAD_REQUEST, SINCE_SHAPE, request.get("id")) from None
+
+
+def limit_of(request: dict[str, Any], maximum: int) -> int:
+    """A request's ``limit``, ``maximum`` when absent; ``bad_request`` when malformed."""
+    if "limit" not in request:
+        return maximum
+    try:
+        return parse_limit(request["limit"], maximum)
+    except ValueError:
+        raise ProtocolError(BAD_REQUEST, LIMIT_SHAPE, request.get("id")) from None

@@ -1,0 +1,124 @@
+"""Channel history for one process (SPEC §11): bounded ring buffers with a TTL and a total memory bound.
+
+Each channel's record holds a random epoch (so a process restart changes every epoch), its last offset and a
+``deque(maxlen=size)`` of the exact texts sent. Bounds, all enforced on every append:
+
+* per channel: ``size`` messages, dropped ``ttl`` seconds after the channel's last publication; the record itself
+  (epoch and offset, a few hundred bytes) goes ``meta_ttl`` after it;
+* in total: ``max_bytes``, counting each text's characters plus ``ENTRY_COST`` and ``RECORD_COST`` per channel.
+  Over it, whole channels are evicted, idle ones first, then the least recently published (their epoch is lost:
+  a later subscriber gets a new one); a channel that alone exceeds it loses its oldest messages instead.
+
+Records are kept in two ``OrderedDict`` ordered by last publication (``_live`` with messages, ``_idle`` without),
+so expiry and eviction look only at the oldest end: O(1) amortised per append.
+"""
+
+from __future__ import annotations
+
+import secrets
+import time
+from collections import OrderedDict, deque
+from itertools import islice
+
+from .storage import History, HistoryLimits, Position
+
+ENTRY_COST = 100  # what a held text costs beyond its characters (deque slot, str header), roughly
+RECORD_COST = 400  # a channel's record: its name, epoch, deque and the dict slots
+
+
+def new_epoch() -> str:
+    return secrets.token_hex(8)
+
+
+class _Record:
+    __slots__ = ("epoch", "offset", "texts", "touched")
+
+    def __init__(self, size: int, now: float) -> None:
+        self.epoch = new_epoch()
+        self.offset = 0
+        self.texts: deque[str] = deque(maxlen=size)
+        self.touched = now
+
+
+class MemoryHistory:
+    def __init__(self, limits: HistoryLimits) -> None:
+        self.limits = limits
+        self._live: OrderedDict[str, _Record] = OrderedDict()  # records holding messages, oldest publication first
+        self._idle: OrderedDict[str, _Record] = OrderedDict()  # records whose messages expired (or none yet)
+        self.bytes = 0
+
+    def append(self, channel: str, head: str) -> tuple[str, Position]:
+        """The message's final text and where it went."""
+        now = time.monotonic()
+        self._expire(now)
+        record = self._live.pop(channel, None) or self._idle.pop(channel, None)
+        if record is None:
+            record = _Record(self.limits.size, now)
+            self.bytes += RECORD_COST
+        self._live[channel] = record
+        record.touched = now
+        record.offset += 1
+        text = f'{head},"offset":{record.offset},"epoch":"{record.epoch}"}}'
+        texts = record.texts
+        if len(texts) == texts.maxlen:
+            self.bytes -= len(texts[0]) + ENTRY_COST
+        texts.append(text)
+        self.bytes += len(text) + ENTRY_COST
+        if self.bytes > self.limits.max_bytes:
+            self._evict(channel)
+        return text, Position(record.offset, record.epoch)
+
+    def read(self, channel: str, since: Position | None, limit: int) -> History:
+        now = time.monotonic()
+        self._expire(now)
+        record = self._live.get(channel) or self._idle.get(channel)
+        if record is None:
+            record = self._idle[channel] = _Record(self.limits.size, now)
+            self.bytes += RECORD_COST
+            if self.bytes > self.limits.max_bytes:
+                self._evict(channel)
+        texts = record.texts
+        held = len(texts)
+        if since is None:
+            return History(record.offset, record.epoch, list(islice(texts, max(0, held - limit), held)), True)
+        if since.epoch != record.epoch or not record.offset - held <= since.offset <= record.offset:
+            return History(record.offset, record.epoch, [], False)
+        start = held - (record.offset - since.offset)  # index of offset since + 1
+        return History(record.offset, record.epoch, list(islice(texts, start, start + limit)), True)
+
+    def _expire(self, now: float) -> None:
+        live, idle = self._live, self._idle
+        ttl, meta_ttl = self.limits.ttl, self.limits.meta_ttl
+        while live:
+            channel, record = next(iter(live.items()))
+            if record.touched + ttl > now:
+                break
+            del live[channel]
+            self._drop_texts(record)
+            idle[channel] = record  # still in order of last publication
+        while idle:
+            channel, record = next(iter(idle.items()))
+            if record.touched + meta_ttl > now:
+                break
+            del idle[channel]
+            self.bytes -= RECORD_COST
+
+    def _evict(self, keep: str) -> None:
+        """Back under ``max_bytes``: whole channels other than ``keep`` (which was just put at the newest end), idle
+        ones first, then the least recently published; then ``keep``'s oldest messages."""
+        for records in (self._idle, self._live):
+            while self.bytes > self.limits.max_bytes and records:
+                channel = next(iter(records))
+                if channel == keep:  # the only one left here
+                    break
+                self._drop_texts(records.pop(channel))
+                self.bytes -= RECORD_COST
+        record = self._live.get(keep)
+        if record is not None:
+            texts = record.texts
+            while self.bytes > self.limits.max_bytes and len(texts) > 1:
+                self.bytes -= len(texts.popleft()) + ENTRY_COST
+
+    def _drop_texts(self, record: _Record) -> None:
+        self.bytes -= sum(len(text) for text in record.texts) + ENTRY_COST * len(record.texts)
+        record.texts.clear()
