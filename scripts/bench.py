@@ -32,7 +32,9 @@ Measured, for each server:
   idle KiB/conn server RSS growth per idle connection, at 2,000 connections
   fan-out       1,000 subscribers, a publisher sending a burst of messages: deliveries/s and
                 p50/p99 publish-to-delivery latency (which includes waiting behind the burst),
-                and the server's CPU time per delivery
+                and the server's CPU time per delivery; for secure_ws also the same burst published
+                through the server API (POST /api/publish on 5 keep-alive connections): its
+                deliveries/s against the WebSocket client's
   history       (secure_ws only) the server's CPU per ``publish`` round trip with channel history
                 on (SECURE_WS_HISTORY_SIZE=100) against a second secure_ws with it off, and the
                 server's CPU time (and the wall time, client included) to recover 100 missed
@@ -65,6 +67,7 @@ LOADGEN_PROCS = 3
 PAYLOAD = b'{"type":"echo","data":"hello, world"}'
 HANDLER_PAYLOAD = b'{"type":"bench.echo","data":"hello, world"}'
 PUBLISH_PAYLOAD = b'{"type":"publish","channel":"bench","data":"hello, world"}'
+API_CONNECTIONS = 5  # a backend's pool posting at once in the API fan-out row
 RECOVERED = 100  # messages replayed per recovery in the history phase
 
 # -- a minimal WebSocket client ------------------------------------------------------------
@@ -298,6 +301,7 @@ class Target:
     def __init__(self, name: str, argv: list[str], env: dict[str, str], path: str, fan_path: str, tokens: list[str] | None, secure: bool):
         self.name, self.argv, self.env, self.path, self.fan_path = name, argv, env, path, fan_path
         self.tokens, self.secure = tokens, secure
+        self.api_key: str | None = None
         self.port = 0
         self.proc: subprocess.Popen | None = None
 
@@ -390,7 +394,9 @@ def measure_idle(t: Target, ca: str, conns: int = 2000) -> dict:
     return {"kib_per_conn": (rss1 - rss0) / conns}
 
 
-def measure_fanout(t: Target, ca: str, subscribers: int = 1000, messages: int = 50) -> dict:
+def measure_fanout(t: Target, ca: str, subscribers: int = 1000, messages: int = 50, api_key: str | None = None) -> dict:
+    """With ``api_key``, the burst is published through the server API (``POST /api/publish``, on
+    API_CONNECTIONS keep-alive connections at once) instead of by a WebSocket client."""
     manager = mp.Manager()
     ready = [manager.Event() for _ in range(LOADGEN_PROCS)]
     jobs = [
@@ -421,7 +427,22 @@ def measure_fanout(t: Target, ca: str, subscribers: int = 1000, messages: int = 
                 await ws_read(reader, writer)  # "published"
         return started
 
-    started = asyncio.run(publish())
+    async def publish_over_api() -> float:
+        import httpx
+
+        headers = {"Authorization": f"Bearer {api_key}"}
+        async with httpx.AsyncClient(verify=client_ssl(ca), base_url=f"https://127.0.0.1:{t.port}", headers=headers) as http:
+            started = time.monotonic()
+
+            async def post(count: int) -> None:
+                for _ in range(count):
+                    body = {"channel": "bench", "data": repr(time.monotonic())}
+                    (await http.post("/api/publish", json=body)).raise_for_status()
+
+            await asyncio.gather(*(post(n) for n in split(messages, API_CONNECTIONS)))
+            return started
+
+    started = asyncio.run(publish() if api_key is None else publish_over_api())
     results = collect(out, procs)
     cpu = t.cpu() - cpu0
     manager.shutdown()
@@ -487,6 +508,7 @@ def measure_history(folder: Path, ca: str, secure: Target, seconds: float, round
 def make_targets(folder: Path, mode: str, storage: str = "memory://", workers: int = 1) -> tuple[Target, Target]:
     from keydir import keydir_env, make_keydir
 
+    from secure_ws.auth.api_keys import ApiKeyFile
     from secure_ws.auth.signing import issue_token
     from secure_ws.settings import load_settings
 
@@ -498,6 +520,7 @@ def make_targets(folder: Path, mode: str, storage: str = "memory://", workers: i
         SECURE_WS_HANDSHAKE_RATE_LIMIT="100000000/second",
         SECURE_WS_MAX_CONNECTIONS_PER_CLIENT="100000",
         SECURE_WS_STORAGE_URL=storage,
+        SECURE_WS_API_KEYS_FILE=str(folder / "api-keys.json"),
         PYTHONPATH=str(ROOT),
     )
     os.environ.update({k: v for k, v in env.items() if k.startswith("SECURE_WS_")})
@@ -516,6 +539,7 @@ def make_targets(folder: Path, mode: str, storage: str = "memory://", workers: i
     if workers > 1:
         argv += ["--workers", str(workers)]
     secure = Target("secure_ws", argv, env, "/ws", "/ws", tokens, True)
+    secure.api_key = ApiKeyFile(folder / "api-keys.json").create("bench")  # for the API fan-out row
     return bare, secure
 
 
@@ -581,6 +605,9 @@ def main() -> None:
                 m = measure_fanout(t, ca, messages=20 if args.quick else 50)
                 for k, v in (("dps", m["dps"]), ("fp50", m["p50"]), ("fp99", m["p99"]), ("fcpu_us", m["cpu_us"])):
                     results[t.name][k] = [v]
+                if t is secure:  # the same burst through POST /api/publish
+                    m = measure_fanout(t, ca, messages=20 if args.quick else 50, api_key=secure.api_key)
+                    results[t.name]["api_dps"] = [m["dps"]]
         if "history" not in skip:
             history = measure_history(folder, ca, secure, seconds, rounds)
     finally:
@@ -610,6 +637,9 @@ def main() -> None:
         handler, echo = statistics.median(s["handler_cpu_us"]), statistics.median(s["cpu_us"])
         print(f"{'handler round trips':<28} {'':>12} {statistics.median(s['handler_fps']):>12.1f} {'per s':<8}")
         print(f"{'server CPU per handler call':<28} {'':>12} {handler:>12.1f} {'µs':<8} {handler / echo:>7.2f}× secure_ws's echo")
+    if "api_dps" in s:
+        api, client = statistics.median(s["api_dps"]), statistics.median(s["dps"])
+        print(f"{'fan-out via POST /api/publish':<28} {'':>12} {api:>12.1f} {'per s':<8} {api / client:>7.2f}× a client's publish")
     if history:
         on, off = history["publish_on_us"], history["publish_off_us"]
         print(f"{'CPU per publish, history':<28} {off:>12.1f} {on:>12.1f} {'µs':<8} {on / off:>7.2f}× history off (off | on)")
