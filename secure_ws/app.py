@@ -8,6 +8,7 @@ lifespan are an ordinary Starlette app.
 
 from __future__ import annotations
 
+import logging
 import sys
 from collections.abc import Callable
 from typing import Any
@@ -22,9 +23,10 @@ from .core.handlers import HandlerFunc, HookFunc, RegistrationError
 from .core.handshake import HandshakeMiddleware
 from .core.session import DIRECT, Session
 from .service import Service
-from .settings import ConfigError, Settings, load_settings
+from .settings import ConfigError, Settings, check_workers, load_settings, unreported_warnings
 from .state.storage import DISCONNECT, SEND
 from .uvicorn.install import install
+from .uvicorn.supervisor import running_workers, startup_failure_code
 from .wire.messages import CHANNEL, encode
 
 WS_PATH = "/ws"
@@ -42,13 +44,17 @@ class SecureWS:
         try:
             settings = settings if settings is not None else load_settings()
             logs.configure(settings.log_format)
+            for warning in unreported_warnings(settings):
+                logging.getLogger("secure_ws").warning("configuration: %s", warning)
+            check_workers(settings, running_workers())  # plain `uvicorn --workers N` too
             self.service = Service(settings)
             install()  # under `uvicorn yourapp:app` too: our protocols, with the request-head bounds
         except ConfigError as exc:
             if explicit:
                 raise
             print(f"secure-ws: configuration error: {exc}", file=sys.stderr)
-            raise SystemExit(2) from None
+            # In a worker process: the code that stops the supervisor instead of a restart loop.
+            raise SystemExit(startup_failure_code()) from None
         self.settings = settings
         self.app = _asgi(self.service)
 
@@ -120,12 +126,18 @@ def _asgi(service: Service) -> Any:
     routes = [
         Route("/healthz", healthz),
         Route("/readyz", readyz),
-        Route("/metrics", metrics_endpoint),
         Route("/.well-known/jwks.json", jwks),
+    ]
+    # Operators' routes: on the public port, or only on the internal listener when SECURE_WS_INTERNAL_PORT
+    # is set (`secure-ws serve --internal-port P`). The server API (/api/*) belongs here too.
+    internal_routes = [
+        Route("/metrics", metrics_endpoint),
     ]
     if settings.demo:
         routes += demo.routes()
-    http = Starlette(routes=routes, lifespan=service.lifespan)
+    internal_port = settings.internal_port
+    http = Starlette(routes=routes if internal_port is not None else routes + internal_routes, lifespan=service.lifespan)
+    internal = Starlette(routes=internal_routes) if internal_port is not None else None
 
     async def session(scope: dict[str, Any], receive: Any, send: Any) -> None:
         deps = service.session_deps
@@ -137,6 +149,14 @@ def _asgi(service: Service) -> Any:
     gate = HandshakeMiddleware(session, service)
 
     async def app(scope: dict[str, Any], receive: Any, send: Any) -> None:
+        if internal is not None and _local_port(scope) == internal_port:
+            if scope["type"] == "http":
+                await internal(scope, receive, send)
+                return
+            if scope["type"] == "websocket":  # only operators' routes here
+                await receive()
+                await send({"type": "websocket.close", "code": 1008})
+                return
         if scope["type"] == "websocket":
             if _route_path(scope) == WS_PATH:
                 await gate(scope, receive, send)
@@ -148,6 +168,11 @@ def _asgi(service: Service) -> Any:
 
     app.service = service  # type: ignore[attr-defined]  # for tests and the CLI
     return app
+
+
+def _local_port(scope: dict[str, Any]) -> int | None:
+    server = scope.get("server")  # (host, port) of the listening socket the request came in on
+    return server[1] if server else None
 
 
 def _route_path(scope: dict[str, Any]) -> str:

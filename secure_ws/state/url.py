@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from collections.abc import Awaitable, Callable
 from pathlib import Path
+from urllib.parse import urlsplit
 
 from .memory import MemoryStorage
 from .storage import Storage
@@ -24,3 +25,10 @@ async def run_storage(url: str, revocation_file: Path, action: Callable[[Storage
         return await action(storage)
     finally:
         await storage.close()
+
+
+def redacted_url(url: str) -> str:
+    """The URL without its password, for the log and the ops commands' stderr."""
+    parts = urlsplit(url)
+    port = f":{parts.port}" if parts.port else ""
+    return f"{parts.scheme}://{parts.hostname}{port}{parts.path}"
