@@ -150,7 +150,7 @@ class Service:
         self._reloaders.append(reload)
 
     def _sighup(self) -> None:
-        log.info("SIGHUP: reloading keys, revocations and %d other source(s)", len(self._reloaders) - 2)
+        log.info("SIGHUP: reloading keys, revocations and %d registered source(s) in this process", len(self._reloaders) - 2)
         loop = asyncio.get_running_loop()
         self._tasks = [task for task in self._tasks if not task.done()]  # bounded however often SIGHUP comes
         for reload in self._reloaders:

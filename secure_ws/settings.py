@@ -334,12 +334,13 @@ def load_settings(
         raise ConfigError("SECURE_WS_JWT_ISSUER", "must not be empty")
     if not settings.audience:
         raise ConfigError("SECURE_WS_JWT_AUDIENCE", "must not be empty")
-    known = sorted(read)
+    prefix = "SECURE_WS_"
+    known = sorted(n[len(prefix):] for n in read)  # compared without the prefix every name shares
     warnings = []
-    for name in sorted(n for n in source if n.startswith("SECURE_WS_") and n not in read):
+    for name in sorted(n for n in source if n.startswith(prefix) and n not in read):
         where = "the environment" if name in real else str(env_file)
-        nearest = difflib.get_close_matches(name, known, n=1, cutoff=0.6)
-        hint = f"did you mean {nearest[0]}?" if nearest else "see .env.example for the variables"
+        nearest = difflib.get_close_matches(name[len(prefix):], known, n=1, cutoff=0.6)
+        hint = f"did you mean {prefix}{nearest[0]}?" if nearest else "see .env.example for the variables"
         warnings.append(f"{name} (from {where}) is not a secure_ws variable and is ignored; {hint}")
     return replace(settings, warnings=tuple(warnings))
 

@@ -49,13 +49,8 @@ def free_port() -> int:
 
 
 def base_env(keydir: Path, **extra: str) -> dict[str, str]:
-    return keydir_env(
-        keydir,
-        # Many handshakes come from 127.0.0.1 in a test run; the throttle has its own tests.
-        SECURE_WS_HANDSHAKE_RATE_LIMIT="100000/minute",
-        PYTHONUNBUFFERED="1",
-        **extra,
-    )
+    # Many handshakes come from 127.0.0.1 in a test run; the throttle has its own tests (which override this).
+    return keydir_env(keydir, **{"SECURE_WS_HANDSHAKE_RATE_LIMIT": "100000/minute", "PYTHONUNBUFFERED": "1", **extra})
 
 
 def cli(keydir: Path, *args: str, env: dict[str, str] | None = None, check: bool = True) -> subprocess.CompletedProcess:
