@@ -166,6 +166,9 @@ class Service:
         loop = asyncio.get_running_loop()
         with contextlib.suppress(NotImplementedError, RuntimeError, ValueError):
             loop.add_signal_handler(signal.SIGHUP, self._sighup)
+            # `secure-ws serve --workers` starts workers with SIGHUP blocked until this handler exists;
+            # a HUP sent meanwhile is delivered now (elsewhere this changes nothing).
+            signal.pthread_sigmask(signal.SIG_UNBLOCK, {signal.SIGHUP})
         self.session_deps = deps
         try:
             yield

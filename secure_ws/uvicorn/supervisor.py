@@ -17,11 +17,13 @@ app can refuse ``--workers`` > 1 with ``memory://`` under plain uvicorn too.
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import multiprocessing
 import os
 import signal
 import sys
+from collections.abc import Iterator
 
 from uvicorn.config import STARTUP_FAILURE, Config
 from uvicorn.supervisors.multiprocess import Multiprocess
@@ -60,10 +62,31 @@ def startup_failure_code() -> int:
     return CONFIG_ERROR
 
 
+@contextlib.contextmanager
+def _hup_blocked() -> Iterator[None]:
+    """Workers start with SIGHUP blocked (the signal mask survives multiprocessing's spawn): a HUP that
+    arrives before a worker's app has installed its handler waits, pending, instead of killing the
+    worker (SIGHUP's default action); the app's lifespan unblocks it once its handler is in place."""
+    previous = signal.pthread_sigmask(signal.SIG_BLOCK, {signal.SIGHUP})
+    try:
+        yield
+    finally:
+        signal.pthread_sigmask(signal.SIG_SETMASK, previous)
+
+
 class Supervisor(Multiprocess):
     """uvicorn's supervisor with SIGHUP forwarded to the workers and a failed start remembered."""
 
     failed = False
+
+    # Every place uvicorn's supervisor starts a worker.
+    def init_processes(self) -> None:
+        with _hup_blocked():
+            super().init_processes()
+
+    def handle_ttin(self) -> None:
+        with _hup_blocked():
+            super().handle_ttin()
 
     def handle_hup(self) -> None:
         log.info("Received SIGHUP, forwarding it to the workers (they reload keys and revocations; no restart)")
@@ -77,4 +100,5 @@ class Supervisor(Multiprocess):
     def keep_subprocess_alive(self) -> None:
         if any(p.exitcode == STARTUP_FAILURE for p in self.processes):
             self.failed = True  # uvicorn's own check below stops every worker and the loop
-        super().keep_subprocess_alive()
+        with _hup_blocked():
+            super().keep_subprocess_alive()
