@@ -343,3 +343,10 @@ def test_unknown_variables_are_warnings_not_errors():
     assert any("SECURE_WS_STORAGE_URI" in w and "did you mean SECURE_WS_STORAGE_URL?" in w for w in s.warnings), s.warnings
     assert any("SECURE_WS_COMPLETELY_ELSE" in w and ".env.example" in w for w in s.warnings), s.warnings
     assert load_settings(environ={"SECURE_WS_RATE_LIMIT": "5/second"}, env_file=None).warnings == ()
+
+
+def test_env_example_names_only_real_variables():
+    """.env.example copied to .env as is must start without a warning (and with the defaults)."""
+    s = load_settings(environ={}, env_file=Path(__file__).resolve().parent.parent / ".env.example")
+    assert s.warnings == ()
+    assert s == load_settings(environ={}, env_file=None)
