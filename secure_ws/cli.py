@@ -11,7 +11,6 @@ from __future__ import annotations
 
 import argparse
 import asyncio
-import ipaddress
 import json
 import math
 import os
@@ -22,7 +21,7 @@ from pathlib import Path
 from typing import Any
 
 from . import __version__
-from .settings import ConfigError, Settings, check_workers, load_settings, parse_duration, unreported_warnings
+from .settings import ConfigError, Settings, check_workers, load_settings, loopback_host, parse_duration, unreported_warnings
 
 DEFAULT_PORT = 8443
 
@@ -209,15 +208,6 @@ def _serve(settings: Settings, host: str, port: int, workers: int, tls: bool = T
     return serve(settings, host, port, workers, tls=tls, **extra)
 
 
-def _loopback(host: str) -> bool:
-    if host == "localhost":
-        return True
-    try:
-        return ipaddress.ip_address(host).is_loopback
-    except ValueError:
-        return False
-
-
 def cmd_serve(args: argparse.Namespace) -> int:
     # Both are read by every worker from the environment, so the flags set the variables.
     if args.forwarded_allow_ips is not None:
@@ -227,7 +217,7 @@ def cmd_serve(args: argparse.Namespace) -> int:
             raise CommandError("--internal-port must differ from --port")
         os.environ["SECURE_WS_INTERNAL_PORT"] = str(args.internal_port)
     settings = _settings()
-    if args.no_tls and not (_loopback(args.host) or settings.forwarded_allow_ips):
+    if args.no_tls and not (loopback_host(args.host) or settings.forwarded_allow_ips):
         raise CommandError(
             f"--no-tls on {args.host} would carry tokens in clear: bind a loopback --host, or name the balancer "
             "that ends TLS in --forwarded-allow-ips"

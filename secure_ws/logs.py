@@ -164,4 +164,8 @@ def configure(log_format: str) -> None:
         for existing in logger.handlers:
             if _FILTER not in existing.filters:
                 existing.addFilter(_FILTER)
-            existing.setFormatter(JsonFormatter() if log_format == "json" else TextFormatter())
+            if log_format == "json":
+                existing.setFormatter(JsonFormatter())
+            elif existing.formatter is None or type(existing.formatter).__module__.startswith("uvicorn"):
+                # ours and uvicorn's get timestamps; a host application's own formatters are left alone
+                existing.setFormatter(TextFormatter())

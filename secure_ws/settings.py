@@ -63,7 +63,8 @@ def parse_timeout(text: str) -> float:
     return float(match.group(1)) * _TIMEOUT_UNITS[match.group(2)]
 
 
-def _loopback_host(host: str | None) -> bool:
+def loopback_host(host: str | None) -> bool:
+    """``localhost`` or a loopback address (``127.0.0.0/8``, ``::1``)."""
     if host == "localhost":
         return True
     try:
@@ -276,7 +277,7 @@ def load_settings(
         parts = urlsplit(proxy_url)
         if parts.scheme not in ("https", "http") or not parts.hostname:
             raise ConfigError("SECURE_WS_RPC_PROXY_URL", "must be an https:// URL (or http:// to a loopback address)")
-        if parts.scheme == "http" and not _loopback_host(parts.hostname):
+        if parts.scheme == "http" and not loopback_host(parts.hostname):
             # The secret and every client's claims would cross the network in clear.
             raise ConfigError("SECURE_WS_RPC_PROXY_URL", f"http:// only to a loopback address, got host {parts.hostname[:100]!r}; use https://")
         if parts.username or parts.password:

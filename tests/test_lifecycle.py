@@ -18,6 +18,7 @@ import base64
 import http.server
 import json
 import os
+import re
 import secrets
 import signal
 import ssl
@@ -592,8 +593,8 @@ def test_refresh_without_token_is_a_bad_request(shared_server, shared_dir):
 
 
 def problems(lines: list[str]) -> list[str]:
-    """Log lines at warning level or above (text format: the level name leads the line)."""
-    return [line for line in lines if line.lstrip().startswith(("WARNING", "ERROR", "CRITICAL"))]
+    """Log lines at warning level or above (text format: an ISO 8601 UTC timestamp, then the level name)."""
+    return [line for line in lines if re.match(r"^\S+Z\s+(WARNING|ERROR|CRITICAL)\b", line)]
 
 
 def test_corrupt_jwks_keeps_the_last_good_keys(fresh_dir, start):
