@@ -15,7 +15,7 @@ from typing import Any
 
 from starlette.applications import Starlette
 from starlette.requests import Request
-from starlette.responses import JSONResponse, Response
+from starlette.responses import JSONResponse, PlainTextResponse, Response
 from starlette.routing import Route
 
 from . import demo, logs, metrics
@@ -30,6 +30,9 @@ from .uvicorn.supervisor import running_workers, startup_failure_code
 from .wire.messages import CHANNEL, encode
 
 WS_PATH = "/ws"
+# Operators' paths (metrics, the server API): moved off the public port to the internal listener when
+# SECURE_WS_INTERNAL_PORT is set (`secure-ws serve --internal-port P`): `/metrics` and `/api/…`.
+INTERNAL_PATHS = ("/metrics", "/api/")
 
 class SecureWS:
     """``api = SecureWS()``: the service, with room for the application's own message types (SPEC §9).
@@ -126,18 +129,13 @@ def _asgi(service: Service) -> Any:
     routes = [
         Route("/healthz", healthz),
         Route("/readyz", readyz),
-        Route("/.well-known/jwks.json", jwks),
-    ]
-    # Operators' routes: on the public port, or only on the internal listener when SECURE_WS_INTERNAL_PORT
-    # is set (`secure-ws serve --internal-port P`). The server API (/api/*) belongs here too.
-    internal_routes = [
         Route("/metrics", metrics_endpoint),
+        Route("/.well-known/jwks.json", jwks),
     ]
     if settings.demo:
         routes += demo.routes()
+    http = Starlette(routes=routes, lifespan=service.lifespan)
     internal_port = settings.internal_port
-    http = Starlette(routes=routes if internal_port is not None else routes + internal_routes, lifespan=service.lifespan)
-    internal = Starlette(routes=internal_routes) if internal_port is not None else None
 
     async def session(scope: dict[str, Any], receive: Any, send: Any) -> None:
         deps = service.session_deps
@@ -149,13 +147,10 @@ def _asgi(service: Service) -> Any:
     gate = HandshakeMiddleware(session, service)
 
     async def app(scope: dict[str, Any], receive: Any, send: Any) -> None:
-        if internal is not None and _local_port(scope) == internal_port:
-            if scope["type"] == "http":
-                await internal(scope, receive, send)
-                return
-            if scope["type"] == "websocket":  # only operators' routes here
-                await receive()
-                await send({"type": "websocket.close", "code": 1008})
+        if internal_port is not None and scope["type"] in ("http", "websocket"):
+            # With an internal listener, operators' paths are served there and only there.
+            if (_local_port(scope) == internal_port) != _route_path(scope).startswith(INTERNAL_PATHS):
+                await _not_found(scope, receive, send)
                 return
         if scope["type"] == "websocket":
             if _route_path(scope) == WS_PATH:
@@ -168,6 +163,14 @@ def _asgi(service: Service) -> Any:
 
     app.service = service  # type: ignore[attr-defined]  # for tests and the CLI
     return app
+
+
+async def _not_found(scope: dict[str, Any], receive: Any, send: Any) -> None:
+    if scope["type"] == "websocket":
+        await receive()
+        await send({"type": "websocket.close", "code": 1008})  # uvicorn answers HTTP 403
+    else:
+        await PlainTextResponse("Not Found", status_code=404)(scope, receive, send)
 
 
 def _local_port(scope: dict[str, Any]) -> int | None:

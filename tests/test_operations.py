@@ -46,11 +46,12 @@ ISO_LINE = re.compile(r"^\d{4}-\d\d-\d\dT\d\d:\d\d:\d\d\.\d{3}Z (DEBUG|INFO|WARN
 def run_to_exit(argv: list[str], env: dict[str, str], cwd: Path, within: float) -> tuple[int, str, float]:
     """Run a command that must end by itself within ``within`` s; (exit code, stdout+stderr, seconds)."""
     started = time.monotonic()
-    proc = subprocess.Popen(argv, env=env, cwd=cwd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    # A session of its own: on timeout the whole group goes, workers included (they hold the pipe open).
+    proc = subprocess.Popen(argv, env=env, cwd=cwd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, start_new_session=True)
     try:
         out, _ = proc.communicate(timeout=within)
     except subprocess.TimeoutExpired:
-        proc.kill()
+        os.killpg(proc.pid, signal.SIGKILL)
         out, _ = proc.communicate()
         raise AssertionError(f"still running after {within} s:\n{out[-3000:]}") from None
     return proc.returncode, out, time.monotonic() - started
@@ -72,6 +73,14 @@ def fresh(tmp_path: Path) -> Path:
 
 def token_of(folder: Path, sub: str | None = None, ttl: str = "15m", *extra: str) -> dict[str, Any]:
     return json.loads(cli(folder, "token", "issue", "--sub", sub or unique_sub(), "--ttl", ttl, "--json", *extra).stdout)
+
+
+def plain_token(folder: Path) -> str:
+    return cli(folder, "token", "issue", "--sub", unique_sub()).stdout.strip()
+
+
+def keys_on_file(folder: Path) -> list[dict[str, Any]]:
+    return json.loads((folder / "signing-keys.json").read_text())["keys"]
 
 
 # == workers ===================================================================================
@@ -124,10 +133,11 @@ def rewrite_in_place(path: Path, document: dict[str, Any]) -> None:
 def test_sighup_with_workers_reloads_every_worker_and_closes_no_connection(fresh, own_redis):
     """Issue 13: `kill -HUP` on the parent with --workers restarted every worker (all clients got 1012)."""
     redis_server = own_redis()
-    old_kid = json.loads(cli(fresh, "keys", "list", "--json").stdout)[0]["kid"]
-    old_tokens = [token_of(fresh)["token"] for _ in range(4)]
+    [old_key] = keys_on_file(fresh)
+    old_kid = old_key["kid"]
+    old_tokens = [plain_token(fresh) for _ in range(4)]
     cli(fresh, "keys", "rotate")
-    new_tokens = [token_of(fresh)["token"] for _ in range(6)]
+    new_tokens = [plain_token(fresh) for _ in range(6)]
     srv = Serve(fresh, base_env(fresh, SECURE_WS_STORAGE_URL=redis_server.url), ("--workers", "2")).start()
     jwks = fresh / "jwks.json"
     try:
@@ -246,14 +256,14 @@ def test_every_option_has_help_and_shows_its_default():
 
 def test_retiring_the_active_key_is_refused_unless_forced(fresh):
     """Issue 13: retiring the only active key succeeded and locked every client out."""
-    [key] = json.loads(cli(fresh, "keys", "list", "--json").stdout)
+    [key] = keys_on_file(fresh)
     result = cli(fresh, "keys", "retire", key["kid"], check=False)
-    assert result.returncode == 2
+    assert result.returncode == 2, result
     [line] = result.stderr.strip().splitlines()[-1:]
     assert "active" in line and "keys rotate" in line and "--force" in line, result.stderr
-    assert json.loads(cli(fresh, "keys", "list", "--json").stdout)[0]["status"] == "active"
+    assert keys_on_file(fresh)[0]["status"] == "active"
     cli(fresh, "keys", "retire", "--force", key["kid"])
-    assert json.loads(cli(fresh, "keys", "list", "--json").stdout)[0]["status"] == "retired"
+    assert keys_on_file(fresh)[0]["status"] == "retired"
 
 
 # == token inspect =============================================================================
