@@ -401,7 +401,10 @@ def main(argv: list[str] | None = None) -> int:
 
     try:
         code = args.func(args)
-    except (ConfigError, CommandError, SigningError) as exc:
+    except ConfigError as exc:
+        print(f"secure-ws: configuration error: {exc}", file=sys.stderr)  # the app's own words under uvicorn
+        return 2
+    except (CommandError, SigningError) as exc:
         print(f"secure-ws: {exc}", file=sys.stderr)
         return 2
     except (OSError, ValueError) as exc:
