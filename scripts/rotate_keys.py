@@ -15,6 +15,10 @@ directory, e.g. daily::
 
     17 3 * * *  cd /srv/secure-ws && .venv/bin/python scripts/rotate_keys.py >> rotate.log 2>&1
 
+Paths are the configured ones, relative to the working directory, as for the
+``secure-ws`` command; the files used are named on stderr. It never makes the
+first key: without a signing-key file (run from the wrong directory?) it refuses.
+
 Exit status: 0 on success, 2 on a configuration or key-file error (one line on stderr).
 """
 
@@ -37,6 +41,14 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
     try:
         settings = load_settings()
+        private = settings.signing_keys_file
+        if not private.is_file():
+            # A fresh certs/ here would hold keys no server reads, and the real ones would never rotate.
+            raise SigningError(
+                f"no signing keys at {private.resolve()}: run it from the service's working directory "
+                "(or set SECURE_WS_SIGNING_KEYS_FILE); `secure-ws keys rotate` makes the first key"
+            )
+        print(f"rotate_keys: keys {private.resolve()} (public {settings.jwks_file.resolve()})", file=sys.stderr)
         keys = SigningKeys(settings)
         kid = keys.rotate(args.alg)
         keep = args.keep if args.keep is not None else settings.max_token_ttl + settings.leeway

@@ -8,13 +8,14 @@ lifespan are an ordinary Starlette app.
 
 from __future__ import annotations
 
+import logging
 import sys
 from collections.abc import Callable
 from typing import Any
 
 from starlette.applications import Starlette
 from starlette.requests import Request
-from starlette.responses import JSONResponse, Response
+from starlette.responses import JSONResponse, PlainTextResponse, Response
 from starlette.routing import Route
 
 from . import demo, logs, metrics
@@ -24,10 +25,14 @@ from .core.session import DIRECT, Session
 from .server_api import PREFIX as API_PREFIX
 from .server_api import ServerApi
 from .service import Service
-from .settings import ConfigError, Settings, load_settings
+from .settings import ConfigError, Settings, check_workers, load_settings, unreported_warnings
 from .uvicorn.install import install
+from .uvicorn.supervisor import running_workers, startup_failure_code
 
 WS_PATH = "/ws"
+# Operators' paths (metrics, the server API): moved off the public port to the internal listener when
+# SECURE_WS_INTERNAL_PORT is set (`secure-ws serve --internal-port P`): `/metrics` and `/api/…`.
+INTERNAL_PATHS = ("/metrics", "/api/")
 
 class SecureWS:
     """``api = SecureWS()``: the service, with room for the application's own message types (SPEC §9).
@@ -42,13 +47,17 @@ class SecureWS:
         try:
             settings = settings if settings is not None else load_settings()
             logs.configure(settings.log_format)
+            for warning in unreported_warnings(settings):
+                logging.getLogger("secure_ws").warning("configuration: %s", warning)
+            check_workers(settings, running_workers())  # plain `uvicorn --workers N` too
             self.service = Service(settings)
             install()  # under `uvicorn yourapp:app` too: our protocols, with the request-head bounds
         except ConfigError as exc:
             if explicit:
                 raise
             print(f"secure-ws: configuration error: {exc}", file=sys.stderr)
-            raise SystemExit(2) from None
+            # In a worker process: the code that stops the supervisor instead of a restart loop.
+            raise SystemExit(startup_failure_code()) from None
         self.settings = settings
         self.app = _asgi(self.service)
 
@@ -125,6 +134,7 @@ def _asgi(service: Service) -> Any:
     if settings.demo:
         routes += demo.routes()
     http = Starlette(routes=routes, lifespan=service.lifespan)
+    internal_port = settings.internal_port
 
     async def session(scope: dict[str, Any], receive: Any, send: Any) -> None:
         deps = service.session_deps
@@ -137,6 +147,11 @@ def _asgi(service: Service) -> Any:
     server_api = ServerApi(service, fallback=http)
 
     async def app(scope: dict[str, Any], receive: Any, send: Any) -> None:
+        if internal_port is not None and scope["type"] in ("http", "websocket"):
+            # With an internal listener, operators' paths are served there and only there.
+            if (_local_port(scope) == internal_port) != _route_path(scope).startswith(INTERNAL_PATHS):
+                await _not_found(scope, receive, send)
+                return
         if scope["type"] == "websocket":
             if _route_path(scope) == WS_PATH:
                 await gate(scope, receive, send)
@@ -153,6 +168,19 @@ def _asgi(service: Service) -> Any:
 
     app.service = service  # type: ignore[attr-defined]  # for tests and the CLI
     return app
+
+
+async def _not_found(scope: dict[str, Any], receive: Any, send: Any) -> None:
+    if scope["type"] == "websocket":
+        await receive()
+        await send({"type": "websocket.close", "code": 1008})  # uvicorn answers HTTP 403
+    else:
+        await PlainTextResponse("Not Found", status_code=404)(scope, receive, send)
+
+
+def _local_port(scope: dict[str, Any]) -> int | None:
+    server = scope.get("server")  # (host, port) of the listening socket the request came in on
+    return server[1] if server else None
 
 
 def _route_path(scope: dict[str, Any]) -> str:

@@ -2,7 +2,9 @@
 
 Each command reads the same ``SECURE_WS_*`` variables (and ``.env``) as the
 server. Errors print one line and exit non-zero; nothing here prints a
-traceback for a mistake an operator can make.
+traceback for a mistake an operator can make. Every ops command says on stderr
+which storage and files it used (an operator who runs it without the server's
+environment sees it at once) and prints JSON on stdout with ``--json``.
 """
 
 from __future__ import annotations
@@ -10,13 +12,15 @@ from __future__ import annotations
 import argparse
 import asyncio
 import json
+import math
 import os
 import sys
 from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
-from .settings import ConfigError, Settings, load_settings, parse_duration
+from . import __version__
+from .settings import ConfigError, Settings, check_workers, load_settings, loopback_host, parse_duration, unreported_warnings
 
 DEFAULT_PORT = 8443
 
@@ -26,7 +30,42 @@ class CommandError(Exception):
 
 
 def _settings() -> Settings:
-    return load_settings()
+    settings = load_settings()
+    for warning in unreported_warnings(settings):
+        print(f"secure-ws: warning: {warning}", file=sys.stderr)
+    return settings
+
+
+def _used(what: str) -> None:
+    """Which storage and files a command used, on stderr (stdout stays the command's output)."""
+    print(f"secure-ws: {what}", file=sys.stderr)
+
+
+def _where(path: Path) -> str:
+    return os.path.abspath(path)
+
+
+def _keys_used(settings: Settings) -> None:
+    _used(f"keys {_where(settings.signing_keys_file)} (public {_where(settings.jwks_file)})")
+
+
+def _storage_used(settings: Settings, wrote: bool = False) -> None:
+    from .state.storage import redacted_url
+
+    revocations = _where(settings.revocation_file)
+    if settings.storage_url == "memory://":
+        verb = "wrote" if wrote else "read"
+        _used(f"storage memory://: {verb} {revocations}, the file servers poll (within 2 s) for revocations")
+    else:
+        _used(f"storage {redacted_url(settings.storage_url)} (revocations also in {revocations})")
+
+
+def _print(args: argparse.Namespace, document: Any, text: str) -> None:
+    print(json.dumps(document) if args.json else text)
+
+
+def _time(timestamp: float) -> str:
+    return datetime.fromtimestamp(timestamp, UTC).strftime("%Y-%m-%d %H:%M:%S UTC")
 
 
 def cmd_certs(args: argparse.Namespace) -> None:
@@ -34,21 +73,34 @@ def cmd_certs(args: argparse.Namespace) -> None:
 
     hosts = tuple(h.strip() for h in args.hosts.split(",") if h.strip())
     paths = make_dev_certs(Path(args.out), hosts)
-    print(f"CA certificate:     {paths['ca']}  (give this to clients that must trust the dev server)")
-    print(f"server certificate: {paths['cert']}  for {', '.join(hosts)}")
-    print(f"server key:         {paths['key']}  (mode 0600)")
+    _used(f"wrote {_where(Path(args.out))}/")
+    _print(
+        args,
+        {"ca": str(paths["ca"]), "cert": str(paths["cert"]), "key": str(paths["key"]), "hosts": list(hosts)},
+        f"CA certificate:     {paths['ca']}  (give this to clients that must trust the dev server)\n"
+        f"server certificate: {paths['cert']}  for {', '.join(hosts)}\n"
+        f"server key:         {paths['key']}  (mode 0600)",
+    )
 
 
 def cmd_keys_rotate(args: argparse.Namespace) -> None:
     from .auth.signing import SigningKeys
 
-    print(SigningKeys(_settings()).rotate(args.alg))
+    settings = _settings()
+    _keys_used(settings)
+    kid = SigningKeys(settings).rotate(args.alg)
+    _print(args, {"kid": kid, "alg": args.alg}, kid)
 
 
 def cmd_keys_list(args: argparse.Namespace) -> None:
     from .auth.signing import SigningKeys
 
-    keys = SigningKeys(_settings()).list()
+    settings = _settings()
+    _keys_used(settings)
+    keys = SigningKeys(settings).list()
+    if args.json:
+        print(json.dumps([{"kid": k.kid, "alg": k.alg, "created": k.created, "status": k.status} for k in keys]))
+        return
     if not keys:
         print("no keys (run `secure-ws keys rotate`)")
         return
@@ -61,18 +113,23 @@ def cmd_keys_list(args: argparse.Namespace) -> None:
 def cmd_keys_retire(args: argparse.Namespace) -> None:
     from .auth.signing import SigningKeys
 
-    SigningKeys(_settings()).retire(args.kid)
-    print(f"retired {args.kid}: its tokens stop working within 2 s, live connections included")
+    settings = _settings()
+    _keys_used(settings)
+    SigningKeys(settings).retire(args.kid, force=args.force)
+    _print(args, {"kid": args.kid, "status": "retired"}, f"retired {args.kid}: its tokens stop working within 2 s, live connections included")
 
 
 def cmd_token_issue(args: argparse.Namespace) -> None:
-    from .auth.signing import issue_token
+    from .auth.signing import issue
 
     try:
         ttl = parse_duration(args.ttl)
     except ValueError as exc:
         raise CommandError(f"--ttl: {exc}") from None
-    print(issue_token(_settings(), args.sub, ttl, args.scope))
+    settings = _settings()
+    _used(f"signing key from {_where(settings.signing_keys_file)}")
+    token, claims = issue(settings, args.sub, ttl, args.scope)
+    _print(args, {"token": token, **claims}, token)
 
 
 def cmd_token_revoke(args: argparse.Namespace) -> None:
@@ -82,31 +139,34 @@ def cmd_token_revoke(args: argparse.Namespace) -> None:
 
     settings = _settings()
 
-    async def revoke(storage: Storage) -> None:
-        await actions.revoke(storage, settings, jti=args.jti, sub=args.sub)
+    async def revoke(storage: Storage) -> dict[str, Any]:
+        return await actions.revoke(storage, settings, jti=args.jti, sub=args.sub)
 
-    asyncio.run(run_storage(settings.storage_url, settings.revocation_file, revoke))
-    if args.jti:
-        print(f"revoked jti {args.jti}")
-    else:
-        print(f"revoked every token of sub {args.sub} issued until now")
+    revoked = asyncio.run(run_storage(settings.storage_url, settings.revocation_file, revoke))
+    _storage_used(settings, wrote=True)
+    text = f"revoked jti {args.jti}" if args.jti else f"revoked every token of sub {args.sub} issued until now"
+    _print(args, revoked, text)
 
 
 def cmd_apikey_create(args: argparse.Namespace) -> None:
     from .auth.api_keys import ApiKeyFile
 
     path = _settings().api_keys_file
+    _used(f"api keys {_where(path)}")
     key = ApiKeyFile(path).create(args.name)
-    print(f"api key {args.name!r} created in {path} (only its SHA-256 is kept): this is the only time it is shown", file=sys.stderr)
-    print(key)
+    print(f"api key {args.name!r} created (only its SHA-256 is kept): this is the only time it is shown", file=sys.stderr)
+    _print(args, {"name": args.name, "key": key}, key)
 
 
 def cmd_apikey_list(args: argparse.Namespace) -> None:
     from .auth.api_keys import ApiKeyFile
 
     path = _settings().api_keys_file
-    print(f"api keys file: {path}", file=sys.stderr)
+    _used(f"api keys {_where(path)}")
     keys = ApiKeyFile(path).list()
+    if args.json:
+        print(json.dumps([{"name": k.name, "created": k.created} for k in keys]))
+        return
     if not keys:
         print("no api keys (run `secure-ws apikey create NAME`); /api/* answers 404")
         return
@@ -119,8 +179,9 @@ def cmd_apikey_revoke(args: argparse.Namespace) -> None:
     from .auth.api_keys import ApiKeyFile
 
     path = _settings().api_keys_file
+    _used(f"api keys {_where(path)}")
     ApiKeyFile(path).revoke(args.name)
-    print(f"revoked api key {args.name!r} in {path}: running servers refuse it within 2 s")
+    _print(args, {"name": args.name, "revoked": True}, f"revoked api key {args.name!r}: running servers refuse it within 2 s")
 
 
 def cmd_publish(args: argparse.Namespace) -> None:
@@ -129,6 +190,7 @@ def cmd_publish(args: argparse.Namespace) -> None:
     from .wire.messages import parse
 
     settings = _settings()
+    _storage_used(settings)
     if settings.storage_url == "memory://":
         raise CommandError(
             "publish needs SECURE_WS_STORAGE_URL=redis://… shared with the server: with memory:// the server's "
@@ -146,26 +208,70 @@ def cmd_publish(args: argparse.Namespace) -> None:
             except StorageUnavailable as exc:
                 raise CommandError(f"SECURE_WS_STORAGE_URL does not answer: {exc}") from None
 
-    print(json.dumps(asyncio.run(publish())))
+    answer = asyncio.run(publish())
+    _print(args, answer, json.dumps(answer))
 
 
-def _serve(settings: Settings, host: str, port: int, workers: int, **extra: Any) -> None:
+def cmd_token_inspect(args: argparse.Namespace) -> int:
+    """Header and claims as sent (never trusted for the verdict), then the server's own verdict: the
+    same keys, verifier and revocation list a handshake meets. Exit 0 if accepted, 1 if not."""
+    from .token_report import inspect_token
+
+    settings = _settings()
+    _used(f"verification keys {_where(settings.jwks_file)}" + (f" and {settings.jwks_url}" if settings.jwks_url else ""))
+    _storage_used(settings)
+    report = asyncio.run(inspect_token(settings, args.jwt))
+    if args.json:
+        print(json.dumps(report))
+    else:
+        print(json.dumps({"header": report["header"], "claims": report["claims"]}, indent=2))
+        for name in ("iat", "nbf", "exp"):
+            value = report["claims"].get(name) if isinstance(report["claims"], dict) else None
+            if isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value) and abs(value) < 1e11:
+                print(f"{name}: {_time(value)}")
+        verdict = "accepted" if report["accepted"] else f"refused: {report['reason']} ({report['detail']})"
+        print(f"this deployment: {verdict}")
+    return 0 if report["accepted"] else 1
+
+
+def _serve(settings: Settings, host: str, port: int, workers: int, tls: bool = True, **extra: Any) -> int:
+    from .service import Service
     from .tls import server_context
     from .uvicorn.serve import serve
 
-    for variable, path in (("SECURE_WS_TLS_CERTFILE", settings.tls_certfile), ("SECURE_WS_TLS_KEYFILE", settings.tls_keyfile)):
-        if not path.is_file():
-            raise ConfigError(variable, f"{path} not found (run `secure-ws certs`)")
-    # Build the context once here, so a bad file stops start-up with one line naming its variable.
-    server_context(settings.tls_certfile, settings.tls_keyfile, settings.tls_min_version, settings.tls_client_ca)
-    serve(settings, host, port, workers, **extra)
+    if tls:
+        for variable, path in (("SECURE_WS_TLS_CERTFILE", settings.tls_certfile), ("SECURE_WS_TLS_KEYFILE", settings.tls_keyfile)):
+            if not path.is_file():
+                raise ConfigError(variable, f"{path} not found (run `secure-ws certs`)")
+        # Build the context once here, so a bad file stops start-up with one line naming its variable.
+        server_context(settings.tls_certfile, settings.tls_keyfile, settings.tls_min_version, settings.tls_client_ca)
+    check_workers(settings, workers)
+    # What each worker builds (keys, revocation file): a mistake stops here, once, before any worker starts.
+    Service(settings)
+    return serve(settings, host, port, workers, tls=tls, **extra)
 
 
-def cmd_serve(args: argparse.Namespace) -> None:
-    _serve(_settings(), args.host, args.port, args.workers, log_level=args.log_level, access_log=args.access_log)
+def cmd_serve(args: argparse.Namespace) -> int:
+    # Both are read by every worker from the environment, so the flags set the variables.
+    if args.forwarded_allow_ips is not None:
+        os.environ["SECURE_WS_FORWARDED_ALLOW_IPS"] = args.forwarded_allow_ips
+    if args.internal_port is not None:
+        if args.internal_port == args.port:
+            raise CommandError("--internal-port must differ from --port")
+        os.environ["SECURE_WS_INTERNAL_PORT"] = str(args.internal_port)
+    settings = _settings()
+    if args.no_tls and not (loopback_host(args.host) or settings.forwarded_allow_ips):
+        raise CommandError(
+            f"--no-tls on {args.host} would carry tokens in clear: bind a loopback --host, or name the balancer "
+            "that ends TLS in --forwarded-allow-ips"
+        )
+    return _serve(
+        settings, args.host, args.port, args.workers, tls=not args.no_tls, internal_port=settings.internal_port,
+        log_level=args.log_level, access_log=args.access_log,
+    )
 
 
-def cmd_dev(args: argparse.Namespace) -> None:
+def cmd_dev(args: argparse.Namespace) -> int:
     from .auth.signing import SigningKeys, issue_token
     from .tls import make_dev_certs
 
@@ -194,73 +300,143 @@ A token for sub "dev-user", valid 1 h, may subscribe and publish on any channel:
 
 {token}
 
-Try it from another terminal (type {{"type":"ping"}} and press enter):
-  SSL_CERT_FILE={ca} python -m websockets "wss://localhost:{args.port}/ws?access_token={token}"
+Try it from another terminal (prints the welcome, then the answer to a ping; the token goes in a header):
+  TOKEN={token} python -c {_try_it(ca, args.port)}
 """,
         flush=True,
     )
-    _serve(settings, args.host, args.port, 1)
+    return _serve(settings, args.host, args.port, 1)
+
+
+def _try_it(ca: Path, port: int) -> str:
+    """A one-line client for the dev banner: the token from $TOKEN in an Authorization header, never in the URL."""
+    import shlex
+
+    code = (
+        "import json, os, ssl; from websockets.sync.client import connect; "
+        f"ws = connect('wss://localhost:{port}/ws', ssl=ssl.create_default_context(cafile={str(ca)!r}), "
+        "additional_headers={'Authorization': 'Bearer ' + os.environ['TOKEN']}); "
+        "print(ws.recv()); ws.send(json.dumps({'type': 'ping'})); print(ws.recv()); ws.close()"
+    )
+    return shlex.quote(code)
+
+
+class _HelpFormatter(argparse.HelpFormatter):
+    """Every option's help ends with its default (or says it is required)."""
+
+    def _get_help_string(self, action: argparse.Action) -> str | None:
+        text = action.help or ""
+        if not action.option_strings or action.nargs == 0 or "%(default)" in text or "(default" in text:
+            return text
+        if action.required:
+            return f"{text} (required)"
+        return f"{text} (default: {'none' if action.default is None else '%(default)s'})"
+
+
+def _command(subparsers: Any, name: str, helptext: str) -> argparse.ArgumentParser:
+    parser: argparse.ArgumentParser = subparsers.add_parser(name, help=helptext, description=helptext, formatter_class=_HelpFormatter)
+    return parser
+
+
+def _json_option(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--json", action="store_true", help="print machine-readable JSON on stdout")
 
 
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="secure-ws", description="secure_ws operations")
+    parser = argparse.ArgumentParser(
+        prog="secure-ws", description="secure_ws operations (reads SECURE_WS_* variables and .env, like the server)",
+        formatter_class=_HelpFormatter,
+    )
+    parser.add_argument("--version", action="version", version=f"secure-ws {__version__}")
     sub = parser.add_subparsers(dest="command", required=True)
 
-    p = sub.add_parser("certs", help="dev CA + server certificate and key")
-    p.add_argument("--out", default="certs")
-    p.add_argument("--hosts", default="localhost,127.0.0.1,::1")
+    p = _command(sub, "certs", "dev CA + server certificate and key")
+    p.add_argument("--out", default="certs", help="folder to write ca.crt, server.crt and server.key to")
+    p.add_argument("--hosts", default="localhost,127.0.0.1,::1", help="comma-separated names and addresses the certificate is for")
+    _json_option(p)
     p.set_defaults(func=cmd_certs)
 
-    keys = sub.add_parser("keys", help="signing keys").add_subparsers(dest="keys_command", required=True)
-    p = keys.add_parser("rotate", help="new active signing key; previous keys keep verifying")
-    p.add_argument("--alg", default="EdDSA", choices=("EdDSA", "ES256", "RS256"))
+    keys = _command(sub, "keys", "signing keys").add_subparsers(dest="keys_command", required=True)
+    p = _command(keys, "rotate", "new active signing key; previous keys keep verifying")
+    p.add_argument("--alg", default="EdDSA", choices=("EdDSA", "ES256", "RS256"), help="algorithm of the new key")
+    _json_option(p)
     p.set_defaults(func=cmd_keys_rotate)
-    p = keys.add_parser("list", help="kid, algorithm, created, status")
+    p = _command(keys, "list", "kid, algorithm, created, status")
+    _json_option(p)
     p.set_defaults(func=cmd_keys_list)
-    p = keys.add_parser("retire", help="remove a key: its tokens stop working, live connections included")
-    p.add_argument("kid")
+    p = _command(keys, "retire", "remove a key: its tokens stop working, live connections included")
+    p.add_argument("kid", help="the key's kid (see `keys list`)")
+    p.add_argument("--force", action="store_true", help="retire even the active key (then no token can be signed)")
+    _json_option(p)
     p.set_defaults(func=cmd_keys_retire)
 
-    token = sub.add_parser("token", help="tokens").add_subparsers(dest="token_command", required=True)
-    p = token.add_parser("issue", help="print a JWT signed with the active key")
-    p.add_argument("--sub", required=True)
-    p.add_argument("--ttl", default="15m")
-    p.add_argument("--scope", default=None)
+    token = _command(sub, "token", "tokens").add_subparsers(dest="token_command", required=True)
+    p = _command(token, "issue", "print a JWT signed with the active key")
+    p.add_argument("--sub", required=True, help="the token's subject (user or device id)")
+    p.add_argument("--ttl", default="15m", help="lifetime: 90s, 15m, 2h, 1d (at most SECURE_WS_JWT_MAX_TTL)")
+    p.add_argument("--scope", default=None, help='space-separated rights, e.g. "subscribe:room.* publish:room.lobby"')
+    _json_option(p)
     p.set_defaults(func=cmd_token_issue)
-    p = token.add_parser("revoke", help="revoke one token (--jti) or every token of a sub issued until now")
+    p = _command(token, "revoke", "revoke one token (--jti) or every token of a sub issued until now")
     group = p.add_mutually_exclusive_group(required=True)
-    group.add_argument("--jti")
-    group.add_argument("--sub")
+    group.add_argument("--jti", help="the token's jti (see `token inspect`)")
+    group.add_argument("--sub", help="the subject whose tokens issued until now are revoked")
+    _json_option(p)
     p.set_defaults(func=cmd_token_revoke)
+    p = _command(token, "inspect", "show a token's header and claims, and whether this deployment accepts it (exit 0) or not (exit 1)")
+    p.add_argument("jwt", help="the token")
+    _json_option(p)
+    p.set_defaults(func=cmd_token_inspect)
 
-    apikey = sub.add_parser("apikey", help="server-API keys").add_subparsers(dest="apikey_command", required=True)
-    p = apikey.add_parser("create", help="print a new API key, once; only its hash is stored")
-    p.add_argument("name")
+    apikey = _command(sub, "apikey", "server-API keys").add_subparsers(dest="apikey_command", required=True)
+    p = _command(apikey, "create", "print a new API key, once; only its SHA-256 is stored")
+    p.add_argument("name", help="the key's name, one per backend (letters, digits, _.:- ; at most 64)")
+    _json_option(p)
     p.set_defaults(func=cmd_apikey_create)
-    p = apikey.add_parser("list", help="names and creation times (never keys or hashes)")
+    p = _command(apikey, "list", "names and creation times (never keys or hashes)")
+    _json_option(p)
     p.set_defaults(func=cmd_apikey_list)
-    p = apikey.add_parser("revoke", help="delete a key: running servers refuse it within 2 s")
-    p.add_argument("name")
+    p = _command(apikey, "revoke", "delete a key: running servers refuse it within 2 s")
+    p.add_argument("name", help="the key's name (see `apikey list`)")
+    _json_option(p)
     p.set_defaults(func=cmd_apikey_revoke)
 
-    p = sub.add_parser("publish", help="publish JSON to a channel through the shared Redis (as POST /api/publish)")
-    p.add_argument("channel")
+    p = _command(sub, "publish", "publish JSON to a channel through the shared Redis (as POST /api/publish)")
+    p.add_argument("channel", help="the channel, ^[A-Za-z0-9_.:-]{1,128}$")
     p.add_argument("json", help="the message's data, as JSON")
+    _json_option(p)
     p.set_defaults(func=cmd_publish)
 
     for name, helptext in (("serve", "run the server with the hardened TLS context"), ("dev", "the quickstart")):
-        p = sub.add_parser(name, help=helptext)
-        p.add_argument("--host", default="127.0.0.1")
-        p.add_argument("--port", type=int, default=DEFAULT_PORT)
+        p = _command(sub, name, helptext)
+        p.add_argument("--host", default="127.0.0.1", help="address to listen on (0.0.0.0 for every IPv4 interface)")
+        p.add_argument("--port", type=int, default=DEFAULT_PORT, help="port for wss:// (or ws:// with --no-tls)")
         if name == "serve":
-            p.add_argument("--workers", type=int, default=1)
-            p.add_argument("--log-level", default="info", choices=("critical", "error", "warning", "info", "debug"))
+            p.add_argument("--workers", type=int, default=1, help="worker processes; more than 1 needs SECURE_WS_STORAGE_URL=redis://…")
+            p.add_argument("--log-level", default="info", choices=("critical", "error", "warning", "info", "debug"), help="least severe level logged")
             p.add_argument("--no-access-log", dest="access_log", action="store_false", help="no line per request")
+            p.add_argument(
+                "--forwarded-allow-ips", default=None,
+                help="proxies (IPs, CIDRs, or *) whose X-Forwarded-For names the client, for the handshake throttle "
+                "and the access log; sets SECURE_WS_FORWARDED_ALLOW_IPS (default: that variable, else none)",
+            )
+            p.add_argument(
+                "--no-tls", action="store_true",
+                help="plain HTTP/ws:// for a balancer that ends TLS; only on a loopback --host or with --forwarded-allow-ips",
+            )
+            p.add_argument(
+                "--internal-port", type=int, default=None,
+                help="serve /metrics and /api/* only on 127.0.0.1:PORT (same TLS as --port; 404 on the public port); "
+                "sets SECURE_WS_INTERNAL_PORT",
+            )
         p.set_defaults(func=cmd_serve if name == "serve" else cmd_dev)
     return parser
 
 
 _VALUE_OPTIONS = ("--jti", "--sub")
+# Commands whose positional argument (a kid: base64url; a JWT) may start with '-': every other word is
+# moved behind "--", so argparse never reads it as an option.
+_POSITIONAL_AFTER = {("keys", "retire"): ("--force", "--json", "-h", "--help"), ("token", "inspect"): ("--json", "-h", "--help")}
 
 
 def _protect_dashes(argv: list[str]) -> list[str]:
@@ -274,8 +450,10 @@ def _protect_dashes(argv: list[str]) -> list[str]:
         else:
             out.append(argv[i])
             i += 1
-    if out[:2] == ["keys", "retire"] and len(out) == 3 and out[2] != "--":
-        out.insert(2, "--")
+    flags = _POSITIONAL_AFTER.get((out[0], out[1])) if len(out) >= 2 else None
+    if flags is not None and "--" not in out[2:]:
+        rest = out[2:]
+        out = [*out[:2], *(a for a in rest if a in flags), "--", *(a for a in rest if a not in flags)]
     return out
 
 
@@ -286,8 +464,11 @@ def main(argv: list[str] | None = None) -> int:
     from .state.storage import StorageUnavailable
 
     try:
-        args.func(args)
-    except (ConfigError, CommandError, SigningError, ApiKeyError) as exc:
+        code = args.func(args)
+    except ConfigError as exc:
+        print(f"secure-ws: configuration error: {exc}", file=sys.stderr)  # the app's own words under uvicorn
+        return 2
+    except (CommandError, SigningError, ApiKeyError) as exc:
         print(f"secure-ws: {exc}", file=sys.stderr)
         return 2
     except (OSError, ValueError) as exc:
@@ -298,4 +479,4 @@ def main(argv: list[str] | None = None) -> int:
         return 1
     except KeyboardInterrupt:
         return 130
-    return 0
+    return code or 0

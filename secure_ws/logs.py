@@ -3,6 +3,11 @@
 uvicorn logs the request path *with its query string* for every WebSocket
 (`"WebSocket /ws?access_token=eyJ…" [accepted]`), so redaction cannot be left to
 our own log calls: the filter rewrites any record, whoever emits it.
+
+Every handler of ours and uvicorn's gets one formatter: text lines start with an
+ISO 8601 UTC timestamp; JSON lines are objects, and uvicorn's access and
+WebSocket lines carry their parts as fields (``method``, ``path`` without its
+query string, ``status``, ``client``). uvicorn's records hold no duration.
 """
 
 from __future__ import annotations
@@ -36,6 +41,34 @@ _TRACEBACK_ESCAPES = {c: e for c, e in _ESCAPES.items() if c != 0x0A}
 FIELDS = ("connection_id", "sub", "event", "close_code", "reason", "client")
 
 LOGGERS = ("", "uvicorn", "uvicorn.error", "uvicorn.access", "websockets", "websockets.server", "secure_ws")
+
+_ACCESS = '%s - "%s %s HTTP/%s" %d'  # uvicorn.access: client, method, path, HTTP version, status
+_WEBSOCKET = '%s - "WebSocket %s" '  # uvicorn.error: client, path, then [accepted], 403 or a status
+
+
+def iso_time(created: float) -> str:
+    """``2026-12-04T17:31:33.123Z``: ISO 8601, UTC, milliseconds."""
+    return time.strftime("%Y-%m-%dT%H:%M:%S", time.gmtime(created)) + f".{int(created * 1000) % 1000:03d}Z"
+
+
+def _without_query(path: object) -> str:
+    return str(path).split("?", 1)[0]
+
+
+def request_fields(record: logging.LogRecord) -> dict[str, object]:
+    """The parts of a uvicorn access or WebSocket line, as fields (empty for any other record)."""
+    args = record.args
+    if not isinstance(args, tuple) or not isinstance(record.msg, str):
+        return {}
+    if record.msg == _ACCESS and len(args) == 5:
+        client, method, path, version, status = args
+        return {"event": "http", "client": client, "method": method, "path": _without_query(path), "http_version": version, "status": status}
+    if record.msg.startswith(_WEBSOCKET) and len(args) >= 2:
+        result = (record.msg[len(_WEBSOCKET):] % args[2:]).strip("[]")
+        # a 403 or other status, or "accepted"
+        return {"event": "websocket", "client": args[0], "method": "GET", "path": _without_query(args[1]),
+                "status": int(result) if result.isdigit() else result}
+    return {}
 
 
 def redact(text: str) -> str:
@@ -82,17 +115,28 @@ class RedactingFilter(logging.Filter):
         return True
 
 
+class TextFormatter(logging.Formatter):
+    """``2026-12-04T17:31:33.123Z INFO     uvicorn.error Started server process [7]``"""
+
+    def __init__(self) -> None:
+        super().__init__("%(asctime)s %(levelname)-8s %(name)s %(message)s")
+
+    def formatTime(self, record: logging.LogRecord, datefmt: str | None = None) -> str:  # noqa: N802 (logging's name)
+        return iso_time(record.created)
+
+
 class JsonFormatter(logging.Formatter):
     FIELDS = FIELDS
 
     def format(self, record: logging.LogRecord) -> str:
-        entry = {
+        entry: dict[str, object] = {
             "ts": round(record.created, 3),
-            "time": time.strftime("%Y-%m-%dT%H:%M:%S", time.gmtime(record.created)),
+            "time": iso_time(record.created),
             "level": record.levelname.lower(),
             "logger": record.name,
             "message": record.getMessage(),
         }
+        entry.update(request_fields(record))
         for name in self.FIELDS:
             value = getattr(record, name, None)
             if value is not None:
@@ -109,7 +153,6 @@ def configure(log_format: str) -> None:
     """Install the filter everywhere records can pass; idempotent."""
     if not logging.getLogger("secure_ws").handlers and not logging.getLogger().handlers:
         handler = logging.StreamHandler()
-        handler.setFormatter(logging.Formatter("%(levelname)s:     %(name)s %(message)s"))
         logger = logging.getLogger("secure_ws")
         logger.addHandler(handler)
         # Follow the server's --log-level (uvicorn configures its loggers before importing the app).
@@ -125,3 +168,6 @@ def configure(log_format: str) -> None:
                 existing.addFilter(_FILTER)
             if log_format == "json":
                 existing.setFormatter(JsonFormatter())
+            elif existing.formatter is None or type(existing.formatter).__module__.startswith("uvicorn"):
+                # ours and uvicorn's get timestamps; a host application's own formatters are left alone
+                existing.setFormatter(TextFormatter())

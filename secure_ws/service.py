@@ -16,7 +16,7 @@ import json
 import logging
 import secrets
 import signal
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Awaitable, Callable
 from typing import Any
 
 from . import metrics
@@ -46,6 +46,13 @@ NOT_STARTED = "the app's lifespan has not run (mounted in another app? pass life
 
 class RevocationsUnavailable(Exception):
     """The revocation list may be incomplete (its file unreadable, Redis not read yet): refuse, retry later."""
+
+
+async def _logged(reload: Callable[[], Awaitable[object]]) -> None:
+    try:
+        await reload()
+    except Exception:  # one failing source must not stop the others, nor go unseen
+        log.exception("SIGHUP: a reload failed")
 
 
 class Service:
@@ -85,6 +92,12 @@ class Service:
         self.keys.on_change(self.hub.enforce_keyring)
         self._tasks: list[asyncio.Task[Any]] = []
         self._proxy: Any = None
+        # What SIGHUP re-reads in this process, now (see on_reload).
+        self._reloaders: list[Callable[[], Awaitable[object]]] = [
+            lambda: self.keys.reload_file(force=True),
+            self.storage.reload_revocations,
+            lambda: self.api_keys.poll(force=True),
+        ]
 
     def _start_dispatch(self) -> SessionDeps:
         registry, settings = self.registry, self.settings
@@ -216,13 +229,18 @@ class Service:
     async def revoke(self, jti: str | None = None, sub: str | None = None) -> None:
         await actions.revoke(self.storage, self.settings, jti=jti, sub=sub)
 
+    def on_reload(self, reload: Callable[[], Awaitable[object]]) -> None:
+        """Have SIGHUP (``kill -HUP``; ``secure-ws serve`` forwards it to every worker) also run
+        ``await reload()`` in this process, beside the keys and revocations; no connection is closed.
+        For anything read from a file the ops commands change (API keys, …)."""
+        self._reloaders.append(reload)
+
     def _sighup(self) -> None:
-        log.info("SIGHUP: reloading keys, revocations and API keys")
+        log.info("SIGHUP: reloading keys, revocations, API keys and %d registered source(s) in this process", len(self._reloaders) - 3)
         loop = asyncio.get_running_loop()
         self._tasks = [task for task in self._tasks if not task.done()]  # bounded however often SIGHUP comes
-        self._tasks.append(loop.create_task(self.keys.reload_file(force=True)))
-        self._tasks.append(loop.create_task(self.storage.reload_revocations()))
-        self._tasks.append(loop.create_task(self.api_keys.poll(force=True)))
+        for reload in self._reloaders:
+            self._tasks.append(loop.create_task(_logged(reload)))
 
     @contextlib.asynccontextmanager
     async def lifespan(self, app: Any = None) -> AsyncIterator[None]:
@@ -238,6 +256,9 @@ class Service:
         loop = asyncio.get_running_loop()
         with contextlib.suppress(NotImplementedError, RuntimeError, ValueError):
             loop.add_signal_handler(signal.SIGHUP, self._sighup)
+            # `secure-ws serve --workers` starts workers with SIGHUP blocked until this handler exists;
+            # a HUP sent meanwhile is delivered now (elsewhere this changes nothing).
+            signal.pthread_sigmask(signal.SIG_UNBLOCK, {signal.SIGHUP})
         self.session_deps = deps
         try:
             yield

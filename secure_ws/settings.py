@@ -3,20 +3,28 @@
 Every value is checked here so that a mistake stops the process with one line
 naming the variable (:class:`ConfigError`), instead of surfacing later as a
 traceback or, worse, as a silently weaker default.
+
+``.env`` follows the usual dotenv syntax (python-dotenv's parser: ``export``,
+quotes, trailing ``# comments``; no ``${VAR}`` expansion); a line it cannot parse
+stops start-up naming the line. Every variable is read through ``get``/``config``
+inside :func:`load_settings`, which records the names read: a ``SECURE_WS_*``
+variable set but never read is a misspelling, reported in ``Settings.warnings``
+with the nearest real name.
 """
 
 from __future__ import annotations
 
+import difflib
 import ipaddress
 import os
 import re
 from collections.abc import Mapping
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from urllib.parse import urlsplit
 
+from dotenv.parser import parse_stream
 from limits import RateLimitItem, parse_many
-from starlette.config import Config
 
 ASYMMETRIC_ALGORITHMS = frozenset(
     {"EdDSA", "ES256", "ES384", "ES512", "RS256", "RS384", "RS512", "PS256", "PS384", "PS512"}
@@ -56,7 +64,8 @@ def parse_timeout(text: str) -> float:
     return float(match.group(1)) * _TIMEOUT_UNITS[match.group(2)]
 
 
-def _loopback_host(host: str | None) -> bool:
+def loopback_host(host: str | None) -> bool:
+    """``localhost`` or a loopback address (``127.0.0.0/8``, ``::1``)."""
     if host == "localhost":
         return True
     try:
@@ -105,6 +114,9 @@ class Settings:
     tls_min_version: str = "1.2"
     log_format: str = "text"
     demo: bool = False
+    internal_port: int | None = None
+    # Problems worth a warning but not a refusal (a misspelt variable); see :func:`unreported_warnings`.
+    warnings: tuple[str, ...] = field(default=(), compare=False)
 
     @property
     def history(self) -> bool:
@@ -112,13 +124,58 @@ class Settings:
         return self.history_size > 0 and self.history_ttl > 0
 
 
+def read_env_file(path: Path) -> dict[str, str]:
+    """``KEY=value`` pairs of a dotenv file; a line that cannot be parsed is a :class:`ConfigError`
+    naming the file and the line number (never the line itself: it may hold a secret)."""
+    values: dict[str, str] = {}
+    try:
+        with open(path, encoding="utf-8") as stream:
+            for binding in parse_stream(stream):
+                if binding.error:
+                    raise ConfigError(
+                        str(path), f"line {binding.original.line} cannot be parsed (use KEY=value; export, quotes and # comments work)"
+                    )
+                if binding.key is not None and binding.value is not None:  # a bare `KEY` line sets nothing
+                    values[binding.key] = binding.value
+    except (OSError, UnicodeDecodeError) as exc:
+        raise ConfigError(str(path), f"cannot be read: {exc.__class__.__name__}") from None
+    return values
+
+
+def check_workers(settings: Settings, workers: int) -> None:
+    """More than one worker process needs shared state: ``memory://`` would split pub/sub, limits and
+    connection counts between them without a word."""
+    if workers > 1 and settings.storage_url == "memory://":
+        raise ConfigError(
+            "SECURE_WS_STORAGE_URL",
+            f"memory:// holds state in one process, but {workers} workers were asked for: "
+            "set redis://host:port/db, or run one worker",
+        )
+
+
+_reported: set[str] = set()
+
+
+def unreported_warnings(settings: Settings) -> list[str]:
+    """``settings.warnings`` not yet reported by this process (settings are loaded more than once
+    in ``secure-ws serve``: by the command, then by the app)."""
+    fresh = [w for w in settings.warnings if w not in _reported]
+    _reported.update(fresh)
+    return fresh
+
+
 def load_settings(
     environ: Mapping[str, str] | None = None, env_file: str | os.PathLike[str] | None = ".env"
 ) -> Settings:
     """Read and validate every ``SECURE_WS_*`` variable; the real environment wins over ``.env``."""
-    if env_file is not None and not Path(env_file).is_file():
-        env_file = None  # a missing .env is normal, not worth Starlette's warning
-    config = Config(env_file=Path(env_file) if env_file is not None else None, environ=dict(os.environ if environ is None else environ))
+    file_values = read_env_file(Path(env_file)) if env_file is not None and Path(env_file).is_file() else {}
+    real = os.environ if environ is None else environ
+    source = {**file_values, **real}  # the real environment wins
+    read: set[str] = set()
+
+    def config(key: str, default: str = "") -> str:
+        read.add(key)
+        return source.get(key, default)
 
     def get(name: str, default: str = "") -> str:
         return config(f"SECURE_WS_{name}", default=default).strip()
@@ -230,7 +287,7 @@ def load_settings(
         parts = urlsplit(proxy_url)
         if parts.scheme not in ("https", "http") or not parts.hostname:
             raise ConfigError("SECURE_WS_RPC_PROXY_URL", "must be an https:// URL (or http:// to a loopback address)")
-        if parts.scheme == "http" and not _loopback_host(parts.hostname):
+        if parts.scheme == "http" and not loopback_host(parts.hostname):
             # The secret and every client's claims would cross the network in clear.
             raise ConfigError("SECURE_WS_RPC_PROXY_URL", f"http:// only to a loopback address, got host {parts.hostname[:100]!r}; use https://")
         if parts.username or parts.password:
@@ -294,9 +351,26 @@ def load_settings(
         tls_min_version=choice("TLS_MIN_VERSION", "1.2", ("1.2", "1.3")),
         log_format=choice("LOG_FORMAT", "text", ("text", "json")),
         demo=choice("DEMO", "0", ("0", "1")) == "1",
+        internal_port=_port(get("INTERNAL_PORT"), "SECURE_WS_INTERNAL_PORT"),
     )
     if not settings.issuer:
         raise ConfigError("SECURE_WS_JWT_ISSUER", "must not be empty")
     if not settings.audience:
         raise ConfigError("SECURE_WS_JWT_AUDIENCE", "must not be empty")
-    return settings
+    prefix = "SECURE_WS_"
+    known = sorted(n[len(prefix):] for n in read)  # compared without the prefix every name shares
+    warnings = []
+    for name in sorted(n for n in source if n.startswith(prefix) and n not in read):
+        where = "the environment" if name in real else str(env_file)
+        nearest = difflib.get_close_matches(name[len(prefix):], known, n=1, cutoff=0.6)
+        hint = f"did you mean {prefix}{nearest[0]}?" if nearest else "see .env.example for the variables"
+        warnings.append(f"{name} (from {where}) is not a secure_ws variable and is ignored; {hint}")
+    return replace(settings, warnings=tuple(warnings))
+
+
+def _port(raw: str, variable: str) -> int | None:
+    if not raw:
+        return None
+    if not raw.isdigit() or not 1 <= int(raw) <= 65535:
+        raise ConfigError(variable, f"not a TCP port: {raw[:20]!r}")
+    return int(raw)

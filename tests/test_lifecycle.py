@@ -17,6 +17,7 @@ import base64
 import http.server
 import json
 import os
+import re
 import secrets
 import signal
 import ssl
@@ -584,8 +585,8 @@ def test_refresh_without_token_is_a_bad_request(shared_server, shared_dir):
 
 
 def problems(lines: list[str]) -> list[str]:
-    """Log lines at warning level or above (text format: the level name leads the line)."""
-    return [line for line in lines if line.lstrip().startswith(("WARNING", "ERROR", "CRITICAL"))]
+    """Log lines at warning level or above (text format: an ISO 8601 UTC timestamp, then the level name)."""
+    return [line for line in lines if re.match(r"^\S+Z\s+(WARNING|ERROR|CRITICAL)\b", line)]
 
 
 def reported(srv: Server, mark: int) -> None:

@@ -8,6 +8,7 @@ through the welcome frame; ``load_settings`` is also checked directly.
 from __future__ import annotations
 
 import json
+import re
 import shutil
 import subprocess
 import sys
@@ -41,6 +42,10 @@ def start_failure(keydir: Path, cwd: Path, env: dict[str, str], how: str = "uvic
     return proc.returncode, out + err
 
 
+# uvicorn's own `INFO:     …`, or ours: `2026-12-04T17:31:33.123Z WARNING  secure_ws.keys …`
+LOG_LINE = re.compile(r"^(\d{4}-\d\d-\d\dT[\d:.]+Z\s+)?(WARNING|INFO)\b")
+
+
 def assert_one_clear_line(code: int, output: str, variable: str, context_lines: bool = False) -> str:
     """Exit non-zero, no traceback, exactly one line, naming ``variable``.
 
@@ -50,7 +55,7 @@ def assert_one_clear_line(code: int, output: str, variable: str, context_lines: 
     assert "Traceback" not in output, output
     lines = [line for line in output.splitlines() if line.strip()]
     if context_lines:
-        lines = [line for line in lines if not line.startswith(("WARNING:", "INFO:"))]
+        lines = [line for line in lines if not LOG_LINE.match(line)]
     assert len(lines) == 1, f"expected one line, got {len(lines)}:\n{output}"
     assert variable in lines[0], f"the line does not name {variable}: {lines[0]!r}"
     assert len(lines[0]) < 400, lines[0]
@@ -184,6 +189,46 @@ def test_without_dotenv_the_default_applies(keydir, envdir, issue):
     assert served_rate_limit(keydir, envdir, issue) == "20/second"
 
 
+def test_dotenv_export_prefix_is_read(keydir, envdir, issue):
+    """Issue 13: `export X=…` (a .env that is also sourced by a shell) was silently ignored."""
+    (envdir / ".env").write_text("export SECURE_WS_RATE_LIMIT=5/second\n")
+    assert served_rate_limit(keydir, envdir, issue) == "5/second"
+
+
+def test_dotenv_trailing_comment_is_not_part_of_the_value(keydir, envdir, issue):
+    """Issue 13: `…=5/second  # five` was refused as a bad rate limit."""
+    (envdir / ".env").write_text("SECURE_WS_RATE_LIMIT=5/second  # five a second\nSECURE_WS_JWT_ISSUER='secure-ws'  # quoted\n")
+    assert served_rate_limit(keydir, envdir, issue) == "5/second"
+
+
+def test_dotenv_line_that_cannot_be_parsed_stops_start_up_naming_the_line(keydir, tmp_path):
+    (tmp_path / ".env").write_text("# ok\nSECURE_WS_RATE_LIMIT=5/second\nthis line is not an assignment\n")
+    for how in ("uvicorn", "serve"):
+        code, output = start_failure(keydir, tmp_path, base_env(keydir), how=how)
+        line = assert_one_clear_line(code, output, ".env")
+        assert "line 3" in line, line
+        assert "not an assignment" not in line, "the line itself may hold a secret: only its number is shown"
+
+
+def test_misspelt_variable_is_warned_about_with_the_nearest_name(keydir, envdir, issue):
+    """Issue 13: a misspelt SECURE_WS_RATELIMIT was silently ignored."""
+    (envdir / ".env").write_text("SECURE_WS_RATELIMIT=5/second\n")
+    srv = Server(envdir, base_env(keydir, SECURE_WS_MAX_CONECTIONS_PER_CLIENT="3")).start()
+    try:
+        async def go():
+            async with srv.connect(issue()) as ws:
+                return (await welcome(ws))["rate_limit"]
+
+        assert run(go()) == "20/second"  # ignored, as warned
+        log = srv.log()
+    finally:
+        srv.stop()
+    [dotenv_line] = [line for line in log.splitlines() if "SECURE_WS_RATELIMIT" in line]
+    assert "WARNING" in dotenv_line and "did you mean SECURE_WS_RATE_LIMIT?" in dotenv_line, dotenv_line
+    [env_line] = [line for line in log.splitlines() if "SECURE_WS_MAX_CONECTIONS_PER_CLIENT" in line]
+    assert "did you mean SECURE_WS_MAX_CONNECTIONS_PER_CLIENT?" in env_line, env_line
+
+
 # -- load_settings directly -----------------------------------------------------------------------
 
 
@@ -288,3 +333,32 @@ def test_env_file_is_read_and_environment_wins(tmp_path):
 
 def test_missing_env_file_is_fine(tmp_path):
     assert load_settings(environ={}, env_file=tmp_path / "absent.env").rate_limit == "20/second"
+
+
+def test_dotenv_syntax_in_load_settings(tmp_path):
+    env = tmp_path / ".env"
+    env.write_text(
+        "export SECURE_WS_RATE_LIMIT=5/second  # five\n"
+        'SECURE_WS_JWT_ISSUER="issuer # with a hash"\n'
+        "SECURE_WS_JWT_AUDIENCE='literal $HOME'\n"
+        "SECURE_WS_HANDSHAKE_RATE_LIMIT=7/minute#no space: part of the value is refused below\n"
+    )
+    with pytest.raises(ConfigError, match="SECURE_WS_HANDSHAKE_RATE_LIMIT"):
+        load_settings(environ={}, env_file=env)
+    s = load_settings(environ={"SECURE_WS_HANDSHAKE_RATE_LIMIT": "7/minute"}, env_file=env)
+    assert (s.rate_limit, s.issuer, s.audience) == ("5/second", "issuer # with a hash", "literal $HOME")
+
+
+def test_unknown_variables_are_warnings_not_errors():
+    s = load_settings(environ={"SECURE_WS_STORAGE_URI": "redis://x", "SECURE_WS_COMPLETELY_ELSE": "1"}, env_file=None)
+    assert s.storage_url == "memory://"
+    assert any("SECURE_WS_STORAGE_URI" in w and "did you mean SECURE_WS_STORAGE_URL?" in w for w in s.warnings), s.warnings
+    assert any("SECURE_WS_COMPLETELY_ELSE" in w and ".env.example" in w for w in s.warnings), s.warnings
+    assert load_settings(environ={"SECURE_WS_RATE_LIMIT": "5/second"}, env_file=None).warnings == ()
+
+
+def test_env_example_names_only_real_variables():
+    """.env.example copied to .env as is must start without a warning (and with the defaults)."""
+    s = load_settings(environ={}, env_file=Path(__file__).resolve().parent.parent / ".env.example")
+    assert s.warnings == ()
+    assert s == load_settings(environ={}, env_file=None)

@@ -110,7 +110,9 @@ class SigningKeys:
             self._save(keys)
         return jwk["kid"]
 
-    def retire(self, kid: str) -> None:
+    def retire(self, kid: str, force: bool = False) -> None:
+        """Retire ``kid``; the active key only with ``force``: without it no token can be signed, and
+        with no previous key the server has nothing to verify with (it will not start)."""
         with locked(self.private_file):
             keys = self._load()
             key = next((k for k in keys if k["kid"] == kid), None)
@@ -118,6 +120,11 @@ class SigningKeys:
                 raise SigningError(f"no key with kid {kid!r}")
             if key.get("status") == RETIRED:
                 return
+            if key.get("status") == ACTIVE and not force:
+                raise SigningError(
+                    f"{kid} is the active signing key: retiring it leaves none to sign tokens; "
+                    "run `secure-ws keys rotate` first, or pass --force"
+                )
             for member in _PRIVATE_MEMBERS:
                 key.pop(member, None)
             key["status"] = RETIRED
@@ -153,6 +160,13 @@ class SigningKeys:
 def issue_token(
     settings: Settings, sub: str, ttl: int, scope: str | None = None, now: float | None = None
 ) -> str:
+    return issue(settings, sub, ttl, scope, now)[0]
+
+
+def issue(
+    settings: Settings, sub: str, ttl: int, scope: str | None = None, now: float | None = None
+) -> tuple[str, dict[str, Any]]:
+    """A token signed with the active key, and its header and claims (``kid``, ``jti``, ``exp`` …)."""
     if not sub:
         raise SigningError("--sub must not be empty")
     if ttl <= 0 or ttl > settings.max_token_ttl:
@@ -170,4 +184,5 @@ def issue_token(
     if scope:
         claims["scope"] = scope
     private = jwt.PyJWK({m: v for m, v in key.items() if m not in ("created", "status")}, algorithm=key["alg"])
-    return jwt.encode(claims, private.key, algorithm=key["alg"], headers={"kid": key["kid"]})
+    token = jwt.encode(claims, private.key, algorithm=key["alg"], headers={"kid": key["kid"]})
+    return token, {"kid": key["kid"], "alg": key["alg"], **claims}

@@ -53,8 +53,9 @@ async def disconnect(storage: Storage, sub: str) -> None:
     await storage.signal(DISCONNECT, check_sub(sub))
 
 
-async def revoke(storage: Storage, settings: Settings, jti: str | None = None, sub: str | None = None) -> None:
-    """``secure-ws token revoke``: one token (``jti``) or every token of ``sub`` issued until now.
+async def revoke(storage: Storage, settings: Settings, jti: str | None = None, sub: str | None = None) -> dict[str, Any]:
+    """``secure-ws token revoke``: one token (``jti``) or every token of ``sub`` issued until now. Returns what
+    was revoked, ``{"revoked": {"jti": J} | {"sub": S, "issued_until": T}, "until": T}`` (kept until then).
 
     Durable first (the revocation file), then every worker. A ``sub`` revocation returns only once the
     current second is over: tokens carry whole-second ``iat``s, so one issued later within this second
@@ -77,5 +78,7 @@ async def revoke(storage: Storage, settings: Settings, jti: str | None = None, s
             return r.with_sub(revoked, cutoff, until)
 
     await storage.update_revocations(change)
-    if sub is not None:
-        await asyncio.sleep(max(0.0, math.floor(cutoff) + 1 - time.time()))
+    if sub is None:
+        return {"revoked": {"jti": jti}, "until": until}
+    await asyncio.sleep(max(0.0, math.floor(cutoff) + 1 - time.time()))
+    return {"revoked": {"sub": revoked, "issued_until": cutoff}, "until": until}

@@ -42,7 +42,6 @@ import time
 from collections.abc import Callable, Coroutine
 from pathlib import Path
 from typing import Any, ParamSpec, TypeVar
-from urllib.parse import urlsplit
 
 import redis.asyncio as aioredis
 from limits.aio.storage import RedisStorage as LimitsRedisStorage
@@ -52,7 +51,7 @@ from redis.exceptions import RedisError
 from .. import metrics
 from ..auth.revocation import Revocations
 from .memory_history import new_epoch
-from .storage import History, HistoryLimits, Position, Storage, StorageUnavailable
+from .storage import History, HistoryLimits, Position, Storage, StorageUnavailable, redacted_url
 
 log = logging.getLogger("secure_ws.storage")
 
@@ -233,13 +232,6 @@ def _conn_key(sub: str) -> str:
     return f"sws:conn:{{{sub}}}"
 
 
-def _redacted(url: str) -> str:
-    """The URL without its password, for the log."""
-    parts = urlsplit(url)
-    port = f":{parts.port}" if parts.port else ""
-    return f"{parts.scheme}://{parts.hostname}{port}{parts.path}"
-
-
 def _stronger(known: Revocations, stored: Revocations) -> Revocations:
     """The entries of ``known`` that ``stored`` lacks or holds weaker."""
     subs = {}
@@ -283,7 +275,7 @@ class RedisStorage(Storage):
         except REDIS_ERRORS as exc:
             log.error(
                 "SECURE_WS_STORAGE_URL %s does not answer (%s); /readyz answers 503 and handshakes are "
-                "refused (1013) until it does", _redacted(self.url), exc,
+                "refused (1013) until it does", redacted_url(self.url), exc,
             )
         self._tasks = [
             asyncio.create_task(self._listen(), name="secure-ws redis pubsub"),
@@ -405,7 +397,7 @@ class RedisStorage(Storage):
             await self.redis.publish(REVOCATION_CHANNEL, b"changed")
         except REDIS_ERRORS as exc:
             raise StorageUnavailable(
-                f"recorded in {self.revocation_file.path}, but SECURE_WS_STORAGE_URL {_redacted(self.url)} does not "
+                f"recorded in {self.revocation_file.path}, but SECURE_WS_STORAGE_URL {redacted_url(self.url)} does not "
                 f"answer ({exc}); workers reading that file apply it, the others once Redis answers again"
             ) from None
         return self.learn(durable)

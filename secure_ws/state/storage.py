@@ -22,6 +22,7 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import NamedTuple
+from urllib.parse import urlsplit
 
 from limits.aio.storage import Storage as LimitsStorage
 
@@ -184,3 +185,10 @@ class Storage(ABC):
     @abstractmethod
     async def signal(self, kind: str, sub: str, payload: str | None = None) -> None:
         """``on_signal(kind, sub, payload)`` in every process, this one included."""
+
+
+def redacted_url(url: str) -> str:
+    """The URL without its password, for the log and the ops commands' stderr."""
+    parts = urlsplit(url)
+    port = f":{parts.port}" if parts.port else ""
+    return f"{parts.scheme}://{parts.hostname}{port}{parts.path}"

@@ -41,3 +41,5 @@ async def run_storage(
         return await action(storage)
     finally:
         await storage.close()
+
+
