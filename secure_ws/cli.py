@@ -301,7 +301,7 @@ A token for sub "dev-user", valid 1 h, may subscribe and publish on any channel:
 {token}
 
 Try it from another terminal (prints the welcome, then the answer to a ping; the token goes in a header):
-  TOKEN={token} python -c {_try_it(ca, args.port)}
+  TOKEN={token} {_try_it(ca, args.port)}
 """,
         flush=True,
     )
@@ -309,16 +309,20 @@ Try it from another terminal (prints the welcome, then the answer to a ping; the
 
 
 def _try_it(ca: Path, port: int) -> str:
-    """A one-line client for the dev banner: the token from $TOKEN in an Authorization header, never in the URL."""
+    """A one-line client for the dev banner: the token from $TOKEN in an Authorization header, never in the
+    URL; run by this same Python (so it works from a terminal without the virtualenv active), as bash's or
+    zsh's ``$'…'`` string so that the connection can be a ``with`` block on one pasted line."""
     import shlex
 
     code = (
-        "import json, os, ssl; from websockets.sync.client import connect; "
-        f"ws = connect('wss://localhost:{port}/ws', ssl=ssl.create_default_context(cafile={str(ca)!r}), "
-        "additional_headers={'Authorization': 'Bearer ' + os.environ['TOKEN']}); "
-        "print(ws.recv()); ws.send(json.dumps({'type': 'ping'})); print(ws.recv()); ws.close()"
+        "import json, os, ssl\n"
+        "from websockets.sync.client import connect\n"
+        f"with connect('wss://localhost:{port}/ws', ssl=ssl.create_default_context(cafile={str(ca)!r}), "
+        "additional_headers={'Authorization': 'Bearer ' + os.environ['TOKEN']}) as ws:\n"
+        "    print(ws.recv()); ws.send(json.dumps({'type': 'ping'})); print(ws.recv())"
     )
-    return shlex.quote(code)
+    quoted = "$'" + code.replace("\\", "\\\\").replace("'", "\\'").replace("\n", "\\n") + "'"
+    return f"{shlex.quote(sys.executable)} -c {quoted}"
 
 
 class _HelpFormatter(argparse.HelpFormatter):

@@ -54,6 +54,15 @@ def base_env(keydir: Path, **extra: str) -> dict[str, str]:
     return keydir_env(keydir, **{"SECURE_WS_HANDSHAKE_RATE_LIMIT": "100000/minute", "PYTHONUNBUFFERED": "1", **extra})
 
 
+# What every ops command says on stderr about what it used (SPEC §12), before its answer or its refusal.
+USED_LINES = ("secure-ws: storage ", "secure-ws: keys ", "secure-ws: api keys ", "secure-ws: signing key", "secure-ws: verification keys")
+
+
+def refusal_lines(stderr: str) -> list[str]:
+    """A command's stderr without the lines saying what it used: a refusal is one line."""
+    return [line for line in stderr.splitlines() if not line.startswith(USED_LINES)]
+
+
 def cli(keydir: Path, *args: str, env: dict[str, str] | None = None, check: bool = True) -> subprocess.CompletedProcess:
     """Run ``python -m secure_ws`` as the operator would."""
     result = subprocess.run(

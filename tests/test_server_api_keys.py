@@ -9,7 +9,7 @@ import os
 import stat
 from pathlib import Path
 
-from helpers import Server, api_call, api_env, api_error, cli, create_api_key, no_traceback, wait_for
+from helpers import Server, api_call, api_env, api_error, cli, create_api_key, no_traceback, refusal_lines, wait_for
 
 BODY = {"channel": "room.a", "data": 1}
 
@@ -40,7 +40,7 @@ def test_apikey_commands_write_only_hashes_0600(keydir: Path, tmp_path: Path) ->
         assert secret not in listed.stdout + listed.stderr
 
     again = cli(keydir, "apikey", "create", "billing", env=env, check=False)
-    assert again.returncode == 2 and again.stderr.count("\n") == 1 and "exists" in again.stderr
+    assert again.returncode == 2 and len(refusal_lines(again.stderr)) == 1 and "exists" in again.stderr
     assert json.loads(keys_file.read_text())["keys"]["billing"]["sha256"] == digest  # not replaced
     for bad_name in ("has space", "", "x" * 65, "-dash"):
         refused = cli(keydir, "apikey", "create", "--", bad_name, env=env, check=False)
