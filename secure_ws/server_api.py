@@ -27,7 +27,7 @@ from typing import Any
 from .auth.tokens import MAX_SUB_CHARS
 from .core.handshake import client_ip
 from .service import Service
-from .wire.messages import CHANNEL, encode, parse
+from .wire.messages import CHANNEL, check_channel, encode, parse
 
 log = logging.getLogger("secure_ws.api")
 
@@ -69,9 +69,10 @@ def _fields(body: dict[str, Any], required: tuple[str, ...], optional: tuple[str
 
 
 def _channel(value: Any, field: str = "channel") -> str:
-    if type(value) is not str or not CHANNEL.fullmatch(value):
-        raise _bad(f"{field} must match ^{CHANNEL.pattern}$")
-    return value
+    try:
+        return check_channel(value)
+    except ValueError:
+        raise _bad(f"{field} must match ^{CHANNEL.pattern}$") from None
 
 
 def _identifier(value: Any, field: str, limit: int) -> str:

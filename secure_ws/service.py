@@ -34,7 +34,7 @@ from .state import actions
 from .state.storage import HistoryLimits, Position, StorageUnavailable
 from .state.url import presence_store, storage_from_url
 from .wire.closes import REVOKED, SHUTTING_DOWN, Close
-from .wire.messages import CHANNEL, parse_limit, parse_since
+from .wire.messages import check_channel, parse_limit, parse_since
 
 log = logging.getLogger("secure_ws")
 
@@ -135,8 +135,7 @@ class Service:
         honoured (another epoch, fallen out) the messages are empty and ``"recovered": false`` is added (``true``
         when it could). ``{"messages": []}`` with history off. ``ValueError`` for a bad channel, ``since`` or
         ``limit`` (the message says which), ``StorageUnavailable`` when storage does not answer."""
-        if type(channel) is not str or not CHANNEL.fullmatch(channel):
-            raise ValueError(f"channel must match ^{CHANNEL.pattern}$")
+        check_channel(channel)
         size = self.settings.history_size
         limit = size if limit is None else parse_limit(limit, size)
         position = None if since is None else Position(*parse_since(since))
@@ -176,9 +175,7 @@ class Service:
 
     async def presence(self, channel: str) -> dict[str, dict[str, str]]:
         """``{connection_id: {"sub": S}, …}``: the subscribers of ``channel`` on every node, at most 1,000."""
-        if type(channel) is not str or not CHANNEL.fullmatch(channel):
-            raise ValueError(f"channel must match ^{CHANNEL.pattern}$")
-        listed, _ = await self.roster.clients(channel)
+        listed, _ = await self.roster.clients(check_channel(channel))
         return {connection_id: {"sub": sub} for connection_id, sub in listed.items()}
 
     async def channels(self) -> dict[str, dict[str, int]]:

@@ -15,14 +15,8 @@ from typing import Any
 from .. import metrics
 from ..auth.revocation import Revocations, sub_cutoff
 from ..settings import Settings
-from ..wire.messages import CHANNEL, encode, message_head
+from ..wire.messages import encode, message_head
 from .storage import DISCONNECT, SEND, Storage
-
-
-def check_channel(channel: Any) -> str:
-    if type(channel) is not str or not CHANNEL.fullmatch(channel):
-        raise ValueError(f"channel must match ^{CHANNEL.pattern}$")
-    return channel
 
 
 def check_sub(sub: Any) -> str:

@@ -29,7 +29,7 @@ import redis.asyncio as aioredis
 from redis.exceptions import RedisError
 
 from .presence import PresenceStore
-from .redis_storage import REDIS_ERRORS, raises_unavailable, reconcile_subscriptions
+from .redis_storage import REDIS_ERRORS, raises_unavailable, reconcile_subscriptions, unsubscribe_soon
 
 log = logging.getLogger("secure_ws.storage")
 
@@ -218,11 +218,7 @@ class RedisPresence(PresenceStore):
         self._connected.set()
 
     async def unlisten(self, channel: str) -> None:
-        self._wanted.discard(channel)
-        try:
-            await self._pubsub.unsubscribe(EVENTS_PREFIX + channel)
-        except REDIS_ERRORS as exc:
-            log.warning("redis: presence unsubscribe %r deferred until Redis answers: %s", channel, exc)
+        await unsubscribe_soon(self._pubsub, EVENTS_PREFIX, self._wanted, channel)
 
     async def _listen(self) -> None:
         """One reader per process; on a broken connection, back off and make the subscriptions match again."""

@@ -127,6 +127,16 @@ return 1
 """
 
 
+async def unsubscribe_soon(pubsub: PubSub, prefix: str, wanted: set[str], channel: str) -> None:
+    """No longer want ``channel``; never raises: if Redis does not answer, :func:`reconcile_subscriptions`
+    drops it once Redis answers again."""
+    wanted.discard(channel)
+    try:
+        await pubsub.unsubscribe(prefix + channel)
+    except REDIS_ERRORS as exc:
+        log.warning("redis: unsubscribe from %r deferred until Redis answers: %s", prefix + channel, exc)
+
+
 async def reconcile_subscriptions(pubsub: PubSub, prefix: str, wanted: set[str]) -> None:
     """Make Redis's subscriptions under ``prefix`` match ``wanted`` (redis-py resubscribes its own list on
     reconnect, but an unsubscribe that failed while Redis was away is only in ``wanted``)."""
@@ -440,11 +450,7 @@ class RedisStorage(Storage):
             raise
 
     async def unsubscribe(self, channel: str) -> None:
-        self._wanted.discard(channel)
-        try:
-            await self._pubsub.unsubscribe(CHANNEL_PREFIX + channel)
-        except REDIS_ERRORS as exc:
-            log.warning("redis: unsubscribe %r deferred until Redis answers: %s", channel, exc)
+        await unsubscribe_soon(self._pubsub, CHANNEL_PREFIX, self._wanted, channel)
 
     async def _reconcile(self) -> None:
         await reconcile_subscriptions(self._pubsub, CHANNEL_PREFIX, self._wanted)

@@ -132,13 +132,18 @@ def reply(request: dict[str, Any], frame: dict[str, Any]) -> str:
     return encode(frame)
 
 
+def check_channel(channel: Any) -> str:
+    """``channel`` if it is a channel name (``^[A-Za-z0-9_.:-]{1,128}$``), else ``ValueError``."""
+    if type(channel) is not str or not CHANNEL.fullmatch(channel):
+        raise ValueError(f"channel must match ^{CHANNEL.pattern}$")
+    return channel
+
+
 def message_head(channel: str, data: Any, sender: str | None = None) -> str:
     """``{"type":"message","channel":C,"from":sender,"data":data}`` (no ``from`` without a sender) encoded without
     its closing brace, as storage's ``publish`` takes it: storage appends ``,"offset":N,"epoch":"E"}`` (or just
     the brace with history off). ``ValueError`` for a bad channel, ``TypeError`` for data that is not JSON."""
-    if type(channel) is not str or not CHANNEL.fullmatch(channel):
-        raise ValueError(f"channel must match ^{CHANNEL.pattern}$")
-    message: dict[str, Any] = {"type": "message", "channel": channel}
+    message: dict[str, Any] = {"type": "message", "channel": check_channel(channel)}
     if sender is not None:
         message["from"] = sender
     message["data"] = data
@@ -146,10 +151,10 @@ def message_head(channel: str, data: Any, sender: str | None = None) -> str:
 
 
 def channel_of(request: dict[str, Any]) -> str:
-    channel = request.get("channel")
-    if type(channel) is not str or not CHANNEL.fullmatch(channel):
-        raise ProtocolError(BAD_REQUEST, "channel must match ^[A-Za-z0-9_.:-]{1,128}$", request.get("id"))
-    return channel
+    try:
+        return check_channel(request.get("channel"))
+    except ValueError as exc:
+        raise ProtocolError(BAD_REQUEST, str(exc), request.get("id")) from None
 
 
 MAX_OFFSET = 2**53  # offsets are JSON numbers: beyond this, not every client reads them exactly
