@@ -147,24 +147,20 @@ def _asgi(service: Service) -> Any:
     server_api = ServerApi(service, fallback=http)
 
     async def app(scope: dict[str, Any], receive: Any, send: Any) -> None:
-        if internal_port is not None and scope["type"] in ("http", "websocket"):
-            # With an internal listener, operators' paths are served there and only there.
-            if (_local_port(scope) == internal_port) != _route_path(scope).startswith(INTERNAL_PATHS):
-                await _not_found(scope, receive, send)
-                return
-        if scope["type"] == "websocket":
-            if _route_path(scope) == WS_PATH:
-                await gate(scope, receive, send)
-            else:
-                await receive()
-                await send({"type": "websocket.close", "code": 1008})  # uvicorn answers HTTP 403
+        kind = scope["type"]
+        if kind != "http" and kind != "websocket":  # the lifespan
+            await http(scope, receive, send)
             return
-        if scope["type"] == "http":
-            path = _route_path(scope)
-            if path.startswith(API_PREFIX):
-                await server_api(scope, receive, send, path)
-                return
-        await http(scope, receive, send)
+        path = _route_path(scope)
+        # With an internal listener, operators' paths are served there and only there.
+        if internal_port is not None and (_local_port(scope) == internal_port) != path.startswith(INTERNAL_PATHS):
+            await _not_found(scope, receive, send)
+        elif kind == "websocket":
+            await (gate if path == WS_PATH else _not_found)(scope, receive, send)
+        elif path.startswith(API_PREFIX):
+            await server_api(scope, receive, send, path)
+        else:
+            await http(scope, receive, send)
 
     app.service = service  # type: ignore[attr-defined]  # for tests and the CLI
     return app
