@@ -112,7 +112,7 @@ TOKENS = weighted((5, st.sampled_from(TOKEN_KINDS).map(lambda kind: f"<<{kind}>>
 # SPEC §11 positions: well-formed (some matching nothing), and everything else a client could send.
 SINCES = weighted(
     (3, st.fixed_dictionaries({"offset": st.integers(min_value=0, max_value=2**53), "epoch": st.text(min_size=1, max_size=64)})),
-    (2, st.fixed_dictionaries({"offset": st.integers() | st.floats(allow_nan=False) | st.text(max_size=3),
+    (2, st.fixed_dictionaries({"offset": st.integers() | st.floats(allow_nan=False, allow_infinity=False) | st.text(max_size=3),
                                "epoch": st.text(max_size=80) | st.integers()})),
     (1, JSON_VALUES),
 )
