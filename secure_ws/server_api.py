@@ -27,7 +27,7 @@ from typing import Any
 from .auth.tokens import MAX_SUB_CHARS
 from .core.handshake import client_ip
 from .service import Service
-from .wire.messages import CHANNEL, check_channel, encode, parse
+from .wire.messages import CHANNEL, carriable, check_channel, encode, parse
 
 log = logging.getLogger("secure_ws.api")
 
@@ -222,11 +222,8 @@ def _decode(raw: bytes) -> dict[str, Any]:
         raise _bad("the body is not JSON (UTF-8)") from None
     if type(body) is not dict:
         raise _bad("the body must be a JSON object")
-    if "\\ud" in text or "\\uD" in text:  # an escape may decode to a lone surrogate, which nothing can carry on
-        try:
-            encode(body).encode()
-        except (TypeError, ValueError, RecursionError):
-            raise _bad("the body holds a lone surrogate (or is nested too deeply)") from None
+    if not carriable(text, body):
+        raise _bad("the body holds a lone surrogate (or is nested too deeply)")
     return body
 
 

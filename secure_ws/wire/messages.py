@@ -84,6 +84,19 @@ def parse(text: str) -> Any:
         raise ValueError("nested too deeply") from None
 
 
+def carriable(text: str, value: Any) -> bool:
+    """Whether ``value``, decoded from JSON ``text``, can go out again as UTF-8 JSON. A \\ud800-\\udfff escape
+    may decode to a lone surrogate, which no UTF-8 can carry; text read from a socket or decoded from UTF-8 is
+    valid already, so only a text with such an escape needs the (costly) check."""
+    if "\\ud" not in text and "\\uD" not in text:
+        return True
+    try:
+        encode(value).encode()
+    except (UnicodeEncodeError, RecursionError):
+        return False
+    return True
+
+
 def decode(text: str) -> dict[str, Any]:
     """A request object with a string ``type`` and a valid ``id``, or :class:`ProtocolError`."""
     try:
@@ -92,13 +105,8 @@ def decode(text: str) -> dict[str, Any]:
         raise ProtocolError(BAD_REQUEST, "not valid JSON") from None
     if type(message) is not dict:
         raise ProtocolError(BAD_REQUEST, "a request must be a JSON object")
-    if "\\ud" in text or "\\uD" in text:
-        # A \ud800-\udfff escape may decode to a lone surrogate, which no reply could carry as UTF-8.
-        # Real text from the socket is valid UTF-8 already, so only escapes need this check.
-        try:
-            encode(message).encode()
-        except UnicodeEncodeError:
-            raise ProtocolError(BAD_REQUEST, "lone surrogate in a string", _safe_id(message)) from None
+    if not carriable(text, message):
+        raise ProtocolError(BAD_REQUEST, "lone surrogate in a string", _safe_id(message))
     id = message.get("id")
     if id is not None and (type(id) is not str and type(id) is not int or len(str(id)) > 128):
         raise ProtocolError(BAD_REQUEST, "id must be a string or an integer (at most 128 characters)")
