@@ -12,7 +12,6 @@ import base64
 import json
 import socket
 import ssl
-import threading
 import time
 from collections.abc import Iterator
 from pathlib import Path
@@ -351,36 +350,41 @@ def test_huge_channel_lists_are_refused(api: Server, api_key: str) -> None:
 
 
 def raw_request(srv: Server, head: bytes, chunks: Any = (), timeout: float = 20) -> tuple[int, bytes]:
-    """Send ``head`` then each of ``chunks`` over TLS while another thread reads the answer; (status, all bytes read)."""
+    """Send ``head`` then each of ``chunks`` over TLS, reading whatever the server answers between chunks;
+    stop sending once it answered or closed; (status, all bytes read).
+
+    One thread does both: an SSL socket must not be read in one thread while it is written in another
+    (OpenSSL's connection object is not thread-safe; such a reader can fail and miss the answer)."""
     context = srv.ssl_context()
     sock = context.wrap_socket(socket.create_connection(("127.0.0.1", srv.port), timeout=timeout), server_hostname="localhost")
     received = bytearray()
-    done = threading.Event()
 
-    def read() -> None:
+    def read(block: bool) -> bool:
+        """Read what has arrived (with ``block``: until the server closes); True once it has closed."""
+        sock.settimeout(timeout if block else 0.0)
         try:
             while True:
                 data = sock.recv(65536)
                 if not data:
-                    break
+                    return True
                 received.extend(data)
+        except (ssl.SSLWantReadError, BlockingIOError):
+            return False  # nothing more yet
         except (OSError, ssl.SSLError):
-            pass
+            return True  # reset or timed out: whatever came before it has been read
         finally:
-            done.set()
+            sock.settimeout(timeout)
 
     try:
         sock.sendall(head)
-        reader = threading.Thread(target=read, daemon=True)
-        reader.start()
-        try:
-            for chunk in chunks:
-                if done.is_set():
-                    break
+        for chunk in chunks:
+            if received or read(block=False):
+                break  # the server has answered: the rest is not sent
+            try:
                 sock.sendall(chunk)
-        except (OSError, ssl.SSLError):
-            pass  # the server answered and closed while we were still sending: expected
-        done.wait(timeout)
+            except (OSError, ssl.SSLError):
+                break  # the server answered and closed while we were still sending: expected
+        read(block=True)
     finally:
         sock.close()
     assert received.startswith(b"HTTP/1.1 "), bytes(received[:200])
