@@ -526,7 +526,7 @@ def make_targets(folder: Path, mode: str, storage: str = "memory://", workers: i
     os.environ.update({k: v for k, v in env.items() if k.startswith("SECURE_WS_")})
     settings = load_settings(env_file=None)
     # One token per simulated client (a device reconnects with the token it holds).
-    tokens = [issue_token(settings, f"bench-{i}", 3600, "subscribe:bench publish:bench") for i in range(200)]
+    tokens = [issue_token(f"bench-{i}", scope="subscribe:bench publish:bench", ttl=3600, settings=settings) for i in range(200)]
     uvicorn = [sys.executable, "-m", "uvicorn", "--host", "127.0.0.1", "--port", "{port}",
                "--ssl-keyfile", str(folder / "server.key"), "--ssl-certfile", str(folder / "server.crt"),
                "--log-level", "warning", "--no-access-log"]
