@@ -393,7 +393,7 @@ def test_a_duplicate_is_dropped_a_skip_waits_for_its_replay_and_a_new_epoch_is_r
 
     async def go():
         client = Client("wss://localhost:1/ws", lambda: "t")
-        client._channels.add("c")
+        client._channels["c"] = False
         stream = client.messages("c")
         frames = [
             {"type": "subscribed", "channel": "c", "offset": 4, "epoch": "e1"},
