@@ -18,6 +18,7 @@ import json
 import logging
 import time
 import weakref
+from collections import deque
 from collections.abc import AsyncIterator, Awaitable, Callable
 from typing import Any
 
@@ -34,6 +35,8 @@ _NO_DATA: Any = object()
 # Dispatch-queue entry types no server frame can have (they hold a space).
 _RECOVERY_FAILED = " recovery failed"
 _PUSH = " push"
+#: Pushes kept for the first pushes() iterator, made after they came.
+MAX_EARLY_PUSHES = 100
 #: Calls of the dispatch queue left unhandled before the oldest are dropped (a callback that never returns).
 MAX_DISPATCH = 10_000
 
@@ -108,6 +111,9 @@ class Protocol:
         self._repairing: set[str] = set()  # channels being re-subscribed with `since` after skipped offsets
         self._repairs: set[asyncio.Task[bool]] = set()  # their tasks, referenced until done
         self._streams: weakref.WeakSet[MessageStream] = weakref.WeakSet()
+        # Pushes that came before any pushes() iterator existed (an on_connect greeting comes right after the
+        # welcome): kept for the first one, the newest MAX_EARLY_PUSHES; None once it exists.
+        self._early_pushes: deque[dict[str, Any]] | None = deque(maxlen=MAX_EARLY_PUSHES)
         self._dispatch_queue: asyncio.Queue[dict[str, Any]] | None = None
         self._dispatcher: asyncio.Task[None] | None = None
         self._error: BaseException | None = None
@@ -408,9 +414,14 @@ class Protocol:
         return self._open(MessageStream(channel))
 
     def pushes(self) -> MessageStream:
-        """The ``data`` of each push (``ctx.send``, ``api.send``, the server API's ``send``) as it arrives;
-        buffering starts now."""
-        return self._open(MessageStream(None, data_only=True))
+        """The ``data`` of each push (``ctx.send``, ``api.send``, the server API's ``send``) as it arrives.
+        Buffering starts now; the first iterator made also gets the pushes that came before it (the newest 100),
+        such as those of the server's ``on_connect``."""
+        stream = MessageStream(None, data_only=True)
+        early, self._early_pushes = self._early_pushes, None
+        for frame in early or ():
+            stream._put(frame)
+        return self._open(stream)
 
     def _open(self, stream: MessageStream) -> MessageStream:
         if self._error is not None:
@@ -509,6 +520,8 @@ class Protocol:
             self._queue_callback(frame)
 
     def _push(self, frame: dict[str, Any]) -> None:
+        if self._early_pushes is not None:
+            self._early_pushes.append(frame)
         for stream in list(self._streams):
             if stream._data_only:
                 stream._put(frame)
