@@ -51,6 +51,15 @@ class SecureWS:
         self._settings = settings
         self._service: Service | None = None
         self._served: Any = None  # the ASGI app of the service in use
+
+        async def app(scope: dict[str, Any], receive: Any, send: Any) -> None:
+            if self._served is None:
+                self._load()
+            await self._served(scope, receive, send)
+
+        #: The ASGI app (a plain function, as servers tell ASGI 3 apps by it): ``uvicorn myapp:app`` with
+        #: ``app = api.app``, or ``Mount("/realtime", app=api.app)``. It serves whatever :meth:`use` set.
+        self.app = app
         if settings is not None or running_config() is not None:
             self._load()
 
@@ -91,12 +100,6 @@ class SecureWS:
     @property
     def settings(self) -> Settings:
         return self.service.settings
-
-    async def app(self, scope: dict[str, Any], receive: Any, send: Any) -> None:
-        """The ASGI app: ``uvicorn myapp:app`` with ``app = api.app``, or ``Mount("/realtime", app=api.app)``."""
-        if self._served is None:
-            self._load()
-        await self._served(scope, receive, send)
 
     # -- registration --------------------------------------------------------------
 

@@ -13,7 +13,7 @@ from typing import TYPE_CHECKING, Any
 
 from ..wire.closes import Close
 from .backoff import backoff_delay
-from .errors import FATAL_REASONS, AuthenticationFailed, ClientClosed, ClientError, ConnectionLost, HandshakeRejected, RateLimited
+from .errors import FATAL_REASONS, AuthenticationFailed, ClientClosed, ClientError, ConnectionLost, HandshakeRejected, ProtocolViolation, RateLimited
 from .protocol import Link, MessageHandler, Protocol, PushHandler, RecoveryHandler
 
 if TYPE_CHECKING:
@@ -300,7 +300,7 @@ class Client(Protocol):
         async with asyncio.timeout(self.open_timeout):
             ws = await connect(self.url, additional_headers=headers, **kwargs)
             try:
-                welcome = json.loads(await ws.recv())
+                first = await ws.recv()
             except ConnectionClosed as exc:
                 await ws.close()
                 lost = _lost(exc)
@@ -309,9 +309,13 @@ class Client(Protocol):
             except BaseException:
                 ws.transport.abort()
                 raise
-        if not isinstance(welcome, dict) or welcome.get("type") != "welcome":  # garbage: retried, with backoff
+        try:
+            welcome = json.loads(first)
+        except ValueError:
+            welcome = None
+        if not isinstance(welcome, dict) or welcome.get("type") != "welcome":
             ws.transport.abort()
-            raise ValueError("the server's first frame is not a welcome")
+            raise ProtocolViolation("the server's first frame is not a welcome: not a secure_ws server?")  # fatal
 
         async def close(code: int, reason: str) -> None:
             await ws.close(code, reason)
