@@ -51,15 +51,8 @@ class SecureWS:
         self._settings = settings
         self._service: Service | None = None
         self._served: Any = None  # the ASGI app of the service in use
-
-        async def app(scope: dict[str, Any], receive: Any, send: Any) -> None:
-            if self._served is None:
-                self._load()
-            await self._served(scope, receive, send)
-
-        #: The ASGI app (a plain function, as servers tell ASGI 3 apps by it): ``uvicorn myapp:app`` with
-        #: ``app = api.app``, or ``Mount("/realtime", app=api.app)``. It serves whatever :meth:`use` set.
-        self.app = app
+        #: The ASGI app: ``uvicorn myapp:app`` with ``app = api.app``, or ``Mount("/realtime", app=api.app)``.
+        self.app = App(self)
         if settings is not None or running_config() is not None:
             self._load()
 
@@ -146,6 +139,26 @@ class SecureWS:
     async def disconnect(self, sub: str) -> None:
         """Close every connection of ``sub`` with 1008 ``disconnected``, on every worker and host."""
         await self.service.disconnect(sub)
+
+
+class App:
+    """``api.app``: serves whatever :meth:`SecureWS.use` set, loading the settings on first use. ``app.service`` is
+    its api's (so ``secure-ws serve MODULE:ATTR`` can tell the app of a SecureWS, and check its settings)."""
+
+    __slots__ = ("api",)
+
+    def __init__(self, api: SecureWS) -> None:
+        self.api = api
+
+    @property
+    def service(self) -> Service:
+        return self.api.service
+
+    async def __call__(self, scope: dict[str, Any], receive: Any, send: Any) -> None:
+        api = self.api
+        if api._served is None:
+            api._load()
+        await api._served(scope, receive, send)
 
 
 def _asgi(service: Service) -> Any:
