@@ -118,8 +118,7 @@ def test_limits_apply_in_process():
                 results = await asyncio.gather(*(ws.echo(n) for n in range(9)), return_exceptions=True)
                 limited = [r for r in results if isinstance(r, RateLimited)]
                 assert limited and all(r.code == "rate_limited" and r.retry_after_ms > 0 for r in limited), results
-            async with server.connect(sub="scarce") as ws:
-                await asyncio.sleep(1.1)  # the per-sub window above is another sub's; this one starts fresh
+            async with server.connect(sub="scarce") as ws:  # its own per-sub window; the type's is 2/minute
                 assert [await ws.call("scarce"), await ws.call("scarce")] == ["ok", "ok"]
                 with pytest.raises(RateLimited) as info:
                     await ws.call("scarce")
@@ -227,5 +226,30 @@ def test_streamed_call_and_cancel_in_process():
                         got.append(chunk)
                 assert got == [{"n": 0}, {"n": 1}] and info.value.code == "stream_failed"
                 assert await ws.echo("after") == "after"
+
+    run(go())
+
+
+def test_issue_token_is_the_documented_way_to_sign_one():
+    """secure_ws.issue_token: durations or seconds, extra claims (never the issuer's own), clear errors."""
+    import jwt
+
+    from secure_ws import issue_token
+    from secure_ws.auth.signing import SigningError
+
+    async def go():
+        async with TestServer(api) as server:
+            token = issue_token("grace", scope="admin", ttl="2m", claims={"role": "auditor"}, settings=server.settings)
+            claims = jwt.decode(token, options={"verify_signature": False})
+            assert claims["exp"] - claims["iat"] == 120 and claims["scope"] == "admin" and claims["role"] == "auditor"
+            async with server.connect(token=token) as ws:
+                assert (await ws.call("add", {"a": 0, "b": 0}))["role"] == "auditor"
+                assert await ws.call("admin.only") == "yes"
+            for bad, message in (({"ttl": "soon"}, "ttl"), ({"ttl": 0}, "ttl"), ({"claims": {"sub": "root"}}, "may not set sub"),
+                                 ({"ttl": 10**9}, "SECURE_WS_JWT_MAX_TTL")):
+                with pytest.raises(SigningError, match=message):
+                    issue_token("grace", settings=server.settings, **bad)
+            with pytest.raises(SigningError, match="sub"):
+                issue_token("", settings=server.settings)
 
     run(go())
