@@ -232,7 +232,8 @@ class Protocol:
         server closes the generator. Its end is the server's ``result``; an ``error`` frame raises
         :exc:`RequestError` (``cancelled``, ``timeout``, a ``Reject`` code…). ``timeout`` bounds the wait for the
         connection and for each next chunk. Chunks not read yet are held (up to 64); past that the connection's
-        reading waits for this loop, so a slow reader slows the server's generator instead of filling memory.
+        reading waits for this loop, so a slow reader slows the server's generator instead of filling memory (and
+        a reply this client awaits inside such a lagging loop waits behind those chunks).
         """
         message: dict[str, Any] = {"type": type}
         if data is not _NO_DATA:
