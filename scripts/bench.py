@@ -35,6 +35,9 @@ Measured, for each server:
                 and the server's CPU time per delivery; for secure_ws also the same burst published
                 through the server API (POST /api/publish on 5 keep-alive connections): its
                 deliveries/s against the WebSocket client's
+  TestServer    (--mode uvicorn) CPU per ``bench.echo`` call with the Python client, sequential: in process with
+                ``secure_ws.testing.TestServer`` (client and server in this process) against the same calls
+                over real TLS on loopback to the server above (this process's CPU plus the server's)
   history       (secure_ws only) the server's CPU per ``publish`` round trip with channel history
                 on (SECURE_WS_HISTORY_SIZE=100) against a second secure_ws with it off, and the
                 server's CPU time (and the wall time, client included) to recover 100 missed
@@ -505,6 +508,38 @@ def measure_history(folder: Path, ca: str, secure: Target, seconds: float, round
 # -- main ----------------------------------------------------------------------------------
 
 
+async def _calls(client: object, calls: int) -> float:
+    """CPU seconds of this process for ``calls`` sequential ``bench.echo`` calls (after a warm-up)."""
+    for _ in range(50):
+        await client.call("bench.echo", "hello, world")  # type: ignore[attr-defined]
+    cpu0 = time.process_time()
+    for _ in range(calls):
+        await client.call("bench.echo", "hello, world")  # type: ignore[attr-defined]
+    return time.process_time() - cpu0
+
+
+def measure_testserver(secure: Target, ca: str, calls: int) -> dict[str, float]:
+    """CPU per call: in process (TestServer) and over TLS on loopback (client + server), the same Python client."""
+    from bench_app import api
+
+    from secure_ws.client import Client
+    from secure_ws.testing import TestServer
+
+    async def in_process() -> float:
+        async with TestServer(api, env={"SECURE_WS_RATE_LIMIT": "100000000/second"}) as server:
+            async with server.connect(sub="bench") as ws:
+                return await _calls(ws, calls)
+
+    async def over_tls() -> float:
+        token = (secure.tokens or [""])[0]
+        async with Client(f"wss://127.0.0.1:{secure.port}/ws", lambda: token, ssl=client_ssl(ca)) as client:
+            server0 = secure.cpu()
+            mine = await _calls(client, calls)
+            return mine + secure.cpu() - server0
+
+    return {"inproc_us": asyncio.run(in_process()) / calls * 1e6, "tls_us": asyncio.run(over_tls()) / calls * 1e6}
+
+
 def make_targets(folder: Path, mode: str, storage: str = "memory://", workers: int = 1) -> tuple[Target, Target]:
     from keydir import keydir_env, make_keydir
 
@@ -526,7 +561,7 @@ def make_targets(folder: Path, mode: str, storage: str = "memory://", workers: i
     os.environ.update({k: v for k, v in env.items() if k.startswith("SECURE_WS_")})
     settings = load_settings(env_file=None)
     # One token per simulated client (a device reconnects with the token it holds).
-    tokens = [issue_token(settings, f"bench-{i}", 3600, "subscribe:bench publish:bench") for i in range(200)]
+    tokens = [issue_token(f"bench-{i}", scope="subscribe:bench publish:bench", ttl=3600, settings=settings) for i in range(200)]
     uvicorn = [sys.executable, "-m", "uvicorn", "--host", "127.0.0.1", "--port", "{port}",
                "--ssl-keyfile", str(folder / "server.key"), "--ssl-certfile", str(folder / "server.crt"),
                "--log-level", "warning", "--no-access-log"]
@@ -554,7 +589,7 @@ def main() -> None:
     parser.add_argument("--mode", choices=("uvicorn", "serve"), default="uvicorn")
     parser.add_argument("--rounds", type=int, default=None)
     parser.add_argument("--seconds", type=float, default=None)
-    parser.add_argument("--skip", default="", help="comma list of phases to skip: throughput,handshakes,idle,fanout,history")
+    parser.add_argument("--skip", default="", help="comma list of phases to skip: throughput,handshakes,idle,fanout,history,testserver")
     parser.add_argument("--storage", default="memory://", help="secure_ws's SECURE_WS_STORAGE_URL (e.g. redis://127.0.0.1:6379/0)")
     parser.add_argument("--workers", type=int, default=1, help="secure_ws worker processes (use with --storage redis://…)")
     args = parser.parse_args()
@@ -593,6 +628,10 @@ def main() -> None:
                         res.setdefault("handler_fps", []).append(m["fps"])
                         res.setdefault("handler_cpu_us", []).append(m["cpu_us"])
                         cpu_notes.append(f"round {r + 1} {t.name} handler: {m['fps']:.0f} round trips/s, {m['cpu_us']:.1f} µs CPU each")
+                if t is secure and args.mode == "uvicorn" and "testserver" not in skip:
+                    m = measure_testserver(secure, ca, 500 if args.quick else 2000)
+                    for k, v in m.items():
+                        res.setdefault(k, []).append(v)
                 if "handshakes" not in skip:
                     m = measure_handshakes(t, ca, seconds / 2)
                     res.setdefault("hps", []).append(m["hps"])
@@ -637,6 +676,9 @@ def main() -> None:
         handler, echo = statistics.median(s["handler_cpu_us"]), statistics.median(s["cpu_us"])
         print(f"{'handler round trips':<28} {'':>12} {statistics.median(s['handler_fps']):>12.1f} {'per s':<8}")
         print(f"{'server CPU per handler call':<28} {'':>12} {handler:>12.1f} {'µs':<8} {handler / echo:>7.2f}× secure_ws's echo")
+    if "inproc_us" in s:
+        inproc, tls = statistics.median(s["inproc_us"]), statistics.median(s["tls_us"])
+        print(f"{'CPU per call, TestServer':<28} {tls:>12.1f} {inproc:>12.1f} {'µs':<8} {inproc / tls:>7.2f}× over TLS (TLS | in process)")
     if "api_dps" in s:
         api, client = statistics.median(s["api_dps"]), statistics.median(s["dps"])
         print(f"{'fan-out via POST /api/publish':<28} {'':>12} {api:>12.1f} {'per s':<8} {api / client:>7.2f}× a client's publish")

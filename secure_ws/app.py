@@ -19,7 +19,7 @@ from starlette.responses import JSONResponse, PlainTextResponse, Response
 from starlette.routing import Route
 
 from . import demo, logs, metrics
-from .core.handlers import HandlerFunc, HookFunc, RegistrationError
+from .core.handlers import HandlerFunc, HookFunc, RegistrationError, Registry
 from .core.handshake import HandshakeMiddleware
 from .core.session import DIRECT, Session
 from .server_api import PREFIX as API_PREFIX
@@ -27,7 +27,7 @@ from .server_api import ServerApi
 from .service import Service
 from .settings import ConfigError, Settings, check_workers, load_settings, unreported_warnings
 from .uvicorn.install import install
-from .uvicorn.supervisor import running_workers, startup_failure_code
+from .uvicorn.supervisor import running_config, running_workers, startup_failure_code
 
 WS_PATH = "/ws"
 # Operators' paths (metrics, the server API): moved off the public port to the internal listener when
@@ -39,18 +39,32 @@ class SecureWS:
 
     Settings come from the environment and ``.env`` exactly as for the service; a bad value ends the
     process with one line naming the variable (pass ``settings=`` to get :class:`ConfigError` instead).
-    Handlers and hooks are registered at import; the registry freezes when the app starts serving.
+    They, and the keys, are read when the app starts serving: at import under uvicorn (``uvicorn app:app``,
+    ``secure-ws serve``), before it binds its socket; else at the lifespan, or the first use of ``service``.
+    So an application module imports without ``certs/`` or any variable (a test builds a
+    :class:`~secure_ws.testing.TestServer` around it). Handlers and hooks are registered at import; the registry
+    freezes when the app starts serving.
     """
 
     def __init__(self, settings: Settings | None = None) -> None:
-        explicit = settings is not None
+        self.registry = Registry()
+        self._settings = settings
+        self._service: Service | None = None
+        self._served: Any = None  # the ASGI app of the service in use
+        #: The ASGI app: ``uvicorn myapp:app`` with ``app = api.app``, or ``Mount("/realtime", app=api.app)``.
+        self.app = App(self)
+        if settings is not None or running_config() is not None:
+            self._load()
+
+    def _load(self) -> None:
+        explicit = self._settings is not None
         try:
-            settings = settings if settings is not None else load_settings()
+            settings = self._settings if self._settings is not None else load_settings()
             logs.configure(settings.log_format)
             for warning in unreported_warnings(settings):
                 logging.getLogger("secure_ws").warning("configuration: %s", warning)
             check_workers(settings, running_workers())  # plain `uvicorn --workers N` too
-            self.service = Service(settings)
+            service = Service(settings, self.registry)
             install()  # under `uvicorn yourapp:app` too: our protocols, with the request-head bounds
         except ConfigError as exc:
             if explicit:
@@ -58,8 +72,27 @@ class SecureWS:
             print(f"secure-ws: configuration error: {exc}", file=sys.stderr)
             # In a worker process: the code that stops the supervisor instead of a restart loop.
             raise SystemExit(startup_failure_code()) from None
-        self.settings = settings
-        self.app = _asgi(self.service)
+        self.use(service)
+
+    def use(self, service: Service | None) -> Service | None:
+        """Serve with ``service`` (built around :attr:`registry`) from now on (``None``: load the settings again on
+        next use); returns the one it replaces. :class:`secure_ws.testing.TestServer` uses it to run the
+        application on its own settings and key."""
+        previous, self._service = self._service, service
+        self._served = None if service is None else _asgi(service)
+        return previous
+
+    @property
+    def service(self) -> Service:
+        """The wired runtime (keys, storage, hub…), built from the settings on first use."""
+        if self._service is None:
+            self._load()
+        assert self._service is not None
+        return self._service
+
+    @property
+    def settings(self) -> Settings:
+        return self.service.settings
 
     # -- registration --------------------------------------------------------------
 
@@ -68,7 +101,7 @@ class SecureWS:
         ``async def f(ctx, data)``: its return value is the reply's ``data``."""
 
         def register(func: HandlerFunc) -> HandlerFunc:
-            self.service.registry.add(type, func, scope, rate_limit)
+            self.registry.add(type, func, scope, rate_limit)
             return func
 
         if callable(type):
@@ -77,12 +110,12 @@ class SecureWS:
 
     def on_connect(self, func: HookFunc) -> HookFunc:
         """``async def f(ctx)`` run before the welcome; raising :class:`Reject` closes 1008 ``connection refused``."""
-        registry = self.service.registry
+        registry = self.registry
         return registry.hook(registry.on_connect, func, "on_connect")
 
     def on_disconnect(self, func: HookFunc) -> HookFunc:
         """``async def f(ctx)`` run when a connection its ``on_connect`` admitted has ended."""
-        registry = self.service.registry
+        registry = self.registry
         return registry.hook(registry.on_disconnect, func, "on_disconnect")
 
     # -- lifespan, for mounting in another app -------------------------------------------
@@ -106,6 +139,26 @@ class SecureWS:
     async def disconnect(self, sub: str) -> None:
         """Close every connection of ``sub`` with 1008 ``disconnected``, on every worker and host."""
         await self.service.disconnect(sub)
+
+
+class App:
+    """``api.app``: serves whatever :meth:`SecureWS.use` set, loading the settings on first use. ``app.service`` is
+    its api's (so ``secure-ws serve MODULE:ATTR`` can tell the app of a SecureWS, and check its settings)."""
+
+    __slots__ = ("api",)
+
+    def __init__(self, api: SecureWS) -> None:
+        self.api = api
+
+    @property
+    def service(self) -> Service:
+        return self.api.service
+
+    async def __call__(self, scope: dict[str, Any], receive: Any, send: Any) -> None:
+        api = self.api
+        if api._served is None:
+            api._load()
+        await api._served(scope, receive, send)
 
 
 def _asgi(service: Service) -> Any:
@@ -162,7 +215,6 @@ def _asgi(service: Service) -> Any:
         else:
             await http(scope, receive, send)
 
-    app.service = service  # type: ignore[attr-defined]  # for tests and the CLI
     return app
 
 

@@ -20,7 +20,7 @@ from pathlib import Path
 from typing import Any
 
 from . import __version__
-from .settings import ConfigError, Settings, check_workers, load_settings, loopback_host, parse_duration, unreported_warnings
+from .settings import ConfigError, Settings, check_workers, load_settings, loopback_host, unreported_warnings
 
 DEFAULT_PORT = 8443
 
@@ -120,16 +120,15 @@ def cmd_keys_retire(args: argparse.Namespace) -> None:
 
 
 def cmd_token_issue(args: argparse.Namespace) -> None:
-    from .auth.signing import issue
+    import jwt
 
-    try:
-        ttl = parse_duration(args.ttl)
-    except ValueError as exc:
-        raise CommandError(f"--ttl: {exc}") from None
+    from .auth.signing import issue_token
+
     settings = _settings()
     _used(f"signing key from {_where(settings.signing_keys_file)}")
-    token, claims = issue(settings, args.sub, ttl, args.scope)
-    _print(args, {"token": token, **claims}, token)
+    token = issue_token(args.sub, scope=args.scope, ttl=args.ttl, settings=settings)  # SigningError: one line (main)
+    header = jwt.get_unverified_header(token)  # our own token, just signed: read back for --json
+    _print(args, {"token": token, "kid": header["kid"], "alg": header["alg"], **jwt.decode(token, options={"verify_signature": False})}, token)
 
 
 def cmd_token_revoke(args: argparse.Namespace) -> None:
@@ -285,7 +284,7 @@ def cmd_dev(args: argparse.Namespace) -> int:
     keys = SigningKeys(settings)
     if not any(k.status == "active" for k in keys.list()) or not settings.jwks_file.exists():
         print(f"created signing key {keys.rotate('EdDSA')}")
-    token = issue_token(settings, "dev-user", 3600, "subscribe:* publish:*")
+    token = issue_token("dev-user", scope="subscribe:* publish:*", ttl=3600, settings=settings)
     ca = settings.tls_certfile.parent / "ca.crt"
     print(
         f"""

@@ -3,19 +3,26 @@
 from __future__ import annotations
 
 import asyncio
+import json
 import logging
+import os
 import random
+import sys
 import time
+from collections.abc import Iterator
+from pathlib import Path
 from typing import Any
 
 import jwt
 import pytest
-from helpers import ROOMS, Server, cli, run, sans_position, unique_channel, unique_sub, wait_until, welcome
+from helpers import ROOMS, AppServer, Server, base_env, cli, run, sans_position, unique_channel, unique_sub, wait_until, welcome
 
+from secure_ws import SecureWS
 from secure_ws.client import (
     AuthenticationFailed,
     Client,
     ClientClosed,
+    ProtocolViolation,
     RateLimited,
     RequestError,
     backoff_delay,
@@ -393,7 +400,7 @@ def test_a_duplicate_is_dropped_a_skip_waits_for_its_replay_and_a_new_epoch_is_r
 
     async def go():
         client = Client("wss://localhost:1/ws", lambda: "t")
-        client._channels.add("c")
+        client._channels["c"] = False
         stream = client.messages("c")
         frames = [
             {"type": "subscribed", "channel": "c", "offset": 4, "epoch": "e1"},
@@ -408,5 +415,338 @@ def test_a_duplicate_is_dropped_a_skip_waits_for_its_replay_and_a_new_epoch_is_r
         assert got == [5, 6, "new"]  # 6 and 5 again dropped; 9 too: 7 and 8 are to be replayed before it
         assert client.recovery_failures == 1  # the new epoch
         assert client._positions["c"] == (1, "e2")
+
+    run(go())
+
+
+# -- the whole protocol: calls, pushes, join/leave, history, presence, resume (SPEC §14) ------------------------
+
+needs_stream = pytest.mark.skipif(not hasattr(SecureWS, "stream"), reason="the server side of streaming (@api.stream) is not in this build")
+
+
+@pytest.fixture(scope="module")
+def app_server(keydir: Path) -> Iterator[Server]:
+    srv = AppServer(keydir, base_env(keydir), app="client_app:app").start()
+    yield srv
+    srv.stop()
+
+
+def test_call_pushes_join_leave_history_and_presence(app_server, issue):
+    channel = unique_channel()
+    alice, bob = Tokens(issue, scope=ROOMS + " admin"), Tokens(issue, scope=ROOMS)
+    pushed: list[Any] = []
+
+    async def go():
+        async with client_for(app_server, alice, on_push=pushed.append) as a, client_for(app_server, bob) as b:
+            assert await a.call("add", {"a": 1, "b": 2}, timeout=5) == {"sum": 3, "sub": alice.sub, "role": None}
+            with pytest.raises(RequestError) as info:
+                await a.call("add", {"a": "one"})
+            assert (info.value.code, info.value.message) == ("bad_numbers", "a and b must be integers")
+            with pytest.raises(RequestError) as info:
+                await b.call("admin.only")
+            assert info.value.code == "forbidden"
+            assert [await b.call("scarce"), await b.call("scarce")] == ["ok", "ok"]
+            with pytest.raises(RateLimited) as limited:
+                await b.call("scarce")
+            assert limited.value.code == "rate_limited" and 1000 < limited.value.retry_after_ms <= 60_000
+            # Pushes: an iterator of each push's data, and the callback; in order.
+            pushes = a.pushes()
+            await a.call("push.me", {"n": 1})
+            await b.call("notify", {"sub": alice.sub, "data": {"n": 2}})
+            assert [await asyncio.wait_for(anext(pushes), 5) for _ in range(2)] == [{"n": 1}, {"n": 2}]
+            await wait_until(lambda: pushed == [{"n": 1}, {"n": 2}], 5, "on_push")
+            # join/leave where asked for, through messages(channel), with the channel's messages.
+            subscribed = await a.subscribe(channel, join_leave=True)
+            assert subscribed["type"] == "subscribed" and subscribed["offset"] == 0
+            frames = a.messages(channel)
+            await b.subscribe(channel)
+            join = await asyncio.wait_for(anext(frames), 5)
+            assert (join["type"], join["channel"], join["sub"], join["connection_id"]) == ("join", channel, bob.sub, b.connection_id)
+            published = await b.publish(channel, "hello")
+            assert published["type"] == "published"
+            message = await asyncio.wait_for(anext(frames), 5)
+            assert (message["type"], message["from"], message["data"], message["offset"]) == ("message", bob.sub, "hello", 1)
+            assert set((await a.presence(channel))["clients"]) == {a.connection_id, b.connection_id}
+            history = await b.history(channel, limit=10)
+            assert [m["data"] for m in history["messages"]] == ["hello"] and history["offset"] == 1
+            assert (await b.history(channel, since={"offset": 1, "epoch": history["epoch"]}))["messages"] == []
+            await b.unsubscribe(channel)
+            leave = await asyncio.wait_for(anext(frames), 5)
+            assert (leave["type"], leave["sub"]) == ("leave", bob.sub)
+            assert a.position(channel) == {"offset": 1, "epoch": history["epoch"]}
+
+    run(go())
+
+
+RESUMER = """
+import asyncio, json, os, ssl, sys
+from secure_ws.client import Client
+
+async def main() -> None:
+    channel, token = sys.argv[1], os.environ["RESUME_TOKEN"]
+    tls = ssl.create_default_context(cafile=sys.argv[3])
+    async with Client(sys.argv[2], lambda: token, ssl=tls) as client:
+        await client.subscribe(channel)
+        stream = client.messages(channel)
+        print("ready", flush=True)
+        seen = [(await asyncio.wait_for(anext(stream), 10))["data"] for _ in range(2)]
+        with open(sys.argv[4], "w") as saved:
+            json.dump({"seen": seen, "position": client.position(channel)}, saved)
+
+asyncio.run(main())
+"""
+
+
+def test_resume_from_a_position_saved_by_a_process_that_has_gone(app_server, issue, tmp_path):
+    """A process reads two messages, saves its position and exits; messages are published meanwhile; a new process
+    subscribes with that position and gets exactly what it missed, in order, then live ones."""
+    channel = unique_channel()
+    saved = tmp_path / "position.json"
+    script = tmp_path / "resumer.py"
+    script.write_text(RESUMER)
+
+    async def go():
+        async with client_for(app_server, Tokens(issue, scope=ROOMS)) as publisher:
+            await publisher.publish(channel, "before")
+            child = await asyncio.create_subprocess_exec(
+                sys.executable, str(script), channel, app_server.url, str(app_server.keydir / "ca.crt"), str(saved),
+                env={**os.environ, "RESUME_TOKEN": issue(scope=ROOMS)}, stdout=asyncio.subprocess.PIPE,
+            )
+            assert child.stdout is not None
+            assert await asyncio.wait_for(child.stdout.readline(), 20) == b"ready\n"
+            for n in (1, 2):
+                await publisher.publish(channel, n)
+            assert await asyncio.wait_for(child.wait(), 20) == 0  # gone
+            state = json.loads(saved.read_text())
+            assert state["seen"] == [1, 2] and state["position"]["offset"] == 3
+            for n in (3, 4, 5):
+                await publisher.publish(channel, n)
+            async with client_for(app_server, Tokens(issue, scope=ROOMS)) as again:
+                stream = again.messages(channel)
+                reply = await again.subscribe(channel, since=state["position"])
+                assert reply["recovered"] is True
+                await publisher.publish(channel, 6)
+                got = [await asyncio.wait_for(anext(stream), 5) for _ in range(4)]
+                assert [(m["data"], m["offset"]) for m in got] == [(3, 4), (4, 5), (5, 6), (6, 7)]
+                assert await again.echo("sync") == "sync" and stream._queue.empty()  # nothing twice
+                assert again.recovery_failures == 0
+            # A position from another epoch cannot be honoured: said so, then live messages only.
+            failed: list[str] = []
+            async with client_for(app_server, Tokens(issue, scope=ROOMS), on_recovery_failed=failed.append) as other:
+                reply = await other.subscribe(channel, since={"offset": 1, "epoch": "not-this-one"})
+                assert reply["recovered"] is False
+                await wait_until(lambda: failed == [channel], 5, "on_recovery_failed")
+
+    run(go())
+
+
+def test_pushes_keep_coming_across_a_reconnect(app_server, issue):
+    """A backend pushes to a sub every few ms while that sub's client is disconnected (1008 `disconnected`) and
+    reconnects: one pushes() iterator sees them before and after, in order, none twice, and never ends. (Pushes sent
+    while no connection is up are not kept: they are not history.)"""
+    target = Tokens(issue)
+    got: list[int] = []
+
+    async def go():
+        async with client_for(app_server, target) as client, client_for(app_server, Tokens(issue)) as backend:
+            pushes = client.pushes()
+            sending = True
+
+            async def send_forever() -> None:
+                n = 0
+                while sending:
+                    await backend.call("notify", {"sub": target.sub, "data": n})
+                    n += 1
+                    await asyncio.sleep(0.01)
+
+            sender = asyncio.create_task(send_forever())
+
+            async def read() -> None:
+                async for n in pushes:
+                    got.append(n)
+
+            reader = asyncio.create_task(read())
+            try:
+                await wait_until(lambda: len(got) >= 5, 10, "pushes before the drop")
+                first_id = client.connection_id
+                await client.call("kick.me")
+                await wait_until(lambda: client.connection_id not in (None, first_id), 10, "the reconnect")
+                after = len(got)
+                await wait_until(lambda: len(got) >= after + 5, 10, "pushes after the reconnect")
+                assert client.connections == 2 and client.last_close == (1008, "disconnected")
+                assert not reader.done()  # the iterator lives on across connections
+            finally:
+                sending = False
+                await sender
+                reader.cancel()
+            assert got == sorted(set(got))  # in order, none twice
+
+    run(go())
+
+
+@needs_stream
+def test_stream_yields_chunks_and_leaving_the_loop_cancels(app_server, issue):
+    async def go():
+        async with client_for(app_server, Tokens(issue)) as client:
+            tag = unique_sub("t")
+            assert [c async for c in client.stream("count", {"to": 3, "tag": tag})] == [{"n": 0}, {"n": 1}, {"n": 2}]
+            assert await client.call("stream.end", tag) == "done"
+            tag = unique_sub("t")
+            async for chunk in client.stream("count", {"to": 10_000, "every": 0.01, "tag": tag}):
+                if chunk["n"] == 2:
+                    break
+            deadline = time.monotonic() + 5
+            while await client.call("stream.end", tag) != "closed":
+                assert time.monotonic() < deadline, "the generator was not closed by the cancel"
+                await asyncio.sleep(0.02)
+            got: list[Any] = []
+            with pytest.raises(RequestError) as info:
+                async for chunk in client.stream("count", {"to": 2, "fail": True, "tag": unique_sub("t")}):
+                    got.append(chunk)
+            assert got == [{"n": 0}, {"n": 1}] and info.value.code == "stream_failed"
+            assert await client.echo("after") == "after"
+
+    run(go())
+
+
+def test_stream_and_cancel_frames_on_the_protocol():
+    """The client's side of a streamed call, fed frames directly (the server side is tested above when present):
+    chunks in order, the result ends it, an error raises, leaving early sends one cancel, a full buffer makes the
+    reader wait (backpressure), and frames for a call nobody waits for are ignored."""
+    from secure_ws.client import Link, Protocol
+    from secure_ws.client.inbox import MAX_CHUNKS
+
+    async def go():
+        sent: list[dict] = []
+
+        async def send(text: str) -> None:
+            sent.append(json.loads(text))
+
+        async def close(code: int, reason: str) -> None:
+            pass
+
+        link = Link(send, close, {"type": "welcome", "sub": "s", "connection_id": "c", "expires_at": 1})
+        protocol = Protocol()
+
+        async def ready() -> Link:
+            return link
+
+        protocol._wait_ready = ready  # type: ignore[method-assign]
+
+        async def feed(*frames: dict) -> None:
+            await asyncio.sleep(0)  # the stream's request is out
+            for frame in frames:
+                wait = protocol._route(link, frame)
+                assert wait is None
+
+        stream = protocol.stream("job", {"x": 1})
+        task = asyncio.ensure_future(stream.__anext__())
+        await asyncio.sleep(0)
+        id = sent[-1]["id"]
+        assert sent[-1] == {"type": "job", "data": {"x": 1}, "id": id}
+        await feed({"type": "chunk", "id": id, "seq": 0, "data": "a"})
+        assert await task == "a"
+        await feed({"type": "chunk", "id": id, "seq": 1, "data": "b"}, {"type": "result", "id": id, "data": {"chunks": 2}})
+        assert [c async for c in stream] == ["b"]
+        assert not any(f["type"] == "cancel" for f in sent) and link.pending == {}
+
+        stream = protocol.stream("job")
+        task = asyncio.ensure_future(stream.__anext__())
+        await asyncio.sleep(0)
+        id = sent[-1]["id"]
+        await feed({"type": "chunk", "id": id, "seq": 0, "data": 0})
+        assert await task == 0
+        waits = [protocol._route(link, {"type": "chunk", "id": id, "seq": n, "data": n}) for n in range(1, MAX_CHUNKS + 1)]
+        assert waits[:-1] == [None] * (MAX_CHUNKS - 1) and waits[-1] is not None  # full: the reader waits
+        assert await stream.__anext__() == 1
+        await asyncio.wait_for(waits[-1], 1)  # read one: room again
+        await stream.aclose()  # leaving early
+        assert sent[-1] == {"type": "cancel", "id": id} and link.pending == {}
+        assert protocol._route(link, {"type": "error", "id": id, "code": "cancelled"}) is None  # its end: ignored
+        assert protocol._route(link, {"type": "chunk", "id": id, "seq": 99, "data": 1}) is None
+
+        stream = protocol.stream("job")
+        task = asyncio.ensure_future(stream.__anext__())
+        await asyncio.sleep(0)
+        id = sent[-1]["id"]
+        await feed({"type": "error", "id": id, "code": "timeout", "message": "too slow"})
+        with pytest.raises(RequestError) as info:
+            await task
+        assert info.value.code == "timeout" and sent[-1]["type"] == "job"  # ended by the server: no cancel
+
+    run(go())
+
+
+# -- garbage from a server (SPEC §14): ignored as documented, or a clear error; never a hang -------------------
+
+
+class Hostile:
+    """A WebSocket server on loopback that says what a test makes it say (the input here is the server)."""
+
+    def __init__(self, script: Any) -> None:
+        self.script = script
+        self.connections = 0
+
+    async def __aenter__(self) -> str:
+        from websockets.asyncio.server import serve
+
+        async def handler(ws: Any) -> None:
+            self.connections += 1
+            await self.script(ws, self.connections)
+
+        self.server = await serve(handler, "127.0.0.1", 0)
+        port = self.server.sockets[0].getsockname()[1]
+        return f"ws://127.0.0.1:{port}/ws"
+
+    async def __aexit__(self, *exc_info: object) -> None:
+        self.server.close()
+        await self.server.wait_closed()
+
+
+WELCOME = json.dumps({"type": "welcome", "sub": "s", "connection_id": "c", "expires_at": 4102444800, "rate_limit": "20/second"})
+
+
+def test_garbage_frames_are_ignored_and_an_unknown_close_code_is_retried():
+    async def script(ws: Any, nth: int) -> None:
+        await ws.send(WELCOME)
+        for garbage in ("not json", "[1, 2]", "null", '{"type": "mystery"}', '{"type": "result", "id": [1]}',
+                        '{"type": "chunk", "id": 999, "seq": 0}', '{"type": "message", "channel": ["x"], "offset": "y"}',
+                        '{"type": "error", "code": "forbidden", "channel": {"a": 1}}', '{"type": "join"}'):
+            await ws.send(garbage)
+        await ws.send(json.dumps({"type": "push", "data": nth}))
+        request = json.loads(await ws.recv())
+        await ws.send(json.dumps({"type": "pong", "id": request["id"]}))  # a call answered by something else
+        await ws.close(4999, "something new")
+
+    async def go():
+        hostile = Hostile(script)
+        async with hostile as url:
+            client = Client(url, lambda: "t.t.t", allow_insecure=True, backoff_initial=0.01, backoff_max=0.05)
+            async with client:
+                pushes = client.pushes()
+                with pytest.raises(ProtocolViolation):
+                    await client.call("anything")
+                assert await asyncio.wait_for(anext(pushes), 5) == 1
+                assert await asyncio.wait_for(anext(pushes), 5) == 2  # the unknown close: reconnected
+                assert client.last_close == (4999, "something new") and client.connections == 2
+
+    run(go())
+
+
+def test_a_server_that_does_not_welcome_is_a_clear_error_not_a_hang():
+    async def script(ws: Any, nth: int) -> None:
+        await ws.send("HTTP/1.1 200 OK, this is not a secure_ws server")
+        await ws.wait_closed()
+
+    async def go():
+        hostile = Hostile(script)
+        async with hostile as url:
+            client = Client(url, lambda: "t.t.t", allow_insecure=True, backoff_initial=0.01, backoff_max=0.05)
+            with pytest.raises(ProtocolViolation):
+                await asyncio.wait_for(client.start(), 5)
+            assert hostile.connections == 1  # not retried
+            with pytest.raises(ProtocolViolation):
+                await client.ping()
+            await client.close()
 
     run(go())

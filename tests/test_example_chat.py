@@ -133,3 +133,72 @@ def test_admin_kick_pushes_then_disconnects(chat: Server, issue: Any) -> None:
             await joined(again, mallory)
 
     run(go())
+
+
+# -- the same application, as its own test suite would test it: in process, with secure_ws.testing ----------------
+
+
+def test_in_process_say_reaches_the_room_and_who_lists_the_speakers() -> None:
+    from examples.chat.app import api
+    from secure_ws.testing import TestServer
+
+    async def go() -> None:
+        async with TestServer(api) as server:
+            async with server.connect(sub="alice", scope=CHAT) as alice, server.connect(sub="bob", scope=CHAT) as bob:
+                greeting = await asyncio.wait_for(anext(alice.pushes()), 5)  # on_connect's push, kept for the iterator
+                assert "alice" in greeting["motd"] and greeting["rooms"] == ["lobby", "random", "help"]
+                await bob.subscribe("room.lobby")
+                room = bob.messages("room.lobby")
+                assert await alice.call("chat.say", {"room": "lobby", "text": "hi bob"}) == {"sent": True}
+                said = await asyncio.wait_for(anext(room), 5)
+                assert (said["from"], said["data"]) == ("alice", {"text": "hi bob"})
+                assert await alice.call("chat.who") == {"online": ["alice", "bob"], "count": 2}
+
+    run(go())
+
+
+def test_in_process_bad_rooms_fields_and_scopes_are_refused() -> None:
+    from examples.chat.app import api
+    from secure_ws.client import RateLimited, RequestError
+    from secure_ws.testing import TestServer
+
+    async def refused(ws: Any, type: str, data: Any) -> RequestError:
+        with pytest.raises(RequestError) as info:
+            await ws.call(type, data)
+        return info.value
+
+    async def go() -> None:
+        async with TestServer(api) as server:
+            async with server.connect(sub="carol", scope=CHAT) as ws:
+                assert (await refused(ws, "chat.say", {"room": "nowhere", "text": "hi"})).code == "bad_room"
+                long = await refused(ws, "chat.say", {"room": "lobby", "text": "x" * 501})
+                assert long.code == "bad_request" and "text" in long.message and "xxx" not in long.message
+                assert (await refused(ws, "chat.kick", {"sub": "dave"})).code == "forbidden"
+            async with server.connect(sub="dave", scope=CHAT) as ws:
+                for _ in range(10):  # rate_limit="10/10 seconds"
+                    assert await ws.call("chat.say", {"room": "help", "text": "?"}) == {"sent": True}
+                limited = await refused(ws, "chat.say", {"room": "help", "text": "?"})
+                assert isinstance(limited, RateLimited) and 0 < limited.retry_after_ms <= 10_000
+            async with server.connect(sub="reader", scope="subscribe:room.*") as ws:
+                assert (await refused(ws, "chat.say", {"room": "lobby", "text": "hi"})).code == "forbidden"
+
+    run(go())
+
+
+def test_in_process_kick_pushes_then_disconnects() -> None:
+    from examples.chat.app import api
+    from secure_ws.testing import TestServer
+
+    async def go() -> None:
+        async with TestServer(api) as server:
+            async with server.connect(sub="boss", scope="chat:admin") as boss, server.connect(sub="mallory", scope=CHAT) as m:
+                pushes = m.pushes()
+                assert await boss.call("chat.kick", {"sub": "mallory"}) == {"kicked": "mallory"}
+                assert (await asyncio.wait_for(anext(pushes), 5))["motd"]
+                assert await asyncio.wait_for(anext(pushes), 5) == {"kicked_by": "boss"}
+                assert await m.wait_closed() == (1008, "disconnected")
+                assert await boss.ping() > 0
+            async with server.connect(sub="mallory", scope=CHAT) as again:  # a kick is not a ban
+                assert await again.call("chat.who") == {"online": ["mallory"], "count": 1}
+
+    run(go())

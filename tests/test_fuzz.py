@@ -310,10 +310,10 @@ class Harness:
         self.sub = "fuzzer"
         self.scope = "subscribe:room.* publish:room.*"
         self.tokens = {
-            "main": issue_token(s, self.sub, 900, self.scope),
-            "same-sub": issue_token(s, self.sub, 900, "subscribe:room.1"),
-            "other-sub": issue_token(s, "someone-else", 900, self.scope),
-            "expired": issue_token(s, self.sub, 60, self.scope, now=time.time() - 3600),
+            "main": issue_token(self.sub, scope=self.scope, ttl=900, settings=s),
+            "same-sub": issue_token(self.sub, scope="subscribe:room.1", ttl=900, settings=s),
+            "other-sub": issue_token("someone-else", scope=self.scope, ttl=900, settings=s),
+            "expired": issue_token(self.sub, scope=self.scope, ttl=60, settings=s, now=time.time() - 3600),
             "garbage": "eyJhbGciOiJub25lIn0.eyJzdWIiOiJ4In0.",
             "empty": "",
         }

@@ -84,13 +84,18 @@ def test_registry_freezes_when_serving(api: SecureWS) -> None:
     asyncio.run(go())
 
 
-def test_bad_environment_is_one_line(keydir: Path, tmp_path: Path) -> None:
+def test_bad_environment_is_one_line_when_the_app_starts_serving(keydir: Path, tmp_path: Path) -> None:
+    """The module imports (a test suite can build a TestServer around it); serving it reads the settings: one line,
+    exit code 2. (Under uvicorn that happens at import, before it binds: see test_settings.)"""
     import subprocess
     import sys
 
     env = base_env(keydir, SECURE_WS_HANDLER_TIMEOUT="soon", PYTHONPATH=str(tmp_path))
     (tmp_path / "myapp.py").write_text("from secure_ws import SecureWS\napi = SecureWS()\napp = api.app\n")
-    result = subprocess.run([sys.executable, "-c", "import myapp"], env=env, cwd=tmp_path, capture_output=True, text=True, timeout=60)
+    imported = subprocess.run([sys.executable, "-c", "import myapp"], env=env, cwd=tmp_path, capture_output=True, text=True, timeout=60)
+    assert (imported.returncode, imported.stderr) == (0, "")
+    lifespan = "import asyncio, myapp\nasync def go():\n    async with myapp.api.lifespan(): pass\nasyncio.run(go())\n"
+    result = subprocess.run([sys.executable, "-c", lifespan], env=env, cwd=tmp_path, capture_output=True, text=True, timeout=60)
     assert result.returncode == 2
     expected = "secure-ws: configuration error: SECURE_WS_HANDLER_TIMEOUT: not a timeout: 'soon' (use e.g. 10s, 500ms, 1m)"
     assert result.stderr.strip().splitlines() == [expected]

@@ -18,6 +18,7 @@ import hashlib
 import json
 import secrets
 import time
+from collections.abc import Mapping
 from dataclasses import dataclass
 from typing import Any
 
@@ -26,7 +27,7 @@ from cryptography.hazmat.primitives.asymmetric import ec, ed25519, rsa
 from jwt.algorithms import ECAlgorithm, OKPAlgorithm, RSAAlgorithm
 
 from ..files import locked, read_json, write_json
-from ..settings import Settings
+from ..settings import Settings, parse_duration
 
 SIGNING_ALGORITHMS = ("EdDSA", "ES256", "RS256")
 ACTIVE, PREVIOUS, RETIRED = "active", "previous", "retired"
@@ -157,23 +158,59 @@ class SigningKeys:
         return key
 
 
+#: Claims the issuer sets itself; ``claims=`` may not replace them.
+RESERVED_CLAIMS = frozenset({"iss", "aud", "sub", "iat", "exp", "jti"})
+
+
 def issue_token(
-    settings: Settings, sub: str, ttl: int, scope: str | None = None, now: float | None = None
+    sub: str,
+    *,
+    scope: str | None = None,
+    ttl: int | str = "15m",
+    claims: Mapping[str, Any] | None = None,
+    settings: Settings | None = None,
+    now: float | None = None,
 ) -> str:
-    return issue(settings, sub, ttl, scope, now)[0]
+    """A JWT for ``sub``, signed with the active key of the signing keys file: what ``secure-ws token issue``
+    prints, for backends that hand tokens to their users and for tests.
+
+    ``scope`` is the space-separated rights (``"subscribe:room.* publish:room.lobby"``); ``ttl`` the lifetime in
+    seconds or as a duration (``90s``, ``15m``, ``2h``, ``1d``), at most ``SECURE_WS_JWT_MAX_TTL``; ``claims``
+    extra claims an application reads from ``ctx.claims`` (not ``iss``, ``aud``, ``sub``, ``iat``, ``exp`` or
+    ``jti``, which are set here). ``settings`` defaults to the environment and ``.env``, as for the commands
+    (``SECURE_WS_SIGNING_KEYS_FILE``, ``SECURE_WS_JWT_ISSUER``, ``SECURE_WS_JWT_AUDIENCE``).
+
+    Raises :class:`SigningError` (no active key, a bad ``sub``, ``ttl`` or claim) and
+    :class:`~secure_ws.settings.ConfigError` (a bad variable).
+    """
+    if settings is None:
+        from ..settings import load_settings
+
+        settings = load_settings()
+    if isinstance(ttl, str):
+        try:
+            ttl = parse_duration(ttl)
+        except ValueError as exc:
+            raise SigningError(f"ttl: {exc}") from None
+    return issue(settings, sub, ttl, scope, now, claims)[0]
 
 
 def issue(
-    settings: Settings, sub: str, ttl: int, scope: str | None = None, now: float | None = None
+    settings: Settings, sub: str, ttl: int, scope: str | None = None, now: float | None = None,
+    extra: Mapping[str, Any] | None = None,
 ) -> tuple[str, dict[str, Any]]:
     """A token signed with the active key, and its header and claims (``kid``, ``jti``, ``exp`` …)."""
-    if not sub:
-        raise SigningError("--sub must not be empty")
-    if ttl <= 0 or ttl > settings.max_token_ttl:
-        raise SigningError(f"--ttl must be between 1s and SECURE_WS_JWT_MAX_TTL ({settings.max_token_ttl}s)")
+    if not isinstance(sub, str) or not sub:
+        raise SigningError("sub must be a non-empty string")
+    if isinstance(ttl, bool) or not isinstance(ttl, int) or ttl <= 0 or ttl > settings.max_token_ttl:
+        raise SigningError(f"ttl must be between 1s and SECURE_WS_JWT_MAX_TTL ({settings.max_token_ttl}s)")
+    clash = sorted(RESERVED_CLAIMS.intersection(extra or ()))
+    if clash:
+        raise SigningError(f"claims may not set {', '.join(clash)}: the issuer sets them")
     key = SigningKeys(settings).active()
     iat = int(time.time() if now is None else now)
     claims: dict[str, Any] = {
+        **(extra or {}),
         "iss": settings.issuer,
         "aud": settings.audience,
         "sub": sub,
