@@ -65,12 +65,14 @@ export interface SocketLike {
   readonly readyState: number;
   send(data: string): void;
   close(code?: number, reason?: string): void;
-  onmessage: ((event: { data: unknown }) => void) | null;
-  onclose: ((event: { code: number; reason: string }) => void) | null;
-  onerror: ((event: unknown) => void) | null;
+  // `any` events: each implementation has its own event classes ({ data }, { code, reason } is what is read)
+  onmessage: ((event: any) => void) | null;
+  onclose: ((event: any) => void) | null;
+  onerror: ((event: any) => void) | null;
 }
 
-export type WebSocketConstructor = new (url: string, protocols: string[], options?: any) => SocketLike;
+/** Called as `new WebSocket(url, protocols)`, or `new WebSocket(url, protocols, socketOptions)`. */
+export type WebSocketConstructor = new (...args: any[]) => SocketLike;
 
 export interface ClientOptions {
   /** Returns a JWT; called for every connection attempt and every refresh. Throwing an `AuthError` stops the client. */
@@ -289,8 +291,8 @@ export class Client {
     this.subs.forEach((sub) => sub.ko(error));
     this.subs.clear();
     this.waiters.forEach((waiter) => waiter());
-    if (!(error instanceof RequestError)) this.emit("error", error);
     this.setState("closed");
+    if (!(error instanceof RequestError)) this.emit("error", error); // after the state: listeners see "closed"
     this.ls = {};
   }
 
