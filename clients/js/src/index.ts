@@ -495,10 +495,10 @@ export class Client {
   // -- outbound ----------------------------------------------------------------------------------
 
   private issue(conn: Conn, message: Frame, pending: Pending): number {
-    const id = ++this.ids;
+    const id = (message.id = ++this.ids); // every message is the caller's own fresh object
     conn.pending.set(id, pending);
     try {
-      conn.ws.send(JSON.stringify({ ...message, id }));
+      conn.ws.send(JSON.stringify(message));
     } catch (error) {
       conn.pending.delete(id);
       pending.fail(error);
