@@ -165,6 +165,7 @@ interface Conn {
   at: number; // when welcomed (ms)
   expiresAt: number; // seconds
   refresh?: ReturnType<typeof setTimeout>; // the one refresh chain of this connection
+  retries: Set<ReturnType<typeof setTimeout>>; // subscribes waiting out a rate limit: at most one per channel
   done?: boolean;
   finish(code: number, reason: string, fatal?: boolean): void;
 }
@@ -362,6 +363,7 @@ export class Client {
       const conn: Conn = {
         ws,
         pending: new Map(),
+        retries: new Set(),
         welcomed: false,
         at: 0,
         expiresAt: 0,
@@ -370,6 +372,7 @@ export class Client {
           conn.done = true;
           clearTimeout(timer);
           clearTimeout(conn.refresh);
+          conn.retries.forEach(clearTimeout);
           if (this.conn === conn) {
             this.conn = this.welcome = undefined;
           }
@@ -670,7 +673,11 @@ export class Client {
         sub.repairing = false;
         if (this.subs.get(sub.channel) !== sub || this.conn !== conn) return; // the next connection tries again
         if (error instanceof RateLimitedError) {
-          setTimeout(() => this.conn === conn && this.subs.get(sub.channel) === sub && this.subscribeOn(conn, sub), Math.max(error.retryAfterMs, 50));
+          const retry = setTimeout(() => {
+            conn.retries.delete(retry);
+            if (this.subs.get(sub.channel) === sub) this.subscribeOn(conn, sub);
+          }, Math.max(error.retryAfterMs, 50));
+          conn.retries.add(retry); // cleared with the connection
           return;
         }
         this.subs.delete(sub.channel);

@@ -181,6 +181,23 @@ test("reconnects after the server API disconnects it and recovers every message 
   assert.ok(resubscribes.every((f) => f && f.since && typeof f.since.offset === "number"), "every reconnect subscribed with since");
 });
 
+test("recovery works when nothing was received before the cut", async () => {
+  const sub = uniqueSub();
+  const channel = uniqueChannel();
+  const c = client({ getToken: () => keys.issue({ sub }), backoffInitial: 300 });
+  const got = [];
+  await c.connect();
+  await c.subscribe(channel, { onMessage: (m) => got.push(m.data) }).ready;
+  await server.api(apiKey, "disconnect", { sub });
+  await waitFor(() => c.state !== "connected", 5000, "cut");
+  await server.api(apiKey, "publish", { channel, data: "while away" });
+  await waitFor(() => got.length === 1, 10000, "the message published while away");
+  await server.api(apiKey, "publish", { channel, data: "live" });
+  await waitFor(() => got.length === 2, 5000, "live");
+  assert.deepEqual(got, ["while away", "live"]);
+  assert.equal(c.WS.sockets[1].sent.find((f) => f.type === "subscribe").since.offset, 0);
+});
+
 test("recovered:false calls onRecoveryFailed and carries on live", async () => {
   const channel = uniqueChannel();
   const c = client();

@@ -169,3 +169,33 @@ test("a ws:// URL is refused unless allowed, and a missing WebSocket is a clear 
   assert.throws(() => new Client("ws://x/ws", { getToken: () => "t", WebSocket }), /wss:/);
   if (!globalThis.WebSocket) assert.throws(() => new Client("wss://x/ws", { getToken: () => "t" }), /WebSocket/);
 });
+
+test("live offsets: a duplicate is dropped, a gap is repaired with since, a new epoch is a recovery failure", async () => {
+  const msg = (offset, epoch = "e1") => JSON.stringify({ type: "message", channel: "c", data: offset, offset, epoch });
+  const subscribes = [];
+  const { url } = await fake((socket) => {
+    socket.send(welcome);
+    socket.on("message", (raw) => {
+      const f = JSON.parse(raw);
+      if (f.type !== "subscribe") return;
+      subscribes.push(f);
+      if (!f.since) {
+        socket.send(JSON.stringify({ type: "subscribed", id: f.id, channel: "c", offset: 0, epoch: "e1" }));
+        for (const frame of [msg(1), msg(1), msg(3), msg(4)]) socket.send(frame); // a duplicate, then a gap
+      } else {
+        socket.send(JSON.stringify({ type: "subscribed", id: f.id, channel: "c", offset: 4, epoch: "e1", recovered: true }));
+        for (const frame of [msg(2), msg(3), msg(4), msg(5), msg(1, "e2"), msg(2, "e2")]) socket.send(frame); // the replay, then history lost
+      }
+    });
+  });
+  const c = client(url);
+  const got = [];
+  const failed = [];
+  await c.connect();
+  await c.subscribe("c", { onMessage: (m) => got.push(`${m.epoch}:${m.offset}`), onRecoveryFailed: (ch) => failed.push(ch) }).ready;
+  await waitFor(() => got.length === 7, 3000, `messages (got ${got})`);
+  assert.deepEqual(got, ["e1:1", "e1:2", "e1:3", "e1:4", "e1:5", "e2:1", "e2:2"]);
+  assert.deepEqual(subscribes.map((f) => f.since), [undefined, { offset: 1, epoch: "e1" }]);
+  assert.deepEqual(failed, ["c"]);
+  c.close();
+});
