@@ -610,13 +610,13 @@ export class Client {
 
   /** The channel's kept messages: `{ messages, offset, epoch }` (`since`: only those after a position). */
   async history(channel: string, options: CallOptions & { limit?: number; since?: Position } = {}): Promise<{ messages: Frame[]; offset?: number; epoch?: string; recovered?: boolean }> {
-    const { type, ...reply } = await this.request({ type: "history", channel, limit: options.limit, since: options.since }, options);
+    const { type, id, channel: _, ...reply } = await this.request({ type: "history", channel, limit: options.limit, since: options.since }, options);
     return reply as any;
   }
 
   /** Who is subscribed to the channel: `{ clients: { connection_id: { sub } }, count }`. */
   async presence(channel: string, options?: CallOptions): Promise<{ clients: Record<string, { sub: string }>; count?: number }> {
-    const { type, ...reply } = await this.request({ type: "presence", channel }, options);
+    const { type, id, channel: _, ...reply } = await this.request({ type: "presence", channel }, options);
     return reply as any;
   }
 

@@ -124,9 +124,11 @@ test("subscribe, publish, history, presence, join and leave", async () => {
   assert.equal(typeof got[0].epoch, "string");
   const history = await a.history(channel, { limit: 10 });
   assert.deepEqual(history.messages.map((m) => m.data), [{ text: "one" }, "two"]);
+  assert.deepEqual(Object.keys(history).sort(), ["epoch", "messages", "offset"]);
   assert.equal(history.offset, 2);
   assert.equal(history.epoch, got[0].epoch);
   const presence = await a.presence(channel);
+  assert.equal(presence.count, 2);
   assert.deepEqual(Object.keys(presence.clients).sort(), [a.welcome.connection_id, b.welcome.connection_id].sort());
   sb.unsubscribe();
   await waitFor(() => leaves.length === 1, 5000, "leave");
