@@ -10,8 +10,7 @@ from secure_ws import Context, Reject, SecureWS
 api = SecureWS()
 app = api.app
 
-finished: list[int] = []  # how many streams of this worker ran their `finally` (bounded: one int)
-finished.append(0)
+counts = {"streams_finished": 0}  # how many streams of this worker ran their `finally`
 
 
 @api.handler("add")
@@ -38,7 +37,7 @@ async def push_me(ctx: Context, data: Any) -> Any:
 
 @api.handler("features")
 async def features(ctx: Context, data: Any) -> Any:
-    return {"stream": hasattr(SecureWS, "stream"), "streams_finished": finished[0]}
+    return {"stream": hasattr(SecureWS, "stream"), **counts}
 
 
 if hasattr(SecureWS, "stream"):  # the streaming side of the server (SPEC §13) where this build has it
@@ -50,4 +49,4 @@ if hasattr(SecureWS, "stream"):  # the streaming side of the server (SPEC §13) 
                 yield {"i": i}
                 await asyncio.sleep(float(data.get("every", 0)))
         finally:
-            finished[0] += 1
+            counts["streams_finished"] += 1

@@ -273,7 +273,7 @@ export class Client {
     });
     if (!this.running) {
       this.running = true;
-      void this.run();
+      this.run().catch((error) => this.stop(error)); // a bug in the loop stops the client, never an unhandled rejection
     }
     return ready;
   }
