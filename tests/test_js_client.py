@@ -70,7 +70,7 @@ def test_node_suites_against_the_real_server(built: Path) -> None:
     the bundle in headless Chromium (skipped there, with its reason, when Chromium is absent)."""
     env = {**os.environ, "SECURE_WS_PYTHON": sys.executable}
     result = subprocess.run(
-        ["node", "--test", "--test-concurrency=1", "--test-reporter=tap", "test/"],
+        ["node", "--test", "--test-concurrency=1", "--test-timeout=120000", "--test-reporter=tap", "test/"],
         cwd=JS, env=env, capture_output=True, text=True, timeout=600,
     )
     tail = result.stdout[-6000:] + result.stderr[-3000:]
