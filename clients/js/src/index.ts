@@ -286,7 +286,6 @@ export class Client {
   private stop(error: unknown): void {
     if (this.stopped) return;
     this.stopped = error;
-    clearTimeout(this.sleeper);
     this.wake();
     this.socket?.finish(1000, "client closed");
     this.subs.forEach((sub) => sub.ko(error));
@@ -335,10 +334,17 @@ export class Client {
       this.setState("disconnected");
       const ceiling = Math.min(this.o.backoffMax, this.o.backoffInitial * 2 ** Math.min(attempt++, 30));
       await new Promise<void>((resolve) => {
-        this.wake = resolve;
-        this.sleeper = setTimeout(resolve, ceiling * this.o.random());
+        // A browser that comes back online retries at once instead of sleeping out the backoff.
+        const g = globalThis as any;
+        const wake = (this.wake = () => {
+          clearTimeout(this.sleeper);
+          g.removeEventListener?.("online", wake);
+          this.wake = noop;
+          resolve();
+        });
+        this.sleeper = setTimeout(wake, ceiling * this.o.random());
+        g.addEventListener?.("online", wake);
       });
-      this.wake = noop;
     }
   }
 

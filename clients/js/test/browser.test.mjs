@@ -126,3 +126,17 @@ test("in Chromium: close() ends it, and a revoked token is an AuthError", { skip
   await server.api(apiKey, "revoke", { sub });
   assert.deepEqual(await pending, { auth: true, code: 1008, reason: "token revoked", state: "closed" });
 });
+
+test("in Chromium: coming back online ends the backoff wait at once", { skip }, async () => {
+  const sub = uniqueSub("browser");
+  const token = keys.issue({ sub });
+  await page.evaluate(async ({ url, token }) => {
+    window.third = new window.lib.Client(url, { getToken: async () => token, backoffInitial: 60000, backoffMax: 60000, random: () => 0.999 });
+    await window.third.connect();
+  }, { url: server.url, token });
+  await server.api(apiKey, "disconnect", { sub });
+  await waitFor(() => page.evaluate(() => window.third.state === "disconnected"), 5000, "waiting out a 60 s backoff");
+  await page.evaluate(() => window.dispatchEvent(new Event("online")));
+  await waitFor(() => page.evaluate(() => window.third.state === "connected"), 5000, "reconnected on 'online'");
+  await page.evaluate(() => window.third.close());
+});
