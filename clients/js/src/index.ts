@@ -411,11 +411,11 @@ export class Client {
     if (conn.done) return;
     let f: Frame | undefined;
     try {
-      f = JSON.parse(raw as string);
+      if (typeof raw === "string") f = JSON.parse(raw); // a binary frame stays undefined
     } catch {
       // not JSON: ignored once welcomed
     }
-    if (typeof raw !== "string" || !f || typeof f !== "object" || Array.isArray(f)) f = undefined;
+    if (!f || typeof f !== "object" || Array.isArray(f)) f = undefined;
     if (!conn.welcomed) {
       if (f?.type !== "welcome") return conn.finish(1002, "protocol error: the first frame is not a welcome", true);
       conn.welcomed = true;
