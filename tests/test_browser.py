@@ -166,12 +166,16 @@ def test_demo_page_is_self_contained_with_strict_headers(make_server):
     assert headers["x-content-type-options"] == "nosniff"
 
     html = body.decode()
-    # No external resource of any kind: no absolute http(s) URL, no protocol-relative URL, no src/href at all.
+    # No external resource of any kind: no absolute http(s) URL, no protocol-relative URL, no src/href at all;
+    # the one import is the client bundle from this server.
     assert not re.search(r"https?://", html, re.I), re.findall(r"https?://\S+", html, re.I)
     assert not re.search(r"""\b(src|href|action|srcset|poster)\s*=""", html, re.I)
     assert not re.search(r"""["'(]\s*//[^/]""", html), "protocol-relative URL"
     assert not re.search(r"<\s*(link|iframe|object|embed|img|base)\b", html, re.I)
     assert "innerHTML" not in html and "outerHTML" not in html and "insertAdjacentHTML" not in html
+    assert re.findall(r"""\bfrom\s+["']([^"']+)["']""", html) == ["./demo/secure-ws-client.js"]
+    # No protocol written by hand: the page never opens a socket or builds a frame itself.
+    assert "new WebSocket" not in html and "JSON.parse" not in html and "bearer." not in html
     for element_id in ("status", "log", "channel", "subscribe", "message", "publish"):
         assert f'id="{element_id}"' in html, element_id
 
@@ -180,14 +184,26 @@ def test_demo_page_is_self_contained_with_strict_headers(make_server):
     assert directives["connect-src"] in (["'self'"], ["'self'", "wss:"])
     assert directives["frame-ancestors"] == ["'none'"]
     for directive in ("script-src", "style-src"):
-        assert "'unsafe-eval'" not in directives[directive]
+        assert "'unsafe-eval'" not in directives[directive] and "'unsafe-inline'" not in directives[directive]
         assert not any(s.startswith(("http", "*", "data:", "blob:")) for s in directives[directive])
-    # The CSP pins exactly the inline blocks the page carries (a hash policy, stricter than 'unsafe-inline').
-    for tag, directive in (("script", "script-src"), ("style", "style-src")):
-        blocks = re.findall(rf"<{tag}>(.*?)</{tag}>", html, re.S)
+    # The CSP pins exactly the inline blocks the page carries (a hash policy, stricter than 'unsafe-inline'),
+    # and scripts from its own origin: the bundle.
+    for tag, directive, extra in (("script", "script-src", ["'self'"]), ("style", "style-src", [])):
+        blocks = re.findall(rf"<{tag}[^>]*>(.*?)</{tag}>", html, re.S)
         assert len(blocks) == 1, tag
         digest = base64.b64encode(hashlib.sha256(blocks[0].encode()).digest()).decode()
-        assert directives[directive] == [f"'sha256-{digest}'"], directive
+        assert directives[directive] == [f"'sha256-{digest}'", *extra], directive
+
+
+def test_demo_serves_the_client_bundle_shipped_in_the_package(make_server):
+    from secure_ws.demo import BUNDLE
+
+    srv = make_server(SECURE_WS_DEMO="1")
+    status, headers, body = srv.get("/demo/secure-ws-client.js")
+    assert status == 200
+    assert headers["content-type"].startswith("text/javascript")
+    assert headers["x-content-type-options"] == "nosniff"
+    assert body == BUNDLE and b"secure-ws.v1" in body and b"bearer." in body
 
 
 # -- in Chromium ----------------------------------------------------------------------------------
@@ -220,8 +236,8 @@ def test_browser_subscribes_publishes_and_sees_token_expiry(demo_server, issue, 
 
     watched.status("closed 1008 token expired")
 
-    # Only the page and its own WebSocket, the token in neither URL.
-    assert watched.websockets == [f"wss://localhost:{srv.port}/ws"]
+    # Only the page, the bundle and its own WebSocket (reconnected after the expiry, then refused), the token in no URL.
+    assert set(watched.websockets) == {f"wss://localhost:{srv.port}/ws"}
     assert watched.requests and all(u.startswith(f"{srv.https}/demo") for u in watched.requests), watched.requests
     assert not any(token in u for u in watched.requests + watched.websockets)
     assert not [m for m in watched.console if "Content Security Policy" in m or m.startswith("pageerror")], watched.console
@@ -235,7 +251,7 @@ def test_browser_subscribes_publishes_and_sees_token_expiry(demo_server, issue, 
 def test_browser_shows_refusal_reasons(demo_server, watched):
     srv = demo_server()
     watched.page.goto(f"{srv.https}/demo")
-    watched.status("closed 1008 missing token")
+    watched.status("no token: open this page as /demo#token=<jwt>")
     watched.page.goto("about:blank")
     watched.page.goto(f"{srv.https}/demo#token=not.a.jwt")
     watched.status("closed 1008 invalid token")
