@@ -31,6 +31,7 @@ from secure_ws.wire.framing import (
     Parser,
     Violation,
     close_frame,
+    fragments,
     frame,
     parse_close,
 )
@@ -456,3 +457,12 @@ def test_keepalive_pings_keep_an_answering_client_and_cut_a_silent_one(make_serv
 
     on_wire(srv, issue(), answering)
     assert on_wire(srv, issue(), silent) == 1011
+
+
+def test_a_large_message_goes_out_as_fragments_that_join_into_it():
+    payload = bytes(range(256)) * 1000  # 256,000 bytes: three fragments of 65,536 and one of 59,392
+    pieces = list(fragments(TEXT, payload, 65536))
+    assert [len(piece) for piece in pieces] == [65536 + 10] * 3 + [59392 + 4]
+    assert [piece[0] for piece in pieces] == [TEXT, CONT, CONT, 0x80 | CONT]  # FIN on the last only
+    assert b"".join(piece[10:] for piece in pieces[:3]) + pieces[3][4:] == payload
+    assert list(fragments(TEXT, b"small", 65536)) == [frame(TEXT, b"small")]

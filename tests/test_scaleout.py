@@ -560,7 +560,7 @@ def test_slow_consumer_is_cut_and_never_blocks_the_publisher(make_server, issue)
     """A subscriber that reads nothing while a publisher floods its channel.
 
     What the product guarantees, and what is checked: the slow subscriber's send queue is
-    bounded (SECURE_WS_SEND_QUEUE_SIZE, 256), so the server closes it with 1008 "slow consumer";
+    bounded (SECURE_WS_SEND_QUEUE_BYTES, 4 MiB), so the server closes it with 1008 "slow consumer";
     publishing is fire-and-forget for the publisher, so every ``published`` reply comes back
     promptly and the publisher stays connected; and the server's memory does not grow with the
     flood. The close frame is queued behind data the subscriber never read, so the subscriber

@@ -485,9 +485,7 @@ class Session:
         cost = getsizeof(text)
         self._queued += cost
         self._grace += cost
-        queue.append(text)
-        if self._drainer is None:
-            self._drainer = asyncio.get_running_loop().create_task(self._drain())
+        self._enqueue(text)
 
     def deliver(self, text: str, channel: str = "", offset: int = 0, epoch: str = "") -> None:
         """A publication (with its channel, and its offset and epoch when the channel keeps history) or a push:
@@ -508,9 +506,13 @@ class Session:
         if not queue and write is not None and write(text):
             return
         if self._fits(text):
-            queue.append(text)
-            if self._drainer is None:
-                self._drainer = asyncio.get_running_loop().create_task(self._drain())
+            self._enqueue(text)
+
+    def _enqueue(self, text: str) -> None:
+        """Queue a text already counted in ``_queued``; the drainer runs while the queue is non-empty."""
+        self._queue.append(text)
+        if self._drainer is None:
+            self._drainer = asyncio.get_running_loop().create_task(self._drain())
 
     def _fits(self, text: str) -> bool:
         """Count a delivery about to be queued or held; False, and the client cut, if it is over the bound."""
