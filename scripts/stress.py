@@ -16,6 +16,15 @@ Attacks (the tests in ``tests/test_hostile.py`` run the same functions):
   ping-flood      an authenticated client sends pings and never reads the pongs
   ping-unauthed   the same without a token: the server has already closed 1008
   fragment-flood  FIN=0, then empty continuation frames forever
+
+Read-nothing attacks: a client asks for replies and never reads one, until the
+replies it asked for add up to ``--mib`` MiB or the server stops reading its
+requests (it is then left stalled for a few seconds, then reads everything it was sent):
+
+  history         100 publications of ~60 KB on a channel, then ``history`` requests (~6 MB answers)
+  echo            ``echo`` requests of ~60 KB
+  proxy-results   a type the RPC proxy answers with ~1 MiB (a loopback backend the script runs)
+  presence        ``presence`` of a channel 100 other connections are subscribed to
 """
 
 from __future__ import annotations
@@ -23,18 +32,21 @@ from __future__ import annotations
 import argparse
 import asyncio
 import contextlib
+import http.server
+import json
 import ssl
 import struct
 import sys
 import tempfile
+import threading
 import time
-from collections.abc import Awaitable, Callable
+from collections.abc import Awaitable, Callable, Iterator
 from pathlib import Path
 from typing import Any
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-from bench import client_frame, client_ssl, make_targets, ws_open  # noqa: E402  (scripts/bench.py)
+from bench import client_frame, client_ssl, make_targets, ws_open, ws_read  # noqa: E402  (scripts/bench.py)
 
 MIB = 1 << 20
 # What a single attack may take before it gives up waiting for the server's answer.
@@ -46,11 +58,14 @@ async def _open_tls(port: int, ctx: ssl.SSLContext) -> tuple[asyncio.StreamReade
     return await asyncio.open_connection("127.0.0.1", port, ssl=ctx, server_hostname="localhost")
 
 
-async def read_frames(reader: asyncio.StreamReader, timeout: float = ANSWER_TIMEOUT) -> list[tuple[int, bytes]]:
-    """Every frame the server sends until it closes the connection (or ``timeout`` passes)."""
+async def read_frames(reader: asyncio.StreamReader, timeout: float = ANSWER_TIMEOUT, replies: int | None = None) -> list[tuple[int, bytes]]:
+    """Every frame the server sends until it closes the connection (or ``timeout`` passes, or ``replies``
+    text messages are in); a fragmented message counts once, as its first frame. Payloads are kept up to
+    125 bytes (a close frame's), so reading what a read-nothing attacker asked for costs little."""
     frames: list[tuple[int, bytes]] = []
 
     async def go() -> None:
+        texts = 0
         while True:
             try:
                 b0, b1 = await reader.readexactly(2)
@@ -61,7 +76,10 @@ async def read_frames(reader: asyncio.StreamReader, timeout: float = ANSWER_TIME
                 (n,) = struct.unpack("!H", await reader.readexactly(2))
             elif n == 127:
                 (n,) = struct.unpack("!Q", await reader.readexactly(8))
-            frames.append((b0 & 0x0F, await reader.readexactly(n) if n else b""))
+            frames.append((b0 & 0x0F, (await reader.readexactly(n))[:125] if n else b""))
+            texts += b0 & 0x0F == 1
+            if replies is not None and texts >= replies and b0 & 0x80:
+                return
 
     with contextlib.suppress(asyncio.TimeoutError, asyncio.IncompleteReadError, ConnectionError, ssl.SSLError):
         await asyncio.wait_for(go(), timeout)
@@ -150,11 +168,130 @@ async def fragment_flood(port: int, ctx: ssl.SSLContext, token: str, total: int 
     return {"sent": sent, "answer": f"close {close_code(frames)}"}
 
 
+# -- read-nothing attacks ---------------------------------------------------------------------------
+
+# How long a read-nothing attacker waits on a write before it counts the server as no longer reading it.
+STALL = 3.0
+LARGE = "x" * 60_000  # under the default 64 KiB message limit with the JSON around it
+PROXY_TYPE = "stress.large"
+PROXY_RESULT_BYTES = (1 << 20) - 64  # just under the proxy's 1 MiB response bound
+
+
+async def _ask_unread(
+    port: int, ctx: ssl.SSLContext, token: str, request: bytes, reply_bytes: int, total: int,
+    setup: Callable[[asyncio.StreamReader, asyncio.StreamWriter], Awaitable[None]] | None = None,
+    batch: int = 32, pace: float = 0.0,
+) -> dict[str, Any]:
+    """Send ``request`` until the replies asked for add up to ``total`` bytes or the server stops reading
+    (a write stalls ``STALL`` seconds), reading nothing; then read until every reply or a close is in.
+    ``batch`` requests go per write, ``pace`` seconds apart (calls: no more at once than the server runs)."""
+    reader, writer = await ws_open(port, ctx, "/ws", f"Authorization: Bearer {token}\r\n")
+    await ws_read(reader, writer)  # the welcome
+    if setup is not None:
+        await setup(reader, writer)
+    wanted = max(1, total // reply_bytes)
+    frame = client_frame(request)
+    sent, stalled = 0, False
+    try:
+        while sent < wanted:
+            count = min(batch, wanted - sent)
+            writer.write(frame * count)
+            await asyncio.wait_for(writer.drain(), STALL)
+            sent += count
+            if pace:
+                await asyncio.sleep(pace)
+    except TimeoutError:
+        stalled = True
+    except (ConnectionError, ssl.SSLError):
+        pass
+    frames = await read_frames(reader, timeout=2 * ANSWER_TIMEOUT, replies=sent)
+    await _finish(writer)
+    code = close_code(frames)
+    answered = sum(op == 1 for op, _ in frames)
+    answer = f"close {code}" if code is not None else f"{answered} of {sent} answered"
+    return {"sent": sent * len(frame), "answer": answer + (", reading paused" if stalled else ""), "replies": answered}
+
+
+async def _publish_large(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+    for i in range(100):
+        writer.write(client_frame(json.dumps({"type": "publish", "channel": "bench", "data": LARGE, "id": i}).encode()))
+    for _ in range(100):
+        await ws_read(reader, writer)
+
+
+async def history_unread(port: int, ctx: ssl.SSLContext, token: str, total: int = 64 * MIB) -> dict[str, Any]:
+    return await _ask_unread(port, ctx, token, b'{"type":"history","channel":"bench"}', 100 * len(LARGE), total,
+                             _publish_large)
+
+
+async def echo_unread(port: int, ctx: ssl.SSLContext, token: str, total: int = 64 * MIB) -> dict[str, Any]:
+    request = json.dumps({"type": "echo", "data": LARGE}).encode()
+    return await _ask_unread(port, ctx, token, request, len(request), total)
+
+
+async def proxy_unread(port: int, ctx: ssl.SSLContext, token: str, total: int = 64 * MIB) -> dict[str, Any]:
+    """Needs a server whose ``SECURE_WS_RPC_PROXY_URL`` is :func:`rpc_backend`'s."""
+    request = json.dumps({"type": PROXY_TYPE, "id": 1, "data": None}).encode()
+    # SECURE_WS_MAX_INFLIGHT (8) calls at a time, each answered by the loopback backend in a few milliseconds.
+    return await _ask_unread(port, ctx, token, request, PROXY_RESULT_BYTES, total, batch=8, pace=0.1)
+
+
+async def presence_unread(port: int, ctx: ssl.SSLContext, token: str, total: int = 64 * MIB) -> dict[str, Any]:
+    listeners = []
+    try:
+        for _ in range(100):
+            reader, writer = await ws_open(port, ctx, "/ws", f"Authorization: Bearer {token}\r\n")
+            await ws_read(reader, writer)
+            writer.write(client_frame(b'{"type":"subscribe","channel":"bench"}'))
+            await ws_read(reader, writer)
+            listeners.append(writer)
+        return await _ask_unread(port, ctx, token, b'{"type":"presence","channel":"bench"}', 100 * 40, total)
+    finally:
+        for writer in listeners:
+            await _finish(writer)
+
+
+class _Backend(http.server.BaseHTTPRequestHandler):
+    body = json.dumps({"data": "y" * (PROXY_RESULT_BYTES - 20)}).encode()
+
+    def do_POST(self) -> None:  # noqa: N802 (http.server's name)
+        self.rfile.read(int(self.headers.get("content-length", 0)))
+        self.send_response(200)
+        self.send_header("content-type", "application/json")
+        self.send_header("content-length", str(len(self.body)))
+        self.end_headers()
+        self.wfile.write(self.body)
+
+    def log_message(self, *args: Any) -> None:
+        pass
+
+
+PROXY_SECRET = "stress-" + "s" * 40
+
+
+@contextlib.contextmanager
+def rpc_backend() -> Iterator[dict[str, str]]:
+    """A loopback RPC backend answering every call with ~1 MiB; yields the server variables that name it."""
+    server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), _Backend)
+    thread = threading.Thread(target=server.serve_forever, daemon=True)
+    thread.start()
+    try:
+        yield {"SECURE_WS_RPC_PROXY_URL": f"http://127.0.0.1:{server.server_address[1]}/rpc",
+               "SECURE_WS_RPC_PROXY_SECRET": PROXY_SECRET}
+    finally:
+        server.shutdown()
+        server.server_close()
+
+
 ATTACKS: dict[str, Callable[..., Awaitable[dict[str, Any]]]] = {
     "head-flood": head_flood,
     "ping-flood": ping_flood,
     "ping-unauthed": ping_unauthed,
     "fragment-flood": fragment_flood,
+    "history": history_unread,
+    "echo": echo_unread,
+    "proxy-results": proxy_unread,
+    "presence": presence_unread,
 }
 
 
@@ -192,26 +329,36 @@ def measure(attack: str, pid: int, port: int, ctx: ssl.SSLContext, token: str, t
     return asyncio.run(go())
 
 
+def _forget(env: dict[str, str], names: dict[str, str]) -> None:
+    for name in names:
+        env.pop(name, None)
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--mode", choices=("uvicorn", "serve", "both"), default="both")
-    parser.add_argument("--mib", type=int, default=64, help="most an attack sends (default 64)")
+    parser.add_argument("--mib", type=int, default=64, help="most an attack sends, or asks for unread (default 64)")
     parser.add_argument("--attack", choices=sorted(ATTACKS), action="append", help="only these (repeatable)")
     args = parser.parse_args()
     modes = ("uvicorn", "serve") if args.mode == "both" else (args.mode,)
     print(f"{'entry point':<9} {'attack':<15} {'sent MiB':>9} {'answer':<48} {'peak +MiB':>9} {'closed +MiB':>11}")
     with tempfile.TemporaryDirectory() as tmp:
-        folder = Path(tmp)
         for mode in modes:
+            folder = Path(tmp) / mode  # a key directory of its own (its API key file is made anew)
             _, target = make_targets(folder, mode)
             for attack in args.attack or ATTACKS:
-                target.start(folder)
-                try:
-                    ctx = client_ssl(str(folder / "ca.crt"))
-                    assert target.proc is not None and target.tokens
-                    r = measure(attack, target.proc.pid, target.port, ctx, target.tokens[0], args.mib * MIB)
-                finally:
-                    target.stop()
+                with contextlib.ExitStack() as stack:
+                    if attack == "proxy-results":
+                        backend = stack.enter_context(rpc_backend())
+                        target.env.update(backend)
+                        stack.callback(_forget, target.env, backend)
+                    target.start(folder)
+                    try:
+                        ctx = client_ssl(str(folder / "ca.crt"))
+                        assert target.proc is not None and target.tokens
+                        r = measure(attack, target.proc.pid, target.port, ctx, target.tokens[0], args.mib * MIB)
+                    finally:
+                        target.stop()
                 answer = r["answer"] + (f", {r['pongs_after_close']} pongs after close" if "pongs" in r else "")
                 print(f"{mode:<9} {attack:<15} {r['sent'] / MIB:>9.1f} {answer:<48} "
                       f"{r['peak_growth_mib']:>9.1f} {r['after_close_growth_mib']:>11.1f}", flush=True)

@@ -94,7 +94,7 @@ class Settings:
     handshake_rate_limits: tuple[RateLimitItem, ...] = ()
     max_connections_per_client: int = 10
     max_message_bytes: int = 65536
-    send_queue_size: int = 256
+    send_queue_bytes: int = 4 * 1024 * 1024
     max_subscriptions: int = 128
     history_size: int = 100
     history_ttl: int = 300
@@ -331,7 +331,8 @@ def load_settings(
         handshake_rate_limits=handshake_limits,
         max_connections_per_client=integer("MAX_CONNECTIONS_PER_CLIENT", 10, minimum=1),
         max_message_bytes=integer("MAX_MESSAGE_BYTES", 65536, minimum=64),
-        send_queue_size=integer("SEND_QUEUE_SIZE", 256, minimum=1),
+        # At least 1 MiB: what our transport's write buffer may hold on its own (see Session.writable) stays under half.
+        send_queue_bytes=integer("SEND_QUEUE_BYTES", 4 * 1024 * 1024, minimum=1024 * 1024),
         max_subscriptions=integer("MAX_SUBSCRIPTIONS", 128, minimum=1),
         history_size=history_size,
         history_ttl=history_ttl,

@@ -31,6 +31,7 @@ from secure_ws.wire.framing import (
     Parser,
     Violation,
     close_frame,
+    fragments,
     frame,
     parse_close,
 )
@@ -384,12 +385,23 @@ def test_fragmented_request_with_a_ping_in_between_is_answered(server, issue):
     assert on_wire(server, issue(), script) == [(TEXT, '{"type":"echo","data":"fragmented é"}'.encode()), (PONG, b"mid")]
 
 
-def test_one_pong_per_read_answers_its_last_ping(server, issue):
+def test_ten_pings_in_one_read_get_ten_pongs_in_order(server, issue):
+    """Autobahn|Testsuite case 2.10: every ping answered, with its own payload."""
     async def script(raw: Raw) -> list[Any]:
-        await raw.send(client_frame(PING, b"1") + client_frame(PING, b"2") + client_frame(PING, b"3"))
-        return [await raw.recv(), await raw.ask({"type": "ping"})]
+        await raw.send(b"".join(client_frame(PING, b"%d" % n) for n in range(10)))
+        return [await raw.recv() for _ in range(10)] + [await raw.ask({"type": "ping"})]
 
-    assert on_wire(server, issue(), script) == [(PONG, b"3"), {"type": "pong"}]
+    assert on_wire(server, issue(), script) == [(PONG, b"%d" % n) for n in range(10)] + [{"type": "pong"}]
+
+
+def test_a_read_of_many_pings_gets_sixteen_pongs_and_one_for_its_last(server, issue):
+    """Beyond the first 16 pings of one read only the last is answered: a flood costs 17 pongs a read at most."""
+    async def script(raw: Raw) -> list[Any]:
+        await raw.send(b"".join(client_frame(PING, b"%d" % n) for n in range(40)))  # one TLS record, one read
+        return [await raw.recv() for _ in range(17)] + [await raw.ask({"type": "ping"})]
+
+    expected = [(PONG, b"%d" % n) for n in (*range(16), 39)] + [{"type": "pong"}]
+    assert on_wire(server, issue(), script) == expected
 
 
 def test_two_requests_in_one_write_get_two_replies_in_order(server, issue):
@@ -445,3 +457,12 @@ def test_keepalive_pings_keep_an_answering_client_and_cut_a_silent_one(make_serv
 
     on_wire(srv, issue(), answering)
     assert on_wire(srv, issue(), silent) == 1011
+
+
+def test_a_large_message_goes_out_as_fragments_that_join_into_it():
+    payload = bytes(range(256)) * 1000  # 256,000 bytes: three fragments of 65,536 and one of 59,392
+    pieces = list(fragments(TEXT, payload, 65536))
+    assert [len(piece) for piece in pieces] == [65536 + 10] * 3 + [59392 + 4]
+    assert [piece[0] for piece in pieces] == [TEXT, CONT, CONT, 0x80 | CONT]  # FIN on the last only
+    assert b"".join(piece[10:] for piece in pieces[:3]) + pieces[3][4:] == payload
+    assert list(fragments(TEXT, b"small", 65536)) == [frame(TEXT, b"small")]

@@ -48,7 +48,7 @@ def test_faults_answer_internal_error_and_keep_the_connection(app_server: Server
     async def go() -> None:
         async with app_server.connect(issue()) as ws:
             await welcome(ws)
-            for kind in ("boom", "not.json"):
+            for kind in ("boom", "not.json", "surrogate"):
                 reply = await request(ws, {"type": kind, "id": kind, "data": None})
                 assert reply == {"type": "error", "id": kind, "code": "internal_error", "message": "internal error"}
             assert (await request(ws, {"type": "ping"}))["type"] == "pong"
@@ -57,6 +57,7 @@ def test_faults_answer_internal_error_and_keep_the_connection(app_server: Server
     log = app_server.log()
     assert "handler boom raised" in log and "RuntimeError: handler bug with secret detail" in log  # traceback: log only
     assert "handler not.json raised" in log
+    assert "handler surrogate raised" in log and "Task exception was never retrieved" not in log
 
 
 def test_hanging_handler_times_out(app_server: Server, issue: Any) -> None:

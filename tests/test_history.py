@@ -8,11 +8,14 @@ from __future__ import annotations
 
 import asyncio
 import json
+import sys
+import tracemalloc
 from unittest import mock
 
 import pytest
 from helpers import (
     ROOMS,
+    Serve,
     Server,
     assert_error,
     base_env,
@@ -22,12 +25,13 @@ from helpers import (
     publish,
     recv_json,
     request,
+    rss_kb,
     run,
     unique_channel,
     welcome,
 )
 
-from secure_ws.state.memory_history import ENTRY_COST, RECORD_COST, MemoryHistory
+from secure_ws.state.memory_history import ENTRY_COST, MemoryHistory, record_cost
 from secure_ws.state.storage import HistoryLimits, Position
 
 
@@ -350,9 +354,11 @@ def test_memory_history_stays_under_its_byte_bound_evicting_the_least_recently_p
         assert history.bytes <= 20_000
     # The bytes counted are the bytes held.
     held = history._live | history._idle
-    assert history.bytes == sum(RECORD_COST + sum(len(t) + ENTRY_COST for t in r.texts) for r in held.values())
-    # The most recent channel kept its history and its epoch; the oldest were evicted whole: a read makes a
-    # new record, whose epoch is new, so a subscriber from before learns its history was lost.
+    assert history.bytes == sum(
+        record_cost(name) + sum(sys.getsizeof(t) + ENTRY_COST for t in r.texts) for name, r in held.items()
+    )
+    # The most recent channel kept its history and its epoch; the oldest were evicted whole: a read answers
+    # (creating nothing) a new epoch, so a subscriber from before learns its history was lost.
     assert history.read("c39", Position(last["c39"].offset - 1, last["c39"].epoch), 10).recovered
     lost = history.read("c0", Position(last["c0"].offset - 1, last["c0"].epoch), 10)
     assert not lost.recovered and lost.epoch != last["c0"].epoch and lost.offset == 0
@@ -378,7 +384,94 @@ def test_memory_history_expires_messages_after_the_ttl_but_keeps_the_position():
         assert history.read("c", None, 10).messages == []
         assert history.read("c", position, 10).recovered  # up to date: nothing was missed
         assert not history.read("c", Position(1, position.epoch), 10).recovered  # 2 and 3 are gone
-        assert history.bytes == RECORD_COST
+        assert history.bytes == record_cost("c")
         now[0] += 3600  # past the record's own TTL: forgotten, a new epoch
         fresh = history.read("c", position, 10)
         assert not fresh.recovered and fresh.epoch != position.epoch and fresh.offset == 0
+
+
+def test_memory_history_counts_what_its_records_and_texts_really_take():
+    """The bytes counted are at least what tracemalloc sees allocated: records of channels with one message each
+    (names as long as they may be), and texts of emoji, which take 4 bytes a character."""
+    history = MemoryHistory(HistoryLimits(size=100, ttl=300, max_bytes=1 << 40))
+    names = [f"room.{i:06d}." + "n" * 116 for i in range(5000)]
+    heads = ['{"type":"message","channel":"c","data":"' + "\U0001f600" * (i % 300) + '"' for i in range(5000)]
+    tracemalloc.start()
+    try:
+        before = tracemalloc.get_traced_memory()[0]
+        for name, head in zip(names, heads, strict=True):
+            history.append(name, head)
+        taken = tracemalloc.get_traced_memory()[0] - before
+    finally:
+        tracemalloc.stop()
+    names_size = sum(sys.getsizeof(name) for name in names)  # allocated before: the records hold these very names
+    assert taken + names_size <= history.bytes <= 1.5 * (taken + names_size), (taken, names_size, history.bytes)
+
+
+def test_reading_a_channel_creates_nothing_and_its_first_publication_takes_the_epoch_read():
+    history = MemoryHistory(HistoryLimits(size=10, ttl=60, max_bytes=1 << 20))
+    empty = history.read("never", None, 10)
+    assert (empty.offset, empty.messages, empty.recovered) == (0, [], True) and history.bytes == 0
+    assert history.read("never", Position(0, empty.epoch), 10).recovered
+    assert not history.read("never", Position(0, "other"), 10).recovered
+    _, position = history.append("never", '{"data":1')
+    assert position == Position(1, empty.epoch)
+    assert history.read("never", Position(0, empty.epoch), 10).messages == [f'{{"data":1,"offset":1,"epoch":"{empty.epoch}"}}']
+
+
+def test_a_channel_lost_between_a_read_and_its_next_publication_gets_another_epoch():
+    """Read empty (epoch E), then a generation is born under E and lost (evicted): the next generation must not
+    take E, or a reader of the first one recovering from it would be told nothing was missed."""
+    history = MemoryHistory(HistoryLimits(size=10, ttl=60, max_bytes=65536))
+    told = history.read("c", None, 10).epoch
+    _, first = history.append("c", '{"data":"' + "x" * 60000 + '"')
+    assert first.epoch == told
+    for n in range(3):  # other channels push "c" out
+        history.append(f"other{n}", '{"data":"' + "y" * 30000 + '"')
+    assert history.read("c", None, 10).offset == 0
+    _, reborn = history.append("c", '{"data":2')
+    assert reborn.offset == 1 and reborn.epoch != told
+    assert not history.read("c", Position(1, told), 10).recovered
+
+
+@pytest.mark.parametrize("entry", [Server, Serve], ids=["uvicorn", "serve"])
+def test_reading_the_history_of_26000_new_channels_costs_no_memory(keydir, issue, entry):
+    """Each history read of a new name once left a record (about 1.1 KiB, counted as 400 bytes) for an hour:
+    26,000 names grew the server by about 28 MiB, three times SECURE_WS_HISTORY_MAX_BYTES here."""
+    srv = entry(keydir, base_env(keydir, SECURE_WS_RATE_LIMIT="100000/second", SECURE_WS_HISTORY_MAX_BYTES="8388608")).start()
+    try:
+        async def go() -> float:
+            async with srv.connect(issue(scope=ROOMS)) as ws:
+                await welcome(ws)
+                await request(ws, {"type": "history", "channel": "room.warm"})
+                base = rss_kb(srv.proc.pid)
+                for batch in range(52):
+                    for i in range(500):
+                        await ws.send(json.dumps({"type": "history", "channel": f"room.{batch}.{i}.{'n' * 100}"}))
+                    for _ in range(500):
+                        reply = await recv_json(ws, 10)
+                        assert reply["type"] == "history" and reply["offset"] == 0 and reply["messages"] == []
+                return (rss_kb(srv.proc.pid) - base) / 1024
+
+        grown = run(go())
+        assert grown < 8, f"server RSS grew {grown:.1f} MiB"
+    finally:
+        srv.stop()
+
+
+def test_history_counts_bytes_not_characters(make_server, issue):
+    """16,000 emoji a message: 64 KB each in UTF-8 and in memory. Counted as characters, a 1 MiB bound held 65
+    of them (4 MiB); counted as bytes it holds what fits in 1 MiB."""
+    srv = make_server(SECURE_WS_HISTORY_MAX_BYTES=str(1 << 20), SECURE_WS_RATE_LIMIT="1000/second")
+    channel = unique_channel()
+
+    async def go() -> list[str]:
+        async with srv.connect(issue(scope=ROOMS)) as ws:
+            await welcome(ws)
+            for _ in range(100):
+                frame = json.dumps({"type": "publish", "channel": channel, "data": "\U0001f600" * 16000}, ensure_ascii=False)
+                assert (await request(ws, frame))["type"] == "published"
+            return (await request(ws, {"type": "history", "channel": channel}, timeout=10))["messages"]
+
+    held = run(go())
+    assert 1 <= len(held) <= (1 << 20) // (4 * 16000), len(held)

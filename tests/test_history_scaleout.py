@@ -313,3 +313,42 @@ def test_the_client_recovers_publications_its_worker_missed_while_live(pair, iss
             assert failed == [] and reader.recovery_failures == 0
 
     run(go())
+
+
+def test_reading_channels_without_history_leaves_nothing_in_redis(keydir, own_redis, issue):
+    """A history read or subscribe of a channel never published once left a record (``sws:hm:{C}``) for an
+    hour, uncapped. Now only a publication makes one; the epoch the reader is told is still the one the first
+    publication carries, on either worker, and a recovery from it loses nothing."""
+    redis_server = own_redis()
+    channels = [unique_channel() for _ in range(200)]
+    with pair_on(keydir, redis_server.url) as (a, b):
+
+        async def go() -> None:
+            async with a.connect(issue(scope=ROOMS)) as on_a, b.connect(issue(scope=ROOMS)) as on_b:
+                await welcome(on_a)
+                await welcome(on_b)
+                told = {}
+                for channel in channels:
+                    found = await request(on_a, {"type": "history", "channel": channel})
+                    assert (found["offset"], found["messages"]) == (0, [])
+                    told[channel] = found["epoch"]
+                    on_b_reply = await request(on_b, {"type": "subscribe", "channel": channel})
+                    assert (on_b_reply["offset"], on_b_reply["epoch"]) == (0, told[channel])  # the same on every node
+                    assert (await request(on_b, {"type": "unsubscribe", "channel": channel}))["type"] == "unsubscribed"
+                client = redis_server.client()
+                assert [key for key in client.scan_iter("sws:h*") if key != b"sws:hseed"] == []
+                first = channels[0]
+                await publish(on_b, first, "one", "two")
+                async with a.connect(issue(scope=ROOMS)) as late:
+                    await welcome(late)
+                    since = {"offset": 0, "epoch": told[first]}
+                    reply = await request(late, {"type": "subscribe", "channel": first, "since": since})
+                    assert reply == {"type": "subscribed", "channel": first, "offset": 2, "epoch": told[first],
+                                     "recovered": True}
+                    assert [(m["data"], m["epoch"]) for m in await messages(late, 2)] == [("one", told[first]),
+                                                                                         ("two", told[first])]
+                assert sorted(client.scan_iter("sws:h*")) == sorted(
+                    [b"sws:hseed", f"sws:hm:{{{first}}}".encode(), f"sws:h:{{{first}}}".encode(),
+                     f"sws:hn:{{{first}}}".encode()])
+
+        run(go())

@@ -105,6 +105,33 @@ def test_no_pong_after_our_close_and_pings_after_it_cost_bounded_memory(start):
     assert result["pongs_after_close"] == 0, result
 
 
+# -- replies asked for and never read ----------------------------------------------------------------
+
+# attack → (MiB of replies asked for, peak growth allowed). Before the queue was bounded in bytes, the same
+# attacks grew the server by about 87 MiB (history: 11 answers of 6 MB, and it grows with what is asked),
+# 55 MiB (proxy results, 64 of 1 MiB) and 24 MiB (echo); memory now stays flat however much is asked.
+READ_NOTHING = {
+    "history": (64, 40),  # the 6 MB history itself, and a 6 MB answer's copies while it is written
+    "echo": (64, GROWTH_LIMIT_MIB),
+    "proxy-results": (128, 40),  # SECURE_WS_MAX_INFLIGHT (8) results of 1 MiB in flight, and their copies
+    "presence": (64, GROWTH_LIMIT_MIB),
+}
+
+
+@pytest.mark.parametrize("name", sorted(READ_NOTHING))
+def test_a_client_that_never_reads_what_it_asked_for_costs_bounded_memory_and_is_not_cut(start, issue, name):
+    asked, limit = READ_NOTHING[name]
+    with stress.rpc_backend() as backend:
+        srv = start(SECURE_WS_RATE_LIMIT="100000000/second", SECURE_WS_MAX_CONNECTIONS_PER_CLIENT="1000", **backend)
+        assert srv.proc is not None
+        result = stress.measure(name, srv.proc.pid, srv.port, srv.ssl_context(),
+                                issue(scope="subscribe:bench publish:bench"), asked * MIB)
+    assert result["peak_growth_mib"] < limit, result
+    assert result["after_close_growth_mib"] < limit, result
+    assert not result["answer"].startswith("close"), result  # paced (its requests wait), every reply delivered
+    assert "Traceback" not in srv.log()
+
+
 # -- fragments and message size ------------------------------------------------------------------
 
 

@@ -88,6 +88,7 @@ class Backend:
         "error-int-message": (200, b'{"error": {"code": "ok_code", "message": 7}}', {}),
         "error-not-object": (200, b'{"error": "boom"}', {}),
         "big": (200, b'{"data": "' + b"x" * 4096 + b'"}', {}),
+        "surrogate": (200, b'{"data": "a\\ud800b"}', {}),  # a JSON escape of a lone surrogate
         "gzip": (200, gzip.compress(b'{"data": 1}'), {"content-encoding": "gzip"}),
     }
 

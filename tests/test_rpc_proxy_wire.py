@@ -79,3 +79,21 @@ def test_backend_error_is_an_error_frame(keydir: Path, backend: Backend, issue: 
         run(go())
     finally:
         srv.stop()
+
+
+def test_a_backend_answer_no_utf8_can_carry_is_internal_error(keydir: Path, backend: Backend, issue: Any) -> None:
+    """A lone surrogate (a JSON escape the backend may send) cannot go out as UTF-8: the call is answered
+    internal_error, once, and the connection stays."""
+    srv = proxied(keydir, backend, "/fixed/surrogate")
+    try:
+        async def go() -> None:
+            async with srv.connect(issue()) as ws:
+                await welcome(ws)
+                reply = await request(ws, {"type": "orders.create", "id": 3, "data": {}})
+                assert reply == {"type": "error", "id": 3, "code": "internal_error", "message": "internal error"}
+                assert await request(ws, {"type": "ping", "id": 4}) == {"type": "pong", "id": 4}
+
+        run(go())
+        assert "Task exception was never retrieved" not in srv.log()
+    finally:
+        srv.stop()

@@ -19,11 +19,16 @@ handlers are entries of the same table. An application handler runs as its own
 task, at most ``SECURE_WS_MAX_INFLIGHT`` at once per connection, so a slow one
 never holds up the frames behind it; its reply is matched by ``id``.
 
-Everything sent goes through :meth:`Session.send`. When it cannot be written
-at once (no direct transport, or the transport's buffer is full) it waits in a
-small bounded queue drained by a task that exists only while the queue is
-non-empty, so an idle connection carries no extra task; a client that lets the
-queue fill is cut as a ``slow consumer``.
+Everything sent goes through :meth:`Session.send` (what the client asked for: replies, history, a
+recovery's replay, call results) or :meth:`Session.deliver` (publications and pushes). When a text
+cannot be written at once (no direct transport, the transport's buffer is full, or the text is large)
+it waits in a queue drained by a task that exists only while the queue is non-empty, so an idle
+connection carries no extra task. The queue is bounded in bytes (``SECURE_WS_SEND_QUEUE_BYTES``),
+counting what the transport's write buffer already holds: past the bound a delivery cuts the client
+as a ``slow consumer``, while a reply is still queued but the client's next frame is not read until
+the backlog is back to half the bound (what TCP does to a sender whose peer does not read). A
+client's own replies therefore never count against its deliveries' bound (``_grace``), so a
+recovering client with several large replays is paced, never cut.
 """
 
 from __future__ import annotations
@@ -34,6 +39,7 @@ import secrets
 import time
 from collections import deque
 from collections.abc import Awaitable, Callable, Sequence
+from sys import getsizeof
 from time import perf_counter
 from typing import TYPE_CHECKING, Any
 
@@ -98,7 +104,12 @@ class Session:
         "_keys",
         "_limiter",
         "_max_bytes",
-        "_max_queue",
+        "_limit",
+        "_half",
+        "_queued",
+        "_grace",
+        "_buffered",
+        "_waiters",
         "_timer",
         "_closer",
         "_queue",
@@ -124,13 +135,22 @@ class Session:
         self.closed = False
         self.channels: set[str] = set()
         self._write: Callable[[str], bool] | None = None
+        self._buffered: Callable[[], int] | None = None  # the direct transport's write buffer size, in bytes
         self._sub = principal.sub  # refresh keeps the sub, so the limiter's keys are fixed per connection
         self._limiter = deps.limiter
         self._keys = self._limiter.keys(self._sub)
         self._max_bytes = deps.settings.max_message_bytes
-        # What a client may leave unread before it is cut as a slow consumer, plus room for one recovery's replay
-        # (at most SECURE_WS_HISTORY_SIZE messages, sent at once on a subscribe with `since`).
-        self._max_queue = deps.settings.send_queue_size + deps.settings.history_size
+        # Bytes a client may leave unread (queued here, held, and in the transport's write buffer): past it a
+        # delivery cuts it as a slow consumer, and a reply pauses reading its frames until the backlog is at half.
+        self._limit = deps.settings.send_queue_bytes
+        self._half = self._limit // 2
+        self._queued = 0  # what the texts in _queue and _held take in memory (sys.getsizeof: header + characters)
+        # Bytes of this client's own replies queued since the backlog was last at half or less: they are paced by
+        # not reading the client, so they do not count against the bound its deliveries meet (≤ the bound + one
+        # reply + the results of SECURE_WS_MAX_INFLIGHT calls, see send()).
+        self._grace = 0
+        # Futures of writable() (and of a paused read), resolved once the backlog is at half or the session ends.
+        self._waiters: list[asyncio.Future[None]] | None = None
         self._timer: asyncio.TimerHandle | None = None
         self._closer: asyncio.Task[None] | None = None
         self._queue: deque[str] = deque()
@@ -167,6 +187,7 @@ class Session:
             return
         if direct is not None:  # before the accept, so the first frame already meets our message limit
             self._write = direct.attach(self.frame, self._max_bytes)
+            self._buffered = direct.buffered
         await self.send_raw({"type": "websocket.accept", "subprotocol": subprotocol})
         deps.hub.add(self)
         metrics.CONNECTIONS.inc()
@@ -200,6 +221,7 @@ class Session:
             )
         finally:
             self.closed = True
+            self._wake()
             if direct is not None:
                 direct.attach(None)
             if self._timer is not None:
@@ -246,6 +268,10 @@ class Session:
                 work = self.frame(message.get("text"))
             if work is not None:
                 await work
+                if self._queued:
+                    paused = self._paused()
+                    if paused is not None:
+                        await paused
 
     # -- one frame -----------------------------------------------------------------
 
@@ -263,7 +289,10 @@ class Session:
             return misfit
         if refused >= 0:
             return self._refused(refused)
-        return self._accept(text)  # type: ignore[arg-type]
+        work = self._accept(text)  # type: ignore[arg-type]
+        if work is None and self._queued:
+            return self._paused()
+        return work
 
     async def _frame_shared(self, text: str | None) -> None:
         retry_ms = await self._limiter.hit(self._sub, self._keys)
@@ -401,6 +430,8 @@ class Session:
             if handler is not None and handler.validate is not None:
                 data = handler.validate(data)
             result = await invoke(self.context, data)
+            # Encoded inside the try: a result JSON cannot carry (a lone surrogate, a non-string key…) is the
+            # handler's fault, answered internal_error, never a task that dies unanswered.
             text = reply(request, {"type": "result", "data": result})
         except asyncio.CancelledError as exc:
             if exc.args != (_TIMED_OUT,):
@@ -443,25 +474,94 @@ class Session:
     # -- output ----------------------------------------------------------------------
 
     def send(self, text: str) -> None:
-        """Send now if the transport takes it, else queue it; never blocks."""
+        """What this client asked for (a reply, a replay, a call's result): written now if the transport takes it,
+        else queued. Never cut: past the byte bound the client's frames wait instead (:meth:`_paused`)."""
         if self.closed:
             return
         queue = self._queue
         write = self._write
         if not queue and write is not None and write(text):
             return
-        if self._enqueue(queue, text) and self._drainer is None:
-            self._drainer = asyncio.get_running_loop().create_task(self._drain())
+        cost = getsizeof(text)
+        self._queued += cost
+        self._grace += cost
+        self._enqueue(text)
 
     def deliver(self, text: str, channel: str = "", offset: int = 0, epoch: str = "") -> None:
         """A publication (with its channel, and its offset and epoch when the channel keeps history) or a push:
-        sent like a reply, or held while this client's own built-in request (or the connect hook) is in flight."""
+        sent, or held while this client's own built-in request (or the connect hook) is in flight; past the
+        byte bound, the client is cut as a slow consumer."""
         held = self._held
         if held is not None:
-            if not self.closed:
-                self._enqueue(held, (text, channel, offset, epoch))
+            if not self.closed and self._fits(text):
+                held.append((text, channel, offset, epoch))
         elif self._floors is None or not offset or not self._stale(channel, offset, epoch):
-            self.send(text)
+            self._push(text)
+
+    def _push(self, text: str) -> None:
+        if self.closed:
+            return
+        queue = self._queue
+        write = self._write
+        if not queue and write is not None and write(text):
+            return
+        if self._fits(text):
+            self._enqueue(text)
+
+    def _enqueue(self, text: str) -> None:
+        """Queue a text already counted in ``_queued``; the drainer runs while the queue is non-empty."""
+        self._queue.append(text)
+        if self._drainer is None:
+            self._drainer = asyncio.get_running_loop().create_task(self._drain())
+
+    def _fits(self, text: str) -> bool:
+        """Count a delivery about to be queued or held; False, and the client cut, if it is over the bound."""
+        cost = getsizeof(text)
+        if self._queued + cost + self._transport_bytes() > self._limit + self._grace:
+            self.close_soon(Close.POLICY_VIOLATION, SLOW_CONSUMER)
+            return False
+        self._queued += cost
+        return True
+
+    def _transport_bytes(self) -> int:
+        buffered = self._buffered
+        return 0 if buffered is None else buffered()
+
+    def writable(self) -> Awaitable[None] | None:
+        """None when what this connection has not yet sent (queued, held, and in the transport's write buffer)
+        is at most half of ``SECURE_WS_SEND_QUEUE_BYTES``; else a future that resolves once it is, or once the
+        session ends. For producers that can wait (a stream's next chunk)."""
+        # With nothing queued, the transport's buffer alone is under half: a write goes to it only while it holds
+        # under its high-water mark (64 KiB), at most 64 Ki characters at a time, and the bound is at least 1 MiB.
+        if not self._queued or self.closed or self._queued + self._transport_bytes() <= self._half:
+            return None
+        return self._waiter()
+
+    def _paused(self) -> Awaitable[None] | None:
+        """After a frame: None, or (the backlog over the bound) what to await before reading the next one."""
+        if self.closed or self._queued + self._transport_bytes() <= self._limit:
+            return None
+        return self._waiter()
+
+    def _waiter(self) -> asyncio.Future[None]:
+        future: asyncio.Future[None] = asyncio.get_running_loop().create_future()
+        waiters = self._waiters
+        if waiters is None:
+            waiters = self._waiters = []
+        waiters.append(future)  # bound: the receive loop and the running calls (≤ SECURE_WS_MAX_INFLIGHT) wait here
+        return future
+
+    def _eased(self) -> None:
+        """Some of the backlog went out: at half the bound or less, its replies' grace ends and waiters go on."""
+        if self._queued + self._transport_bytes() <= self._half:
+            self._grace = 0
+            self._wake()
+
+    def _wake(self) -> None:
+        waiters, self._waiters = self._waiters, None
+        for future in waiters or ():
+            if not future.done():
+                future.set_result(None)
 
     def recovered_to(self, channel: str, position: Position) -> None:
         """This client was told ``channel`` is at ``position`` (and sent every message up to it): drop later
@@ -488,25 +588,30 @@ class Session:
         return False
 
     def _release(self, held: list[Delivery]) -> None:
+        if self.closed:
+            return  # close() has already let go of their count
         for text, channel, offset, epoch in held:
+            self._queued -= getsizeof(text)
             if self._floors is None or not offset or not self._stale(channel, offset, epoch):
-                self.send(text)
-
-    def _enqueue(self, queue: deque[str] | list[Delivery], item: Any) -> bool:
-        if len(queue) >= self._max_queue:
-            self.close_soon(Close.POLICY_VIOLATION, SLOW_CONSUMER)
-            return False
-        queue.append(item)
-        return True
+                self._push(text)
+        if self._waiters is not None:
+            self._eased()
 
     async def _drain(self) -> None:
         queue = self._queue
         try:
             while queue and not self.closed:
-                await self.send_raw({"type": "websocket.send", "text": queue.popleft()})
+                text = queue[0]  # left in the queue while it is written, so that nothing is written beside it
+                await self.send_raw({"type": "websocket.send", "text": text})
+                if queue:  # else close() emptied it meanwhile
+                    queue.popleft()
+                    self._queued -= getsizeof(text)
+                    if self._grace or self._waiters is not None:
+                        self._eased()
         except Exception:  # noqa: BLE001 (the peer is gone, or a fault: either way this connection ends)
-            log.warning("session %s: delivery failed", self.id, exc_info=True)
-            await self.close(Close.INTERNAL_ERROR, INTERNAL_ERROR)
+            if not self.closed:
+                log.warning("session %s: delivery failed", self.id, exc_info=True)
+                await self.close(Close.INTERNAL_ERROR, INTERNAL_ERROR)
         finally:
             self._drainer = None
 
@@ -515,6 +620,8 @@ class Session:
             return
         self.closed = True
         self._queue.clear()
+        self._queued = self._grace = 0
+        self._wake()
         metrics.closed(code, reason)
         log.info(
             "session %s sub=%s closed %d %s", self.id, self.principal.sub, code, reason,

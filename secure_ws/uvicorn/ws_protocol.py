@@ -13,7 +13,10 @@ replaces what happens on every frame:
   the application is busy is it queued, and only then is reading paused, so
   memory stays as bounded as before;
 * ``websocket.send`` frames the text and writes it, and waits only while the
-  transport has paused writing;
+  transport has paused writing; a message over ``PIECE`` bytes goes out as
+  fragments of ``PIECE`` bytes, each written once the transport takes more, so
+  that the write buffer never holds a whole large message beside what the
+  application counts (:meth:`WebSocketProtocol.buffered`);
 * an application may go further through the ``secure_ws.direct`` scope
   extension (this protocol object): :meth:`WebSocketProtocol.attach` a frame
   handler, called with each text message straight from the socket's read while
@@ -24,9 +27,10 @@ replaces what happens on every frame:
 Bounds, since a client controls every byte: a message is at most the application's
 limit (given to :meth:`WebSocketProtocol.attach`), decided from the frame header;
 the application's backlog is one socket read at most (reading pauses as soon as
-a message has to wait); a read gets at most one pong, none while the transport
-has paused writing and none after our close frame; bytes before our 101 are kept
-up to ``EARLY_DATA_LIMIT``.
+a message has to wait); a read's pings are each answered up to ``PONGS_PER_READ``,
+beyond that only the last one (RFC 6455 §5.5.3 allows it), so a ping flood costs
+one pong per read; none while the transport has paused writing and none after
+our close frame; bytes before our 101 are kept up to ``EARLY_DATA_LIMIT``.
 
 permessage-deflate is never negotiated: our messages are small JSON objects
 that compress poorly, compression would cost CPU on every frame and tens of KiB
@@ -55,7 +59,19 @@ from websockets.frames import Frame, Opcode
 
 from ..core.handshake import PEER
 from ..core.session import DIRECT, WORK
-from ..wire.framing import BINARY, CLOSE, PING, PONG, TEXT, Parser, Violation, close_frame, frame, parse_close
+from ..wire.framing import (
+    BINARY,
+    CLOSE,
+    PING,
+    PONG,
+    TEXT,
+    Parser,
+    Violation,
+    close_frame,
+    fragments,
+    frame,
+    parse_close,
+)
 
 log = logging.getLogger("secure_ws")
 
@@ -66,6 +82,13 @@ TESTED_UVICORN = [["0", "54"]]
 
 # What a client may send after its upgrade request and before our 101 (it should send nothing, RFC 6455 §4.1).
 EARLY_DATA_LIMIT = 65536
+
+# The largest write of one message: a longer one goes out as fragments of this many bytes, one per time the
+# transport takes more; a text of more characters is not written directly (write_text) but queued.
+PIECE = 65536
+
+# Pings of one read answered one by one (Autobahn case 2.10 sends ten at once); beyond, only the read's last.
+PONGS_PER_READ = 16
 
 
 class Inbox:
@@ -120,12 +143,18 @@ class WebSocketProtocol(WebSocketsSansIOProtocol):
         return self.write_text
 
     def write_text(self, text: str) -> bool:
-        """Send a text message now; False (nothing sent) while the transport has paused writing."""
-        if not self.writable.is_set():
+        """Send a text message now; False (nothing sent) while the transport has paused writing, or for a text
+        over ``PIECE`` characters (one that goes out in pieces, through ``websocket.send``)."""
+        if len(text) > PIECE or not self.writable.is_set():
             return False
         if not (self.close_sent or self.transport.is_closing()):
             self.transport.write(frame(TEXT, text.encode()))
         return True
+
+    def buffered(self) -> int:
+        """Bytes in the transport's write buffer (for TLS, those not yet handed to the socket's own buffer, which
+        holds at most its high-water mark plus one piece more)."""
+        return self.transport.get_write_buffer_size()
 
     # -- input ---------------------------------------------------------------------
 
@@ -134,7 +163,7 @@ class WebSocketProtocol(WebSocketsSansIOProtocol):
         if parser is None:
             self._handshake_data(data)
             return
-        ping: bytes | None = None
+        pings: list[bytes] | None = None  # bound: PONGS_PER_READ + 1 payloads of at most 125 bytes
         for opcode, payload in parser.feed(data):
             if opcode == TEXT:
                 handler = self._on_text
@@ -147,23 +176,26 @@ class WebSocketProtocol(WebSocketsSansIOProtocol):
             elif opcode == BINARY:
                 self._deliver({"type": "websocket.receive", "bytes": payload})
             elif opcode == PING:
-                ping = payload  # type: ignore[assignment]
+                if pings is None:
+                    pings = []
+                elif len(pings) > PONGS_PER_READ:
+                    pings.pop()  # beyond the first PONGS_PER_READ, only the last ping of the read is answered
+                pings.append(payload)  # type: ignore[arg-type]
             elif opcode == PONG:
                 self.handle_pong(Frame(Opcode.PONG, payload))  # type: ignore[arg-type]
             else:
                 self._close_received(payload)  # type: ignore[arg-type]
                 return
-        if ping is not None:
-            self._pong(ping)
+        if pings is not None:
+            self._pong(pings)
         if parser.error is not None:
             self._fail(parser.error)
 
-    def _pong(self, payload: bytes) -> None:
-        # One pong per read, for the last ping in it (RFC 6455 §5.5.3 allows answering only the most
-        # recent), and none while the transport has paused writing or after our close frame: a client
-        # that sends pings and never reads must not grow our write buffer.
+    def _pong(self, pings: list[bytes]) -> None:
+        # At most PONGS_PER_READ + 1 pongs per read, and none while the transport has paused writing or
+        # after our close frame: a client that sends pings and never reads must not grow our write buffer.
         if self.writable.is_set() and not self.close_sent and not self.transport.is_closing():
-            self.transport.write(frame(PONG, payload))
+            self.transport.write(b"".join([frame(PONG, payload) for payload in pings]))
 
     def _handshake_data(self, data: bytes) -> None:
         if not self.handshake_initiated:
@@ -242,10 +274,16 @@ class WebSocketProtocol(WebSocketsSansIOProtocol):
                 if self.disconnected or self.transport.is_closing():
                     raise ClientDisconnected()
                 text = message.get("text")
-                if text is not None:
-                    self.transport.write(frame(TEXT, text.encode()))
-                else:
-                    self.transport.write(frame(BINARY, message.get("bytes") or b""))
+                opcode, data = (TEXT, text.encode()) if text is not None else (BINARY, message.get("bytes") or b"")
+                if len(data) <= PIECE:
+                    self.transport.write(frame(opcode, data))
+                    return
+                for piece in fragments(opcode, data, PIECE):
+                    if not self.writable.is_set():
+                        await self.writable.wait()
+                    if self.close_sent or self.disconnected or self.transport.is_closing():
+                        raise ClientDisconnected()
+                    self.transport.write(piece)
                 return
         await super().send(message)
         if self._parser is None and self.handshake_complete and not self.close_sent and self.initial_response is None:

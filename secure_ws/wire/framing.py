@@ -22,6 +22,8 @@ size check allowed.
 
 from __future__ import annotations
 
+from collections.abc import Iterator
+
 try:
     from websockets.speedups import apply_mask  # C; websockets comes with uvicorn[standard]
 except ImportError:  # pragma: no cover (a websockets build without its C extension)
@@ -187,14 +189,26 @@ def parse_close(payload: bytes) -> tuple[int, str]:
 _TEXT_HEADS = tuple(bytes((0x80 | TEXT, size)) for size in range(126))
 
 
-def frame(opcode: int, payload: bytes) -> bytes:
-    """One unmasked, final server frame."""
+def frame(opcode: int, payload: bytes | memoryview, fin: bool = True) -> bytes:
+    """One unmasked server frame, final unless ``fin`` is False (a fragment that more follow)."""
     size = len(payload)
+    if size < 126 and opcode == TEXT and fin:
+        return _TEXT_HEADS[size] + payload
+    b0 = 0x80 | opcode if fin else opcode
     if size < 126:
-        return (_TEXT_HEADS[size] if opcode == TEXT else bytes((0x80 | opcode, size))) + payload
+        return bytes((b0, size)) + payload
     if size < 65536:
-        return bytes((0x80 | opcode, 126)) + size.to_bytes(2, "big") + payload
-    return bytes((0x80 | opcode, 127)) + size.to_bytes(8, "big") + payload
+        return bytes((b0, 126)) + size.to_bytes(2, "big") + payload
+    return bytes((b0, 127)) + size.to_bytes(8, "big") + payload
+
+
+def fragments(opcode: int, payload: bytes, size: int) -> Iterator[bytes]:
+    """``payload`` as one message of frames carrying at most ``size`` bytes each (RFC 6455 §5.4), made one at a
+    time as they are taken."""
+    view = memoryview(payload)
+    end = len(payload)
+    for start in range(0, end, size):
+        yield frame(CONT if start else opcode, view[start : start + size], start + size >= end)
 
 
 def close_frame(code: int, reason: str = "") -> bytes:

@@ -55,14 +55,16 @@ _encoder = json.JSONEncoder(ensure_ascii=False, separators=(",", ":"), check_cir
 
 
 def encode(obj: Any) -> str:
-    """Compact JSON text, or ``TypeError`` for what is not JSON. (NaN and infinities, which no decoded
-    request holds, come out as ``null``.)"""
+    """Compact JSON text, or ``TypeError`` for what is not JSON, ``UnicodeEncodeError`` for a string no UTF-8
+    can carry (a lone surrogate). (NaN and infinities, which no decoded request holds, come out as ``null``.)"""
     try:
         return orjson.dumps(obj).decode()
     except TypeError:
-        # Integers beyond 64 bits (a client may echo them), and lone surrogates, which the standard
-        # encoder writes as escapes. Anything really not JSON raises TypeError from there too.
-        return _encoder.encode(obj)
+        # Integers beyond 64 bits (a client may echo them), and lone surrogates (which orjson refuses). Anything
+        # really not JSON raises TypeError from there too.
+        text = _encoder.encode(obj)
+        text.encode()  # a lone surrogate raises here, where the caller expects a failure, not later at the send
+        return text
 
 
 def _parse(text: str) -> Any:

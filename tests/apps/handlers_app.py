@@ -75,6 +75,36 @@ async def not_json(ctx: Context, data: Any) -> Any:
     return {"when": object()}
 
 
+@api.handler("surrogate")
+async def surrogate(ctx: Context, data: Any) -> Any:
+    return {"text": "a\ud800b"}  # a lone surrogate: valid in Python, carried by no UTF-8
+
+
+filling: dict[str, Any] = {}  # what the last "fill" call did, for "fill.state" (one entry per key, overwritten)
+
+
+@api.handler("fill")
+async def fill(ctx: Context, data: Any) -> Any:
+    """Push ``data`` characters at a time until the connection is no longer writable, then wait until it is."""
+    session = ctx._session  # type: ignore[attr-defined]
+    filling.clear()
+    filling["first"] = session.writable() is None
+    pushed = 0
+    while (waiter := session.writable()) is None:
+        await ctx.send("x" * data)
+        pushed += 1
+    filling["pushed"] = pushed
+    filling["waiting"] = True
+    await waiter
+    filling["waiting"] = False
+    return {"pushed": pushed, "writable": session.writable() is None}
+
+
+@api.handler("fill.state")
+async def fill_state(ctx: Context, data: Any) -> Any:
+    return filling
+
+
 @api.handler("hang")
 async def hang(ctx: Context, data: Any) -> Any:
     await asyncio.Event().wait()  # never set: only the handler timeout ends it
