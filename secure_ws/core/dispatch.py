@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import logging
 from functools import partial
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, cast
 
 from ..wire.messages import UNAVAILABLE, UNKNOWN_TYPE, ProtocolError
 from .builtins import BUILT_INS
@@ -19,7 +19,7 @@ from .handlers import TYPE_NAME, Handler
 if TYPE_CHECKING:
     from .context import Context
     from .rpc_proxy import RpcProxy
-    from .types import Connection, Route
+    from .types import Connection, Invoke, Route
 
 log = logging.getLogger("secure_ws.session")
 
@@ -32,7 +32,7 @@ def routes(handlers: dict[str, Handler]) -> dict[str, Route]:
 
 
 def _handler_route(handler: Handler) -> Route:
-    func = handler.func
+    func = cast("Invoke", handler.func)  # a stream's generator function is run by the session itself
 
     def route(session: Connection, request: dict[str, Any]) -> None:
         session.call(request, func, handler)
