@@ -44,8 +44,8 @@ def streams(request: pytest.FixtureRequest, keydir: Path) -> Any:
     srv.stop()
 
 
-async def until_terminal(ws: Any, id: Any, timeout: float = 10.0) -> tuple[list[Any], dict[str, Any]]:
-    """The chunks' data of call ``id`` in order (their seq checked), and its one terminal frame."""
+async def until_terminal(ws: Any, id: Any, timeout: float = 10.0, seq: int = 0) -> tuple[list[Any], dict[str, Any]]:
+    """The chunks' data of call ``id`` in order (their seq checked, from ``seq``), and its one terminal frame."""
     chunks: list[Any] = []
     async with asyncio.timeout(timeout):
         while True:
@@ -53,7 +53,7 @@ async def until_terminal(ws: Any, id: Any, timeout: float = 10.0) -> tuple[list[
             if frame.get("id") != id:
                 continue
             if frame["type"] == "chunk":
-                assert frame["seq"] == len(chunks), frame
+                assert frame["seq"] == seq + len(chunks), frame
                 assert set(frame) == {"type", "id", "seq", "data"}, frame
                 chunks.append(frame["data"])
             else:
@@ -324,5 +324,35 @@ def test_a_stream_counts_on_max_inflight_until_it_ends(streams: Server, issue: A
             await ws.send(json.dumps({"type": "count", "id": 5, "data": {"n": 2}}))
             chunks, end = await until_terminal(ws, 5)
             assert chunks == [0, 1] and end["type"] == "result"
+
+    run(go())
+
+
+# -- backpressure -----------------------------------------------------------------------------------
+
+
+def test_a_reader_that_stops_pauses_its_stream_instead_of_being_cut(streams: Server, issue: Any) -> None:
+    tag, n = unique_sub("big"), 2000  # 2000 chunks of 16 KiB: 32 MiB, far more than the buffers on the way hold
+
+    async def produced(ws: Any) -> int:
+        reply = await request(ws, {"type": "produced", "id": "p", "data": tag})
+        return int(reply["data"])
+
+    async def go() -> None:
+        async with streams.connect(issue()) as reader, streams.connect(issue()) as other:
+            await welcome(reader)
+            await welcome(other)
+            await reader.send(json.dumps({"type": "big", "id": 1, "data": {"tag": tag, "size": 16384, "n": n}}))
+            seen: list[int] = []
+
+            async def paused() -> bool:
+                seen.append(await produced(other))
+                return len(seen) >= 4 and seen[-4] == seen[-1] > 0
+
+            await wait_until(paused, 20, "the generator stopped being advanced", every=0.2)
+            assert seen[-1] < n / 2, seen
+            assert (await request(other, {"type": "ping", "id": 2})) == {"type": "pong", "id": 2}  # others not held up
+            chunks, end = await until_terminal(reader, 1, timeout=60)  # reading again resumes it, to the end
+            assert len(chunks) == n and end == {"type": "result", "id": 1, "data": {"chunks": n}}
 
     run(go())

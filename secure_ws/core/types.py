@@ -31,9 +31,11 @@ Hook = Callable[[Any], Awaitable[None]]  # on_connect / on_disconnect, given the
 @dataclass(frozen=True, slots=True)
 class Chunks:
     """What an :data:`Invoke` returns to answer with a stream instead of one result (the RPC proxy's NDJSON
-    body): each value ``iterator`` yields is a chunk; it is closed (``aclose``) however the call ends."""
+    body): each value ``iterator`` yields is a chunk; it is closed (``aclose``) however the call ends, and then
+    ``close`` is called, which releases what it holds even if it never started (when its ``finally`` never runs)."""
 
     iterator: AsyncGenerator[Any, None]
+    close: Callable[[], Awaitable[None]] | None = None
 
 
 class Connection(Protocol):
