@@ -88,6 +88,7 @@ class Server:
         self.port = free_port()
         self.log_path = keydir / f"server-{self.port}.log"
         self.uvicorn_args = uvicorn_args
+        self.cwd = keydir  # the working directory it runs in
         self.proc: subprocess.Popen | None = None
 
     @property
@@ -124,7 +125,7 @@ class Server:
         self.proc = subprocess.Popen(
             self.argv(),
             env=self.env,
-            cwd=self.keydir,
+            cwd=self.cwd,
             stdout=self._log,
             stderr=subprocess.STDOUT,
         )

@@ -38,6 +38,14 @@ async def scoped(ctx: Context, data: Any) -> Any:
     yield {"sub": ctx.sub}
 
 
+@api.stream("job.run")
+async def job_run(ctx: Context, data: Any) -> Any:
+    """Progress of a job: each step published to ``job.<sub>`` (any worker's subscribers) and yielded as a chunk."""
+    for step in range(data["steps"]):
+        await ctx.publish(f"job.{ctx.sub}", {"step": step})
+        yield {"step": step}
+
+
 @api.stream("raises.after")
 async def raises_after(ctx: Context, data: Any) -> Any:
     yield 1
