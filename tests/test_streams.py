@@ -14,6 +14,7 @@ from typing import Any
 
 import pytest
 from helpers import (
+    ROOT,
     AppServer,
     ServeApp,
     Server,
@@ -29,6 +30,8 @@ from helpers import (
     wait_until,
     welcome,
 )
+
+import stress  # scripts/stress.py (on sys.path through helpers)
 
 ENV = {"SECURE_WS_HANDLER_TIMEOUT": "1s", "SECURE_WS_MAX_INFLIGHT": "3", "SECURE_WS_STREAM_TIMEOUT": "3s",
        "SECURE_WS_RATE_LIMIT": "2000/second"}
@@ -359,6 +362,20 @@ def test_a_reader_that_stops_pauses_its_stream_instead_of_being_cut(streams: Ser
             assert len(chunks) == n and end == {"type": "result", "id": 1, "data": {"chunks": n}}
 
     run(go())
+
+
+def test_a_client_that_never_reads_a_1_gib_stream_costs_bounded_memory(keydir: Path, issue: Any) -> None:
+    """scripts/stress.py's stream-unread against scripts/bench_app.py: the generator pauses within a few MiB of
+    its 1 GiB, the server grows by less than 16 MiB, and another client on the same worker is still answered."""
+    srv = AppServer(keydir, base_env(keydir, SECURE_WS_RATE_LIMIT="100000/second"), app="bench_app:app", app_dir=ROOT / "scripts").start()
+    try:
+        assert srv.proc is not None
+        result = stress.measure("stream-unread", srv.proc.pid, srv.port, srv.ssl_context(), issue(), 1 << 20)
+    finally:
+        srv.stop()
+    assert result["paused"] and result["produced_mib"] < 64, result
+    assert result["peak_growth_mib"] < 16, result
+    assert "Traceback" not in srv.log()
 
 
 # -- across workers, on Redis ---------------------------------------------------------------------------
