@@ -442,7 +442,7 @@ class Session:
             else:
                 result = await invoke(self.context, data)
                 if type(result) is Chunks:
-                    text = await self._stream(request, result.iterator, call)
+                    text = await self._stream(request, result.iterator, call, result.close)
                 else:
                     text = reply(request, {"type": "result", "data": result})
         except asyncio.CancelledError:
@@ -461,10 +461,12 @@ class Session:
             text = self._stopped(kind, call, timeout_code)
         self.send(text)
 
-    async def _stream(self, request: Request, chunks: AsyncGenerator[Any, None], call: _Call) -> str:
+    async def _stream(
+        self, request: Request, chunks: AsyncGenerator[Any, None], call: _Call, close: Callable[[], Awaitable[None]] | None = None
+    ) -> str:
         """Send each value ``chunks`` yields as a ``chunk`` frame, advancing it only while the outbound queue has
         room (:meth:`writable`) and within the handler timeout per chunk and the stream timeout in all; returns
-        the ``result`` frame. ``chunks`` is closed (its ``finally`` runs) however the call ends."""
+        the ``result`` frame. ``chunks`` is closed (its ``finally`` runs), then ``close`` called, however the call ends."""
         try:
             id = call.id
             if id is None:  # a proxied call whose backend answered with a stream
@@ -488,7 +490,11 @@ class Session:
                 self._set_deadline(call, min(loop.time() + timeout, end))
             return reply(request, {"type": "result", "data": {"chunks": seq}})
         finally:
-            await chunks.aclose()
+            try:
+                await chunks.aclose()
+            finally:
+                if close is not None:
+                    await close()
 
     def _stopped(self, kind: str, call: _Call, timeout_code: str) -> str:
         """The terminal frame of a call that was cancelled by its client, or ran out of time."""
