@@ -364,6 +364,26 @@ def test_a_reader_that_stops_pauses_its_stream_instead_of_being_cut(streams: Ser
     run(go())
 
 
+def test_a_generator_that_never_awaits_does_not_hold_up_other_connections(streams: Server, issue: Any) -> None:
+    """``count`` yields without ever awaiting: the stream still lets the worker serve others between chunks
+    (without that, a ping here waited ~300 ms behind the burst that fills the socket's buffers)."""
+
+    async def go() -> None:
+        async with streams.connect(issue()) as busy, streams.connect(issue()) as other:
+            await welcome(busy)
+            await welcome(other)
+            await busy.send(json.dumps({"type": "count", "id": 1, "data": {"n": 300_000}}))
+            worst = 0.0
+            for i in range(40):
+                started = time.perf_counter()
+                assert (await request(other, {"type": "ping", "id": i})) == {"type": "pong", "id": i}
+                worst = max(worst, time.perf_counter() - started)
+            busy.transport.abort()  # rather than read what is queued for it before the closing handshake
+            assert worst < 0.15, f"a ping waited {worst * 1e3:.0f} ms behind another connection's stream"
+
+    run(go())
+
+
 def test_a_client_that_never_reads_a_1_gib_stream_costs_bounded_memory(keydir: Path, issue: Any) -> None:
     """scripts/stress.py's stream-unread against scripts/bench_app.py: the generator pauses within a few MiB of
     its 1 GiB, the server grows by less than 16 MiB, and another client on the same worker is still answered."""

@@ -79,6 +79,7 @@ log = logging.getLogger("secure_ws.session")
 _TIMED_OUT = "secure_ws: handler timeout"
 _CANCELLED = "secure_ws: cancelled by the client"
 _NEVER = float("inf")
+_CHUNKS_PER_TURN = 15  # a stream lets the event loop run other work after each 16 chunks (a mask: 2^n - 1)
 
 
 class _Call:
@@ -487,6 +488,10 @@ class Session:
                 if paused is not None:
                     call.deadline = end  # a slow reader is not the generator's fault: only the stream's life counts
                     await paused
+                elif not seq & _CHUNKS_PER_TURN:
+                    # A generator that never awaits, read by a client that keeps up, would otherwise keep the loop
+                    # (and this worker's other connections) until the socket's buffers fill.
+                    await asyncio.sleep(0)
                 self._set_deadline(call, min(loop.time() + timeout, end))
             return reply(request, {"type": "result", "data": {"chunks": seq}})
         finally:
