@@ -79,7 +79,7 @@ log = logging.getLogger("secure_ws.session")
 _TIMED_OUT = "secure_ws: handler timeout"
 _CANCELLED = "secure_ws: cancelled by the client"
 _NEVER = float("inf")
-_CHUNKS_PER_TURN = 15  # a stream lets the event loop run other work after each 16 chunks (a mask: 2^n - 1)
+_CHUNKS_PER_TURN = 63  # a stream lets the event loop run other work after each 64 chunks (a mask: 2^n - 1)
 
 
 class _Call:
