@@ -139,7 +139,7 @@ def backend() -> Iterator[NdjsonBackend]:
 def proxied(request: pytest.FixtureRequest, keydir: Path, backend: NdjsonBackend) -> Iterator[Server]:
     env = base_env(
         keydir, SECURE_WS_RPC_PROXY_URL=f"http://127.0.0.1:{backend.port}/rpc", SECURE_WS_RPC_PROXY_SECRET=SECRET,
-        SECURE_WS_HANDLER_TIMEOUT="2s", SECURE_WS_MAX_MESSAGE_BYTES=str(LINE_LIMIT),
+        SECURE_WS_HANDLER_TIMEOUT="5s", SECURE_WS_MAX_MESSAGE_BYTES=str(LINE_LIMIT),
     )
     srv = (Server if request.param == "uvicorn" else Serve)(keydir, env).start()
     yield srv
