@@ -11,7 +11,7 @@ secure_ws / bare are meant to be compared across machines.
 * ``--mode uvicorn``: ``uvicorn bench_app:app`` (``secure_ws.main:app`` plus one Python handler, see
   ``scripts/bench_app.py``) with uvicorn's defaults, as the SPEC's plain command line runs it, against
   the bare app on the same defaults.
-* ``--mode serve``: ``secure-ws serve`` (its tuned uvicorn settings) against the bare app
+* ``--mode serve``: ``secure-ws serve bench_app:api`` (its tuned uvicorn settings) against the bare app
   on *default* uvicorn — what an operator gets from each out of the box.
 
 secure_ws runs its full path: JWT handshake (EdDSA), per-sub rate limiter (set
@@ -28,6 +28,11 @@ Measured, for each server:
   handler       (--mode uvicorn) the same round trips to a Python handler (``bench.echo``,
                 ``{"type":"result"}`` replies) on the same secure_ws server: its CPU per round
                 trip against the built-in echo's
+  streams       (--mode uvicorn) streamed calls (``bench.stream``, 1,000 chunks of 12 characters each, 6
+                connections reading as fast as they can): the server's CPU per chunk against a handler
+                call's round trip (``bench.echo`` above) in the same run; and (both modes) the time
+                from sending ``cancel`` to reading ``cancelled`` (sent once the generator's ``finally``
+                ran), median and max of 100
   handshakes/s  new TLS connection + upgrade (+ welcome frame for secure_ws), 16 in parallel
   idle KiB/conn server RSS growth per idle connection, at 2,000 connections
   fan-out       1,000 subscribers, a publisher sending a burst of messages: deliveries/s and
@@ -72,6 +77,9 @@ HANDLER_PAYLOAD = b'{"type":"bench.echo","data":"hello, world"}'
 PUBLISH_PAYLOAD = b'{"type":"publish","channel":"bench","data":"hello, world"}'
 API_CONNECTIONS = 5  # a backend's pool posting at once in the API fan-out row
 RECOVERED = 100  # messages replayed per recovery in the history phase
+STREAM_CHUNKS = 1000  # chunks per streamed call in the stream phase, each as small as the echo's data
+STREAM_PAYLOAD = b'{"type":"bench.stream","id":1,"data":{"n":%d,"size":12}}' % STREAM_CHUNKS
+CANCELS = 100  # cancels timed in the cancel phase
 
 # -- a minimal WebSocket client ------------------------------------------------------------
 
@@ -162,19 +170,17 @@ async def open_all(job: dict, then: bytes | None = None) -> list[tuple]:
     return conns
 
 
-class RoundTrips(asyncio.Protocol):
-    """One connection of the throughput phase, taken over from its stream once the connection is open:
-    a callback per reply instead of StreamReader coroutines, so the load generator spends little CPU
-    per frame and leaves the cores to the server it measures."""
+class Frames(asyncio.Protocol):
+    """A connection taken over from its stream once it is open: a callback per frame instead of StreamReader
+    coroutines, so the load generator spends little CPU per frame and leaves the cores to the server it
+    measures. Subclasses handle each text frame in :meth:`text`; ``done`` resolves with ``count``."""
 
-    def __init__(self, transport: asyncio.Transport, frame: bytes, deadline: float, rtts: list[float]) -> None:
-        self.transport, self.frame, self.deadline, self.rtts = transport, frame, deadline, rtts
+    def __init__(self, transport: asyncio.Transport) -> None:
+        self.transport = transport
         self.buffer = b""
         self.count = 0
         self.done = asyncio.get_running_loop().create_future()
         transport.set_protocol(self)
-        self.sent = time.perf_counter()
-        transport.write(frame)
 
     def data_received(self, data: bytes) -> None:
         buffer = self.buffer + data if self.buffer else data
@@ -192,16 +198,14 @@ class RoundTrips(asyncio.Protocol):
             elif opcode == 8:
                 self.connection_lost(ConnectionError(f"closed {payload[:2].hex()} {payload[2:]!r}"))
                 return
-            elif opcode in (1, 2):
-                now = time.perf_counter()
-                self.rtts.append(now - self.sent)
-                self.count += 1
-                if now >= self.deadline:
-                    self.connection_lost(None)
-                    return
-                self.sent = now
-                self.transport.write(self.frame)
+            elif opcode in (1, 2) and not self.text(payload):
+                self.connection_lost(None)
+                return
         self.buffer = buffer
+
+    def text(self, payload: bytes) -> bool:
+        """Handle one text frame; False when this connection is done."""
+        raise NotImplementedError
 
     def connection_lost(self, exc: Exception | None) -> None:
         if not self.done.done():
@@ -209,6 +213,47 @@ class RoundTrips(asyncio.Protocol):
                 self.done.set_result(self.count)
             else:
                 self.done.set_exception(exc)
+
+
+class RoundTrips(Frames):
+    """One connection of the throughput phase: one frame in flight, its round trips timed."""
+
+    def __init__(self, transport: asyncio.Transport, frame: bytes, deadline: float, rtts: list[float]) -> None:
+        super().__init__(transport)
+        self.frame, self.deadline, self.rtts = frame, deadline, rtts
+        self.sent = time.perf_counter()
+        transport.write(frame)
+
+    def text(self, payload: bytes) -> bool:
+        now = time.perf_counter()
+        self.rtts.append(now - self.sent)
+        self.count += 1
+        if now >= self.deadline:
+            return False
+        self.sent = now
+        self.transport.write(self.frame)
+        return True
+
+
+class StreamRounds(Frames):
+    """One connection of the stream phase: one stream of STREAM_CHUNKS chunks in flight, its chunks counted."""
+
+    def __init__(self, transport: asyncio.Transport, deadline: float) -> None:
+        super().__init__(transport)
+        self.deadline = deadline
+        self.request = client_frame(STREAM_PAYLOAD)
+        transport.write(self.request)
+
+    def text(self, payload: bytes) -> bool:
+        if payload.startswith(b'{"type":"chunk"'):
+            self.count += 1
+            return True
+        if not payload.startswith(b'{"type":"result"'):
+            raise RuntimeError(f"stream failed: {payload[:200]!r}")
+        if time.perf_counter() >= self.deadline:
+            return False
+        self.transport.write(self.request)
+        return True
 
 
 async def job_throughput(job: dict) -> dict:
@@ -224,6 +269,18 @@ async def job_throughput(job: dict) -> dict:
     for c in clients:
         c.transport.close()
     return {"count": count, "elapsed": elapsed, "rtts": rtts[:: max(1, len(rtts) // 20000)]}
+
+
+async def job_streams(job: dict) -> dict:
+    conns = await open_all(job)
+    await asyncio.sleep(max(0.0, job["start_at"] - time.time()))
+    t0 = time.perf_counter()
+    clients = [StreamRounds(w.transport, t0 + job["seconds"]) for _, w in conns]
+    count = sum(await asyncio.gather(*(c.done for c in clients)))
+    elapsed = time.perf_counter() - t0
+    for c in clients:
+        c.transport.close()
+    return {"count": count, "elapsed": elapsed}
 
 
 async def job_handshakes(job: dict) -> dict:
@@ -275,7 +332,7 @@ async def job_subscribers(job: dict) -> dict:
     return {"latencies": latencies[:: max(1, len(latencies) // 20000)], "done": done, "count": len(latencies)}
 
 
-JOBS = {"throughput": job_throughput, "handshakes": job_handshakes, "idle": job_idle, "subscribers": job_subscribers}
+JOBS = {"throughput": job_throughput, "streams": job_streams, "handshakes": job_handshakes, "idle": job_idle, "subscribers": job_subscribers}
 
 
 def start_jobs(jobs: list[dict]) -> tuple[mp.Queue, list[mp.Process]]:
@@ -369,6 +426,43 @@ def measure_throughput(t: Target, ca: str, seconds: float, conns: int = 50, payl
         "server_cpu": (t.cpu() - cpu0) / (elapsed + 1.5),
         "client_cpu": sum(r["cpu"] for r in results) / elapsed,
     }
+
+
+def measure_streams(t: Target, ca: str, seconds: float, conns: int = 6) -> dict:
+    """Server CPU per streamed chunk: ``conns`` connections each reading streams of STREAM_CHUNKS chunks."""
+    cpu0 = t.cpu()
+    start_at = time.time() + 1.5
+    jobs = [base_job(t, ca, kind="streams", conns=c, seconds=seconds, start_at=start_at) for c in split(conns, LOADGEN_PROCS)]
+    results = run_jobs(jobs)
+    count = sum(r["count"] for r in results)
+    elapsed = max(r["elapsed"] for r in results)
+    return {"cps": count / elapsed, "cpu_us": (t.cpu() - cpu0) / count * 1e6}
+
+
+def measure_cancels(t: Target, ca: str, n: int = CANCELS) -> dict:
+    """Time from sending ``cancel`` to reading the ``cancelled`` error, which the server sends after the
+    generator's ``finally`` has run: an upper bound (a network round trip included) of the time from the
+    cancel frame's arrival to that ``finally``. ``n`` calls of ``bench.wait`` on one connection."""
+
+    async def go() -> list[float]:
+        reader, writer = await ws_open(t.port, client_ssl(ca), t.path, f"Authorization: Bearer {t.tokens[0]}\r\n")  # type: ignore[index]
+        await ws_read(reader, writer)
+        took = []
+        for i in range(n):
+            writer.write(client_frame(b'{"type":"bench.wait","id":%d}' % i))
+            await ws_read(reader, writer)  # its one chunk: the generator is waiting
+            cancel = client_frame(b'{"type":"cancel","id":%d}' % i)
+            started = time.perf_counter()
+            writer.write(cancel)
+            answer = json.loads(await ws_read(reader, writer))
+            took.append(time.perf_counter() - started)
+            if answer.get("code") != "cancelled":
+                raise RuntimeError(f"cancel not answered: {answer}")
+        writer.transport.abort()
+        return took
+
+    took = sorted(asyncio.run(go()))
+    return {"p50_ms": took[len(took) // 2] * 1e3, "max_ms": took[-1] * 1e3}
 
 
 def measure_handshakes(t: Target, ca: str, seconds: float, parallel: int = 16) -> dict:
@@ -556,7 +650,7 @@ def make_targets(folder: Path, mode: str, storage: str = "memory://", workers: i
         SECURE_WS_MAX_CONNECTIONS_PER_CLIENT="100000",
         SECURE_WS_STORAGE_URL=storage,
         SECURE_WS_API_KEYS_FILE=str(folder / "api-keys.json"),
-        PYTHONPATH=str(ROOT),
+        PYTHONPATH=f"{ROOT}:{ROOT / 'scripts'}",  # bench_app, for `secure-ws serve bench_app:api`
     )
     os.environ.update({k: v for k, v in env.items() if k.startswith("SECURE_WS_")})
     settings = load_settings(env_file=None)
@@ -567,7 +661,7 @@ def make_targets(folder: Path, mode: str, storage: str = "memory://", workers: i
                "--log-level", "warning", "--no-access-log"]
     bare = Target("bare", [*uvicorn, "--app-dir", str(ROOT / "scripts"), "bare_echo:app"], env, "/ws", "/fan", None, False)
     if mode == "serve":
-        argv = [sys.executable, "-m", "secure_ws", "serve", "--host", "127.0.0.1", "--port", "{port}",
+        argv = [sys.executable, "-m", "secure_ws", "serve", "bench_app:api", "--host", "127.0.0.1", "--port", "{port}",
                 "--log-level", "warning", "--no-access-log"]
     else:
         argv = [*uvicorn, "--app-dir", str(ROOT / "scripts"), "bench_app:app"]
@@ -589,7 +683,7 @@ def main() -> None:
     parser.add_argument("--mode", choices=("uvicorn", "serve"), default="uvicorn")
     parser.add_argument("--rounds", type=int, default=None)
     parser.add_argument("--seconds", type=float, default=None)
-    parser.add_argument("--skip", default="", help="comma list of phases to skip: throughput,handshakes,idle,fanout,history,testserver")
+    parser.add_argument("--skip", default="", help="comma list of phases to skip: throughput,handshakes,idle,fanout,history,streams,testserver")
     parser.add_argument("--storage", default="memory://", help="secure_ws's SECURE_WS_STORAGE_URL (e.g. redis://127.0.0.1:6379/0)")
     parser.add_argument("--workers", type=int, default=1, help="secure_ws worker processes (use with --storage redis://…)")
     args = parser.parse_args()
@@ -605,6 +699,7 @@ def main() -> None:
     results: dict[str, dict[str, list[float]]] = {"bare": {}, "secure_ws": {}}
     cpu_notes: list[str] = []
     history: dict[str, float] = {}
+    cancels: dict[str, float] = {}
     try:
         bare.start(folder)
         secure.start(folder)
@@ -628,6 +723,11 @@ def main() -> None:
                         res.setdefault("handler_fps", []).append(m["fps"])
                         res.setdefault("handler_cpu_us", []).append(m["cpu_us"])
                         cpu_notes.append(f"round {r + 1} {t.name} handler: {m['fps']:.0f} round trips/s, {m['cpu_us']:.1f} µs CPU each")
+                        if "streams" not in skip:
+                            m = measure_streams(t, ca, seconds)
+                            res.setdefault("chunk_cps", []).append(m["cps"])
+                            res.setdefault("chunk_cpu_us", []).append(m["cpu_us"])
+                            cpu_notes.append(f"round {r + 1} {t.name} streams: {m['cps']:.0f} chunks/s, {m['cpu_us']:.2f} µs CPU each")
                 if t is secure and args.mode == "uvicorn" and "testserver" not in skip:
                     m = measure_testserver(secure, ca, 500 if args.quick else 2000)
                     for k, v in m.items():
@@ -649,6 +749,8 @@ def main() -> None:
                     results[t.name]["api_dps"] = [m["dps"]]
         if "history" not in skip:
             history = measure_history(folder, ca, secure, seconds, rounds)
+        if "streams" not in skip:
+            cancels = measure_cancels(secure, ca)
     finally:
         bare.stop()
         secure.stop()
@@ -679,6 +781,13 @@ def main() -> None:
     if "inproc_us" in s:
         inproc, tls = statistics.median(s["inproc_us"]), statistics.median(s["tls_us"])
         print(f"{'CPU per call, TestServer':<28} {tls:>12.1f} {inproc:>12.1f} {'µs':<8} {inproc / tls:>7.2f}× over TLS (TLS | in process)")
+    if "chunk_cpu_us" in s:
+        chunk, handler = statistics.median(s["chunk_cpu_us"]), statistics.median(s["handler_cpu_us"])
+        print(f"{'streamed chunks':<28} {'':>12} {statistics.median(s['chunk_cps']):>12.1f} {'per s':<8}")
+        print(f"{'server CPU per chunk':<28} {'':>12} {chunk:>12.2f} {'µs':<8} {chunk / handler:>7.2f}× a handler call's round trip")
+    if cancels:
+        print(f"{'cancel → cancelled, p50':<28} {'':>12} {cancels['p50_ms']:>12.2f} {'ms':<8} (max {cancels['max_ms']:.2f} ms, "
+              f"{CANCELS} cancels; the generator's finally ran before)")
     if "api_dps" in s:
         api, client = statistics.median(s["api_dps"]), statistics.median(s["dps"])
         print(f"{'fan-out via POST /api/publish':<28} {'':>12} {api:>12.1f} {'per s':<8} {api / client:>7.2f}× a client's publish")

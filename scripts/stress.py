@@ -25,6 +25,9 @@ requests (it is then left stalled for a few seconds, then reads everything it wa
   echo            ``echo`` requests of ~60 KB
   proxy-results   a type the RPC proxy answers with ~1 MiB (a loopback backend the script runs)
   presence        ``presence`` of a channel 100 other connections are subscribed to
+  stream-unread   an authenticated client asks for a 1 GiB stream and never reads it: the generator must
+                  pause, and another client of the same worker keeps its ping round trip (its p50, loaded
+                  against idle, is printed in the answer)
 """
 
 from __future__ import annotations
@@ -283,6 +286,56 @@ def rpc_backend() -> Iterator[dict[str, str]]:
         server.server_close()
 
 
+STREAM_OFFERED = 1 << 30  # what stream-unread asks for, whatever --mib (the attacker itself sends one frame)
+STREAM_CHUNK = 16384
+
+
+async def stream_unread(port: int, ctx: ssl.SSLContext, token: str, total: int = 64 * MIB) -> dict[str, Any]:
+    """Ask for a 1 GiB stream (``bench.stream`` of scripts/bench_app.py) and never read it. Meanwhile another
+    client of the same worker measures its ping round trip, idle and then once the stream is paused; the
+    generator's progress is read from ``bench.produced`` until it stops moving (for 1 s)."""
+    other_r, other_w = await ws_open(port, ctx, "/ws", f"Authorization: Bearer {token}\r\n")
+    await ws_read(other_r, other_w)
+
+    async def ask(frame: bytes) -> bytes:
+        other_w.write(client_frame(frame))
+        return await asyncio.wait_for(ws_read(other_r, other_w), ANSWER_TIMEOUT)
+
+    async def ping_p50() -> float:
+        took = []
+        for _ in range(500):
+            started = time.perf_counter()
+            await ask(b'{"type":"ping"}')
+            took.append(time.perf_counter() - started)
+        return sorted(took)[len(took) // 2] * 1e3
+
+    async def produced() -> int:
+        return int(json.loads(await ask(b'{"type":"bench.produced","id":"p"}'))["data"])
+
+    idle = await ping_p50()
+    reader, writer = await ws_open(port, ctx, "/ws", f"Authorization: Bearer {token}\r\n")
+    await ws_read(reader, writer)  # the welcome; nothing more is ever read on this connection
+    start = await produced()
+    request = client_frame(b'{"type":"bench.stream","id":1,"data":{"n":%d,"size":%d}}' % (STREAM_OFFERED // STREAM_CHUNK, STREAM_CHUNK))
+    writer.write(request)
+    seen = [start]
+    deadline = time.monotonic() + ANSWER_TIMEOUT * 2
+    while time.monotonic() < deadline and (len(seen) < 5 or seen[-5] != seen[-1]):
+        await asyncio.sleep(0.25)
+        seen.append(await produced())
+    paused = len(seen) >= 5 and seen[-5] == seen[-1]
+    loaded = await ping_p50()
+    writer.transport.abort()
+    await _finish(other_w)
+    mib = (seen[-1] - start) * STREAM_CHUNK / MIB
+    state = "paused" if paused else "NOT paused"
+    return {
+        "sent": len(request),
+        "answer": f"{state} at {mib:.1f} of 1024 MiB; ping {loaded:.2f} vs {idle:.2f} ms idle ({loaded / idle:.2f}×)",
+        "paused": paused, "produced_mib": mib, "ping_ratio": loaded / idle,
+    }
+
+
 ATTACKS: dict[str, Callable[..., Awaitable[dict[str, Any]]]] = {
     "head-flood": head_flood,
     "ping-flood": ping_flood,
@@ -292,6 +345,7 @@ ATTACKS: dict[str, Callable[..., Awaitable[dict[str, Any]]]] = {
     "echo": echo_unread,
     "proxy-results": proxy_unread,
     "presence": presence_unread,
+    "stream-unread": stream_unread,
 }
 
 
@@ -344,7 +398,7 @@ def main() -> None:
     print(f"{'entry point':<9} {'attack':<15} {'sent MiB':>9} {'answer':<48} {'peak +MiB':>9} {'closed +MiB':>11}")
     with tempfile.TemporaryDirectory() as tmp:
         for mode in modes:
-            folder = Path(tmp) / mode  # a key directory of its own (its API key file is made anew)
+            folder = Path(tmp) / mode  # a deployment folder of its own per entry point (its own API key file)
             _, target = make_targets(folder, mode)
             for attack in args.attack or ATTACKS:
                 with contextlib.ExitStack() as stack:

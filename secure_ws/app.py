@@ -19,7 +19,7 @@ from starlette.responses import JSONResponse, PlainTextResponse, Response
 from starlette.routing import Route
 
 from . import demo, logs, metrics
-from .core.handlers import HandlerFunc, HookFunc, RegistrationError, Registry
+from .core.handlers import HandlerFunc, HookFunc, RegistrationError, Registry, StreamFunc
 from .core.handshake import HandshakeMiddleware
 from .core.session import DIRECT, Session
 from .server_api import PREFIX as API_PREFIX
@@ -106,6 +106,19 @@ class SecureWS:
 
         if callable(type):
             raise RegistrationError("use @api.handler(\"type.name\"), with the message type it answers")
+        return register
+
+    def stream(self, type: str, *, scope: str | None = None, rate_limit: str | None = None) -> Callable[[StreamFunc], StreamFunc]:
+        """``@api.stream("ai.complete", scope="ai:use", rate_limit="10/minute")`` on an ``async def f(ctx, data)``
+        generator: each value it yields reaches the client as ``{"type":"chunk","id":N,"seq":K,"data":…}``, then
+        ``{"type":"result","id":N,"data":{"chunks":K}}``. The call needs an ``id``; the client may cancel it."""
+
+        def register(func: StreamFunc) -> StreamFunc:
+            self.registry.add(type, func, scope, rate_limit, stream=True)
+            return func
+
+        if callable(type):
+            raise RegistrationError("use @api.stream(\"type.name\"), with the message type it answers")
         return register
 
     def on_connect(self, func: HookFunc) -> HookFunc:

@@ -11,9 +11,11 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import importlib
 import json
 import math
 import os
+import re
 import sys
 from datetime import UTC, datetime
 from pathlib import Path
@@ -233,7 +235,40 @@ def cmd_token_inspect(args: argparse.Namespace) -> int:
     return 0 if report["accepted"] else 1
 
 
-def _serve(settings: Settings, host: str, port: int, workers: int, tls: bool = True, **extra: Any) -> int:
+BUILT_IN_APP = "secure_ws.main:app"
+_TARGET = re.compile(r"[A-Za-z_][\w]*(?:\.[A-Za-z_][\w]*)*:[A-Za-z_][\w]*(?:\.[A-Za-z_][\w]*)*")
+
+
+def _application(target: str | None) -> str:
+    """``MODULE:ATTR`` (a ``SecureWS`` or its ``.app``, from the working directory) as the import string each
+    worker hands uvicorn. Imported here first, once: a typo or a failing import stops start-up with one line
+    (exit 2) instead of a worker that fails over and over, and the application's own settings are checked."""
+    if target is None:
+        return BUILT_IN_APP
+    from .app import SecureWS
+    from .service import Service
+
+    if not _TARGET.fullmatch(target):
+        raise CommandError(f"application {target[:200]!r}: use MODULE:ATTR, e.g. myapp:api")
+    module_name, attr = target.split(":")
+    if "" not in sys.path and os.getcwd() not in sys.path:
+        sys.path.insert(0, os.getcwd())  # as `uvicorn` does; workers inherit sys.path
+    try:
+        found: Any = importlib.import_module(module_name)
+        for part in attr.split("."):
+            found = getattr(found, part)
+    except ImportError as exc:
+        raise CommandError(f"application {target!r}: cannot import {module_name}: {exc}") from None
+    except AttributeError:
+        raise CommandError(f"application {target!r}: {module_name} has no attribute {attr}") from None
+    if isinstance(found, SecureWS):
+        return f"{target}.app"
+    if isinstance(getattr(found, "service", None), Service):
+        return target
+    raise CommandError(f"application {target!r} is a {type(found).__name__}, not a SecureWS or its .app")
+
+
+def _serve(settings: Settings, host: str, port: int, workers: int, tls: bool = True, target: str | None = None, **extra: Any) -> int:
     from .service import Service
     from .tls import server_context
     from .uvicorn.serve import serve
@@ -246,8 +281,10 @@ def _serve(settings: Settings, host: str, port: int, workers: int, tls: bool = T
         server_context(settings.tls_certfile, settings.tls_keyfile, settings.tls_min_version, settings.tls_client_ca)
     check_workers(settings, workers)
     # What each worker builds (keys, revocation file): a mistake stops here, once, before any worker starts.
-    Service(settings)
-    return serve(settings, host, port, workers, tls=tls, **extra)
+    app = _application(target)
+    if app == BUILT_IN_APP:
+        Service(settings)
+    return serve(settings, host, port, workers, tls=tls, app=app, **extra)
 
 
 def cmd_serve(args: argparse.Namespace) -> int:
@@ -266,7 +303,7 @@ def cmd_serve(args: argparse.Namespace) -> int:
         )
     return _serve(
         settings, args.host, args.port, args.workers, tls=not args.no_tls, internal_port=settings.internal_port,
-        log_level=args.log_level, access_log=args.access_log,
+        log_level=args.log_level, access_log=args.access_log, target=args.app,
     )
 
 
@@ -304,7 +341,7 @@ Try it from another terminal (prints the welcome, then the answer to a ping; the
 """,
         flush=True,
     )
-    return _serve(settings, args.host, args.port, 1)
+    return _serve(settings, args.host, args.port, 1, target=args.app)
 
 
 def _try_it(ca: Path, port: int) -> str:
@@ -412,6 +449,10 @@ def build_parser() -> argparse.ArgumentParser:
 
     for name, helptext in (("serve", "run the server with the hardened TLS context"), ("dev", "the quickstart")):
         p = _command(sub, name, helptext)
+        p.add_argument(
+            "app", nargs="?", default=None, metavar="MODULE:ATTR",
+            help="an application to serve instead of the built-in one: a SecureWS (or its .app), imported from the working directory",
+        )
         p.add_argument("--host", default="127.0.0.1", help="address to listen on (0.0.0.0 for every IPv4 interface)")
         p.add_argument("--port", type=int, default=DEFAULT_PORT, help="port for wss:// (or ws:// with --no-tls)")
         if name == "serve":

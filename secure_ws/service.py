@@ -111,7 +111,9 @@ class Service:
         if settings.rpc_proxy_url is not None and settings.rpc_proxy_secret is not None:
             from .core.rpc_proxy import RpcProxy
 
-            self._proxy = RpcProxy(settings.rpc_proxy_url, settings.rpc_proxy_secret, settings.handler_timeout)
+            self._proxy = RpcProxy(
+                settings.rpc_proxy_url, settings.rpc_proxy_secret, settings.handler_timeout, max_line_bytes=settings.max_message_bytes
+            )
             fallback = dispatch.proxy_route(self._proxy)
         return SessionDeps(
             settings=settings,

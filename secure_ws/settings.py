@@ -100,6 +100,7 @@ class Settings:
     history_ttl: int = 300
     history_max_bytes: int = 64 * 1024 * 1024
     handler_timeout: float = 10.0
+    stream_timeout: float = 300.0
     max_inflight: int = 8
     rpc_proxy_url: str | None = None
     rpc_proxy_secret: bytes | None = field(default=None, repr=False)
@@ -279,6 +280,10 @@ def load_settings(
         handler_timeout = parse_timeout(get("HANDLER_TIMEOUT", "10s"))
     except ValueError as exc:
         raise ConfigError("SECURE_WS_HANDLER_TIMEOUT", str(exc)) from None
+    try:
+        stream_timeout = parse_timeout(get("STREAM_TIMEOUT", "5m"))
+    except ValueError as exc:
+        raise ConfigError("SECURE_WS_STREAM_TIMEOUT", str(exc)) from None
 
     proxy_url = get("RPC_PROXY_URL") or None
     proxy_secret_text = config("SECURE_WS_RPC_PROXY_SECRET", default="")
@@ -338,6 +343,7 @@ def load_settings(
         history_ttl=history_ttl,
         history_max_bytes=integer("HISTORY_MAX_BYTES", 64 * 1024 * 1024, minimum=65536),
         handler_timeout=handler_timeout,
+        stream_timeout=stream_timeout,
         max_inflight=integer("MAX_INFLIGHT", 8, minimum=1),
         rpc_proxy_url=proxy_url,
         rpc_proxy_secret=proxy_secret,

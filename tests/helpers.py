@@ -3,7 +3,8 @@
 Real parts, real wire: ``Server`` is uvicorn in a subprocess over TLS on an ephemeral port,
 ``RedisProcess`` a throw-away ``redis-server``, and the client is ``websockets``.
 
-- ``Server``/``Serve``/``AppServer``: ``uvicorn secure_ws.main:app``, ``secure-ws serve``, an application in tests/apps.
+- ``Server``/``Serve``/``AppServer``/``ServeApp``: ``uvicorn secure_ws.main:app``, ``secure-ws serve``, an application in
+  tests/apps under ``uvicorn`` and under ``secure-ws serve MODULE:ATTR``.
 - ``recv_json``/``request``/``welcome``/``assert_error``/``closed_with``/``refusal``: one frame at a time.
 - ``wait_for``/``wait_until``: poll a condition to a deadline (never a bare sleep as synchronisation).
 - ``scrape``/``metric``: ``GET /metrics`` parsed, and one sample of it.
@@ -87,6 +88,7 @@ class Server:
         self.port = free_port()
         self.log_path = keydir / f"server-{self.port}.log"
         self.uvicorn_args = uvicorn_args
+        self.cwd = keydir  # the working directory it runs in
         self.proc: subprocess.Popen | None = None
 
     @property
@@ -123,7 +125,7 @@ class Server:
         self.proc = subprocess.Popen(
             self.argv(),
             env=self.env,
-            cwd=self.keydir,
+            cwd=self.cwd,
             stdout=self._log,
             stderr=subprocess.STDOUT,
         )
@@ -319,6 +321,13 @@ class AppServer(Server):
 
     def argv(self) -> list[str]:
         return [sys.executable, "-m", "uvicorn", self.app, *super().argv()[4:]]
+
+
+class ServeApp(AppServer):
+    """``secure-ws serve MODULE:ATTR`` for an application in tests/apps (or ``app_dir``): the hardened TLS context."""
+
+    def argv(self) -> list[str]:
+        return [sys.executable, "-m", "secure_ws", "serve", self.app, "--port", str(self.port), *self.uvicorn_args]
 
 
 def strict_loads(text: str | bytes) -> Any:

@@ -17,7 +17,6 @@ import jwt
 import pytest
 from helpers import ROOMS, AppServer, Server, base_env, cli, run, sans_position, unique_channel, unique_sub, wait_until, welcome
 
-from secure_ws import SecureWS
 from secure_ws.client import (
     AuthenticationFailed,
     Client,
@@ -421,7 +420,6 @@ def test_a_duplicate_is_dropped_a_skip_waits_for_its_replay_and_a_new_epoch_is_r
 
 # -- the whole protocol: calls, pushes, join/leave, history, presence, resume (SPEC §14) ------------------------
 
-needs_stream = pytest.mark.skipif(not hasattr(SecureWS, "stream"), reason="the server side of streaming (@api.stream) is not in this build")
 
 
 @pytest.fixture(scope="module")
@@ -584,7 +582,6 @@ def test_pushes_keep_coming_across_a_reconnect(app_server, issue):
     run(go())
 
 
-@needs_stream
 def test_stream_yields_chunks_and_leaving_the_loop_cancels(app_server, issue):
     async def go():
         async with client_for(app_server, Tokens(issue)) as client:

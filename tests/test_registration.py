@@ -63,6 +63,29 @@ def test_handler_shape(api: SecureWS) -> None:
         api.on_connect(sync)  # type: ignore[arg-type]
 
 
+def test_stream_shape(api: SecureWS) -> None:
+    async def chunks(ctx: Context, data: Any) -> Any:
+        yield data
+
+    async def one(ctx: Context) -> Any:
+        yield None
+
+    with pytest.raises(RegistrationError, match="`async def` generator"):
+        api.stream("s.a")(ok)  # a coroutine function, not a generator
+    with pytest.raises(RegistrationError, match="@api.stream"):
+        api.handler("s.b")(chunks)  # type: ignore[arg-type]  # a generator registered as a plain handler
+    with pytest.raises(RegistrationError, match=r"two arguments: \(ctx, data\)"):
+        api.stream("s.c")(one)
+    with pytest.raises(RegistrationError, match="api.stream"):
+        api.stream(chunks)  # type: ignore[arg-type]  # @api.stream without the type
+    for taken in ("cancel", "chunk"):
+        with pytest.raises(RegistrationError, match="built-in type"):
+            api.stream(taken)(chunks)
+    api.stream("s.d", scope="ai:use", rate_limit="10/minute")(chunks)
+    with pytest.raises(RegistrationError, match="registered twice"):
+        api.handler("s.d")(ok)
+
+
 def test_unresolvable_annotation(api: SecureWS) -> None:
     import pydantic  # noqa: F401  (models are looked for once pydantic is loaded)
 

@@ -104,6 +104,8 @@ BAD_VALUES = [
     ("history-size-huge", "SECURE_WS_HISTORY_SIZE", {"SECURE_WS_HISTORY_SIZE": "10001"}),
     ("history-ttl-soon", "SECURE_WS_HISTORY_TTL", {"SECURE_WS_HISTORY_TTL": "soon"}),
     ("history-max-bytes-tiny", "SECURE_WS_HISTORY_MAX_BYTES", {"SECURE_WS_HISTORY_MAX_BYTES": "100"}),
+    ("stream-timeout-soon", "SECURE_WS_STREAM_TIMEOUT", {"SECURE_WS_STREAM_TIMEOUT": "soon"}),
+    ("stream-timeout-zero", "SECURE_WS_STREAM_TIMEOUT", {"SECURE_WS_STREAM_TIMEOUT": "0"}),
 ]
 
 

@@ -22,7 +22,6 @@ from secure_ws.client.inbox import MAX_UNREAD
 from secure_ws.testing import TestServer
 
 api = client_app.api
-streams = pytest.mark.skipif(not hasattr(SecureWS, "stream"), reason="the server side of streaming (@api.stream) is not in this build")
 
 
 def test_an_application_module_imports_and_is_tested_without_certs_or_variables(tmp_path):
@@ -209,7 +208,6 @@ def test_an_unread_push_iterator_ends_with_overflow_instead_of_growing():
     run(go())
 
 
-@streams
 def test_streamed_call_and_cancel_in_process():
     async def go():
         async with TestServer(api) as server:

@@ -49,6 +49,14 @@ def echo(session: Connection, request: Request) -> None:
     session.send(reply(request, {"type": "echo", "data": request["data"]}))
 
 
+def cancel(session: Connection, request: Request) -> None:
+    """Ends the connection's running call with this ``id`` (answered ``cancelled``); nothing if there is none."""
+    id = request.get("id")
+    if id is None:
+        raise ProtocolError(BAD_REQUEST, "cancel needs the 'id' of the call to cancel")
+    session.cancel(id)
+
+
 def subscribe(session: Connection, request: Request) -> Awaitable[None]:
     return session.waiting(request, _subscribe(session, request))
 
@@ -174,6 +182,7 @@ async def _refresh(session: Connection, request: Request) -> None:
 BUILT_INS: dict[str, Route] = {
     "ping": ping,
     "echo": echo,
+    "cancel": cancel,
     "subscribe": subscribe,
     "unsubscribe": unsubscribe,
     "publish": publish,

@@ -9,17 +9,19 @@ backend (:mod:`.rpc_proxy`).
 from __future__ import annotations
 
 import logging
+from collections.abc import AsyncGenerator
 from functools import partial
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, cast
 
 from ..wire.messages import UNAVAILABLE, UNKNOWN_TYPE, ProtocolError
 from .builtins import BUILT_INS
 from .handlers import TYPE_NAME, Handler
+from .types import Chunks
 
 if TYPE_CHECKING:
     from .context import Context
     from .rpc_proxy import RpcProxy
-    from .types import Connection, Route
+    from .types import Connection, Invoke, Route
 
 log = logging.getLogger("secure_ws.session")
 
@@ -32,7 +34,7 @@ def routes(handlers: dict[str, Handler]) -> dict[str, Route]:
 
 
 def _handler_route(handler: Handler) -> Route:
-    func = handler.func
+    func = cast("Invoke", handler.func)  # a stream's generator function is run by the session itself
 
     def route(session: Connection, request: dict[str, Any]) -> None:
         session.call(request, func, handler)
@@ -56,9 +58,23 @@ def proxy_route(proxy: RpcProxy) -> Route:
 
     async def forward(kind: str, ctx: Context, data: Any) -> Any:
         try:
-            return await proxy.call(kind, data, ctx.sub, ctx.connection_id, ctx.claims)
+            answer = await proxy.call(kind, data, ctx.sub, ctx.connection_id, ctx.claims)
         except ProxyUnavailable as exc:
-            log.warning("session %s: RPC proxy for %s: %s", ctx.connection_id, kind, exc, extra={"event": "proxy_unavailable"})
-            raise ProtocolError(UNAVAILABLE, "backend unavailable; retry shortly") from None
+            raise unavailable(kind, ctx, exc) from None
+        return Chunks(relay(kind, ctx, answer.iterator), answer.close) if type(answer) is Chunks else answer
+
+    async def relay(kind: str, ctx: Context, chunks: AsyncGenerator[Any, None]) -> AsyncGenerator[Any, None]:
+        """A streamed answer's chunks, its failures turned into ``unavailable`` as a whole answer's are."""
+        try:
+            async for data in chunks:
+                yield data
+        except ProxyUnavailable as exc:
+            raise unavailable(kind, ctx, exc) from None
+        finally:
+            await chunks.aclose()
+
+    def unavailable(kind: str, ctx: Context, exc: ProxyUnavailable) -> ProtocolError:
+        log.warning("session %s: RPC proxy for %s: %s", ctx.connection_id, kind, exc, extra={"event": "proxy_unavailable"})
+        return ProtocolError(UNAVAILABLE, "backend unavailable; retry shortly")
 
     return route

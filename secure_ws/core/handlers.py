@@ -12,7 +12,7 @@ import inspect
 import re
 import sys
 import typing
-from collections.abc import Awaitable, Callable
+from collections.abc import AsyncIterator, Awaitable, Callable
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
@@ -30,12 +30,13 @@ TYPE_NAME = re.compile(r"[A-Za-z][A-Za-z0-9_.:-]{0,63}")
 BUILT_IN_TYPES = frozenset(BUILT_INS)
 # Replies and pushes the server sends: a request of one of these types would make replies ambiguous.
 SERVER_TYPES = frozenset(
-    ("pong", "subscribed", "unsubscribed", "published", "refreshed", "welcome", "message", "error", "result", "push", "join", "leave")
+    ("pong", "subscribed", "unsubscribed", "published", "refreshed", "welcome", "message", "error", "result", "push", "join", "leave", "chunk")
 )
 MAX_FIELDS_NAMED = 10  # a bad_request names at most this many invalid fields
 _FIELD = re.compile(r"[A-Za-z0-9_]{1,64}")
 
 HandlerFunc = Callable[["Context", Any], Awaitable[Any]]
+StreamFunc = Callable[["Context", Any], AsyncIterator[Any]]
 HookFunc = Callable[["Context"], Awaitable[None]]
 
 
@@ -46,11 +47,12 @@ class RegistrationError(ValueError):
 @dataclass(slots=True)
 class Handler:
     type: str
-    func: HandlerFunc
+    func: HandlerFunc | StreamFunc
     scope: str | None
     rate_limits: tuple[RateLimitItem, ...]
     validate: Callable[[Any], Any] | None  # the data's pydantic model, if annotated with one
     limiter: Limiter | None = None  # the per-type window, bound to storage when the service starts
+    stream: bool = False  # an `async def` generator (@api.stream): each value it yields is a chunk
 
 
 class Registry:
@@ -63,7 +65,9 @@ class Registry:
         self.on_disconnect: list[HookFunc] = []
         self.frozen = False
 
-    def add(self, type: str, func: HandlerFunc, scope: str | None = None, rate_limit: str | None = None) -> Handler:
+    def add(
+        self, type: str, func: HandlerFunc | StreamFunc, scope: str | None = None, rate_limit: str | None = None, stream: bool = False
+    ) -> Handler:
         self._check_open(f"handler {type!r}")
         if not isinstance(type, str) or not TYPE_NAME.fullmatch(type):
             raise RegistrationError(f"handler type {type!r} must match ^{TYPE_NAME.pattern}$")
@@ -71,8 +75,11 @@ class Registry:
             raise RegistrationError(f"handler type {type!r} is a built-in type of secure_ws; choose another name")
         if type in self.handlers:
             raise RegistrationError(f"handler type {type!r} is registered twice ({_where(self.handlers[type].func)} and {_where(func)})")
-        if not inspect.iscoroutinefunction(func):
-            raise RegistrationError(f"handler {type!r} ({_where(func)}) must be an `async def` function")
+        if stream and not inspect.isasyncgenfunction(func):
+            raise RegistrationError(f"stream {type!r} ({_where(func)}) must be an `async def` generator (a function that yields)")
+        if not stream and not inspect.iscoroutinefunction(func):
+            hint = "; a generator that yields chunks is registered with @api.stream" if inspect.isasyncgenfunction(func) else ""
+            raise RegistrationError(f"handler {type!r} ({_where(func)}) must be an `async def` function{hint}")
         params = [p for p in inspect.signature(func).parameters.values() if p.kind in (p.POSITIONAL_ONLY, p.POSITIONAL_OR_KEYWORD)]
         if len(params) != 2:
             raise RegistrationError(f"handler {type!r} ({_where(func)}) must take two arguments: (ctx, data)")
@@ -86,7 +93,7 @@ class Registry:
                 items = ()
             if not items:
                 raise RegistrationError(f"handler {type!r}: rate_limit={rate_limit!r} is not a rate limit (use e.g. 5/minute)")
-        handler = Handler(type, func, scope, items, _validator(type, func, params[1].name))
+        handler = Handler(type, func, scope, items, _validator(type, func, params[1].name), stream=stream)
         self.handlers[type] = handler
         return handler
 
@@ -106,7 +113,7 @@ def _where(func: Any) -> str:
     return f"{getattr(func, '__module__', '?')}.{getattr(func, '__qualname__', repr(func))}"
 
 
-def _validator(type: str, func: HandlerFunc, name: str) -> Callable[[Any], Any] | None:
+def _validator(type: str, func: HandlerFunc | StreamFunc, name: str) -> Callable[[Any], Any] | None:
     """The pydantic model ``data`` is annotated with, as a validating function; None for any other annotation."""
     pydantic = sys.modules.get("pydantic")
     if pydantic is None:  # a model can only be annotated by a module that imported pydantic

@@ -12,6 +12,7 @@ MAX_MESSAGE_CHARS = 1024
 INTERNAL_ERROR = "internal_error"
 TIMEOUT = "timeout"
 BUSY = "busy"
+CANCELLED = "cancelled"
 
 
 class Reject(Exception):  # noqa: N818 (the name SPEC §9 gives it)

@@ -38,7 +38,7 @@ import logging
 import secrets
 import time
 from collections import deque
-from collections.abc import Awaitable, Callable, Sequence
+from collections.abc import AsyncGenerator, Awaitable, Callable, Sequence
 from sys import getsizeof
 from time import perf_counter
 from typing import TYPE_CHECKING, Any
@@ -58,6 +58,7 @@ from ..wire.closes import (
     Close,
 )
 from ..wire.messages import (
+    BAD_REQUEST,
     FORBIDDEN,
     RATE_LIMITED,
     UNAVAILABLE,
@@ -70,7 +71,7 @@ from ..wire.messages import (
 from . import reject
 from .context import Context
 from .reject import Reject
-from .types import Hook, Invoke, Request, SessionDeps
+from .types import Chunks, Hook, Invoke, Request, SessionDeps
 
 Delivery = tuple[str, str, int, str]  # (text, channel, offset, epoch) of a held publication ("", 0, "" for a push)
 
@@ -79,10 +80,25 @@ if TYPE_CHECKING:
 
 log = logging.getLogger("secure_ws.session")
 
-# A call past its deadline is cancelled with this message, which tells its task to answer `timeout`;
-# its deadline then reads as never, so that the timer passes over it while it unwinds.
+# Why a call's task was cancelled, as its cancel message: it then answers `timeout` or `cancelled` (a task
+# cancelled without one is the connection closing). Its deadline then reads as never.
 _TIMED_OUT = "secure_ws: handler timeout"
-_EXPIRED_AT = float("inf")
+_CANCELLED = "secure_ws: cancelled by the client"
+_NEVER = float("inf")
+_CHUNKS_PER_TURN = 63  # a stream lets the event loop run other work after each 64 chunks (a mask: 2^n - 1)
+
+
+class _Call:
+    """A running application call: its ``id`` (for ``cancel``), its deadline, the end of its life if it streams
+    (loop time), and why it was stopped, if it was."""
+
+    __slots__ = ("id", "deadline", "end", "stop")
+
+    def __init__(self, id: Any, deadline: float) -> None:
+        self.id = id
+        self.deadline = deadline
+        self.end = _NEVER
+        self.stop: str | None = None
 
 # The scope extension under which a server offers the direct frame path (secure_ws.uvicorn.ws_protocol does),
 # and the key of a `websocket.receive` that carries, instead of text, what the frame handler left to await.
@@ -166,8 +182,8 @@ class Session:
         self._sampled = 0.0  # perf_counter() at the start of a sampled frame, else 0
         self._routes = deps.routes
         self._fallback = deps.fallback
-        # Running application calls → their deadlines (loop time), at most max_inflight; one timer for all of them.
-        self._calls: dict[asyncio.Task[None], float] = {}
+        # Running application calls, at most max_inflight; one timer for all of their deadlines.
+        self._calls: dict[asyncio.Task[None], _Call] = {}
         self._call_timer: asyncio.TimerHandle | None = None
         self._context: Context | None = None
 
@@ -379,45 +395,67 @@ class Session:
     # -- application calls -----------------------------------------------------------
 
     def call(self, request: Request, invoke: Invoke, handler: Handler | None = None, timeout_code: str = reject.TIMEOUT) -> None:
-        """Start an application call (a handler, or the RPC proxy) as its own task; its reply comes when it ends."""
+        """Start an application call (a handler, a stream, or the RPC proxy) as its own task; its reply comes when it ends."""
         id = request.get("id")
-        if handler is not None and handler.scope is not None and not self.grants.allows(handler.scope):
-            raise ProtocolError(FORBIDDEN, f"scope does not grant {handler.scope}", id)
+        if handler is not None:
+            if handler.stream and id is None:
+                raise ProtocolError(BAD_REQUEST, "a streamed call needs an 'id' (its chunks and result carry it)")
+            if handler.scope is not None and not self.grants.allows(handler.scope):
+                raise ProtocolError(FORBIDDEN, f"scope does not grant {handler.scope}", id)
         calls = self._calls
         limit = self.deps.settings.max_inflight
         if len(calls) >= limit:
             raise ProtocolError(reject.BUSY, f"at most {limit} calls at once per connection; retry when one is answered", id)
         loop = asyncio.get_running_loop()
-        task = loop.create_task(self._run_call(request, invoke, handler, timeout_code))
         # The deadline is kept here rather than with asyncio.timeout(), which costs a timer (and a heap entry
-        # left behind when cancelled) per call: calls start in order under one timeout, so their deadlines are
-        # in insertion order and one timer, armed for the oldest, serves all of them.
-        deadline = loop.time() + self.deps.settings.handler_timeout
-        calls[task] = deadline
+        # left behind when cancelled) per call, and per chunk for a stream: one timer per connection, armed for
+        # the earliest deadline, serves all of its calls.
+        call = _Call(id, loop.time() + self.deps.settings.handler_timeout)
+        task = loop.create_task(self._run_call(request, invoke, handler, timeout_code, call))
+        calls[task] = call
         task.add_done_callback(self._call_done)
-        if self._call_timer is None:
-            self._call_timer = loop.call_at(deadline, self._expire_calls)
+        self._set_deadline(call, call.deadline)
+
+    def cancel(self, id: str | int) -> None:
+        """The client's ``cancel``: every running call with this ``id`` ends with error ``cancelled`` (its task, and
+        a stream's generator, are cancelled). An ``id`` no running call has is ignored: that call ended already."""
+        for task, call in self._calls.items():  # at most SECURE_WS_MAX_INFLIGHT entries
+            if call.stop is None and call.id == id:
+                call.stop = _CANCELLED
+                task.cancel(_CANCELLED)
 
     def _call_done(self, task: asyncio.Task[None]) -> None:
         del self._calls[task]
 
+    def _set_deadline(self, call: _Call, deadline: float) -> None:
+        call.deadline = deadline
+        timer = self._call_timer
+        if timer is None or deadline < timer.when():
+            if timer is not None:
+                timer.cancel()
+            self._call_timer = asyncio.get_running_loop().call_at(deadline, self._expire_calls)
+
     def _expire_calls(self) -> None:
-        """Cancel the calls past their deadline (they answer ``timeout``); re-arm for the next one."""
+        """Cancel the calls past their deadline (they answer ``timeout``); re-arm for the next one. Stream deadlines
+        move on with every chunk, so the timer may fire early: it then only re-arms."""
         self._call_timer = None
         loop = asyncio.get_running_loop()
         now = loop.time()
-        calls = self._calls
-        for task, deadline in calls.items():
-            if deadline > now:
-                if deadline != _EXPIRED_AT:
-                    self._call_timer = loop.call_at(deadline, self._expire_calls)
-                    return
-            else:
-                calls[task] = _EXPIRED_AT
-                task.cancel(_TIMED_OUT)
+        earliest = _NEVER
+        for task, call in self._calls.items():
+            deadline = call.deadline
+            if deadline <= now:
+                if call.stop is None:
+                    call.stop = _TIMED_OUT
+                    task.cancel(_TIMED_OUT)
+                call.deadline = _NEVER  # the timer passes over it while it unwinds
+            elif deadline < earliest:
+                earliest = deadline
+        if earliest != _NEVER:
+            self._call_timer = loop.call_at(earliest, self._expire_calls)
 
-    async def _run_call(self, request: Request, invoke: Invoke, handler: Handler | None, timeout_code: str) -> None:
-        id = request.get("id")
+    async def _run_call(self, request: Request, invoke: Invoke, handler: Handler | None, timeout_code: str, call: _Call) -> None:
+        id = call.id
         kind = request["type"]
         try:
             if handler is not None and handler.limiter is not None:
@@ -429,16 +467,21 @@ class Session:
             data = request.get("data")
             if handler is not None and handler.validate is not None:
                 data = handler.validate(data)
-            result = await invoke(self.context, data)
-            # Encoded inside the try: a result JSON cannot carry (a lone surrogate, a non-string key…) is the
-            # handler's fault, answered internal_error, never a task that dies unanswered.
-            text = reply(request, {"type": "result", "data": result})
-        except asyncio.CancelledError as exc:
-            if exc.args != (_TIMED_OUT,):
+            if handler is not None and handler.stream:
+                text = await self._stream(request, handler.func(self.context, data), call)  # type: ignore[arg-type]
+            else:
+                result = await invoke(self.context, data)
+                # Encoded inside the try: a result JSON cannot carry (a lone surrogate, a non-string key…) is the
+                # handler's fault, answered internal_error, never a task that dies unanswered.
+                if type(result) is Chunks:
+                    text = await self._stream(request, result.iterator, call, result.close)
+                else:
+                    text = reply(request, {"type": "result", "data": result})
+        except asyncio.CancelledError:
+            if call.stop is None:
                 raise  # the connection is closing
             asyncio.current_task().uncancel()  # type: ignore[union-attr]  # answered, not cancelled
-            log.warning("session %s: %s timed out", self.id, kind, extra=self.log_fields("handler_timeout"))
-            text = error(timeout_code, f"no answer within {self.deps.settings.handler_timeout:g}s", id)
+            text = ""
         except (Reject, ProtocolError) as exc:
             text = error(exc.code, exc.message, id)
         except self.deps.unavailable:
@@ -446,7 +489,58 @@ class Session:
             text = error(refusal.code, refusal.message, id)
         except Exception as exc:  # noqa: BLE001 (the application's fault: this request fails, the connection stays)
             text = self._call_fault(kind, id, exc)
+        if call.stop is not None:  # also when the handler caught its cancellation and answered anyway
+            text = self._stopped(kind, call, timeout_code)
         self.send(text)
+
+    async def _stream(
+        self, request: Request, chunks: AsyncGenerator[Any, None], call: _Call, close: Callable[[], Awaitable[None]] | None = None
+    ) -> str:
+        """Send each value ``chunks`` yields as a ``chunk`` frame, advancing it only while the outbound queue has
+        room (:meth:`writable`) and within the handler timeout per chunk and the stream timeout in all; returns
+        the ``result`` frame. ``chunks`` is closed (its ``finally`` runs), then ``close`` called, however the call ends."""
+        try:
+            id = call.id
+            if id is None:  # a proxied call whose backend answered with a stream
+                raise ProtocolError(BAD_REQUEST, "a streamed call needs an 'id' (its chunks and result carry it)")
+            settings = self.deps.settings
+            timeout = settings.handler_timeout
+            loop = asyncio.get_running_loop()
+            end = call.end = call.deadline - timeout + settings.stream_timeout
+            if end < call.deadline:
+                self._set_deadline(call, end)
+            seq = 0
+            async for data in chunks:
+                if call.stop is not None:
+                    break  # the generator caught its cancellation and went on
+                self.send(encode({"type": "chunk", "id": id, "seq": seq, "data": data}))
+                seq += 1
+                paused = self.writable()
+                if paused is not None:
+                    call.deadline = end  # a slow reader is not the generator's fault: only the stream's life counts
+                    await paused
+                elif not seq & _CHUNKS_PER_TURN:
+                    # A generator that never awaits, read by a client that keeps up, would otherwise keep the loop
+                    # (and this worker's other connections) until the socket's buffers fill.
+                    await asyncio.sleep(0)
+                self._set_deadline(call, min(loop.time() + timeout, end))
+            return reply(request, {"type": "result", "data": {"chunks": seq}})
+        finally:
+            try:
+                await chunks.aclose()
+            finally:
+                if close is not None:
+                    await close()
+
+    def _stopped(self, kind: str, call: _Call, timeout_code: str) -> str:
+        """The terminal frame of a call that was cancelled by its client, or ran out of time."""
+        if call.stop is _CANCELLED:
+            return error(reject.CANCELLED, "cancelled", call.id)
+        log.warning("session %s: %s timed out", self.id, kind, extra=self.log_fields("handler_timeout"))
+        settings = self.deps.settings
+        if asyncio.get_running_loop().time() >= call.end:
+            return error(timeout_code, f"stream longer than {settings.stream_timeout:g}s", call.id)
+        return error(timeout_code, f"no answer within {settings.handler_timeout:g}s", call.id)
 
     def _call_fault(self, kind: str, id: Any, exc: BaseException) -> str:
         log.error("session %s: handler %s raised", self.id, kind, exc_info=exc, extra=self.log_fields("handler_fault"))

@@ -10,7 +10,7 @@ are the implementations.
 
 from __future__ import annotations
 
-from collections.abc import Awaitable, Callable, Mapping, Sequence
+from collections.abc import AsyncGenerator, Awaitable, Callable, Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any, Protocol
 
@@ -26,6 +26,16 @@ Route = Callable[["Connection", Request], Awaitable[None] | None]
 # What an application call runs, given the connection's Context and the request's data.
 Invoke = Callable[[Any, Any], Awaitable[Any]]
 Hook = Callable[[Any], Awaitable[None]]  # on_connect / on_disconnect, given the Context
+
+
+@dataclass(frozen=True, slots=True)
+class Chunks:
+    """What an :data:`Invoke` returns to answer with a stream instead of one result (the RPC proxy's NDJSON
+    body): each value ``iterator`` yields is a chunk; it is closed (``aclose``) however the call ends, and then
+    ``close`` is called, which releases what it holds even if it never started (when its ``finally`` never runs)."""
+
+    iterator: AsyncGenerator[Any, None]
+    close: Callable[[], Awaitable[None]] | None = None
 
 
 class Connection(Protocol):
@@ -46,6 +56,7 @@ class Connection(Protocol):
     def close_soon(self, code: int, reason: str) -> None: ...
     def waiting(self, request: Request, work: Awaitable[None]) -> Awaitable[None]: ...
     def call(self, request: Request, invoke: Invoke, handler: Any = None, timeout_code: str = ...) -> None: ...
+    def cancel(self, id: str | int) -> None: ...
     def renew(self, principal: Principal) -> None: ...
     def log_fields(self, event: str, code: int | None = None, reason: str | None = None) -> dict[str, Any]: ...
 

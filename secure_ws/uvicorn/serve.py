@@ -26,15 +26,16 @@ GRACEFUL_SHUTDOWN_SECONDS = 10  # on SIGTERM, how long live connections get to f
 
 
 def serve(
-    settings: Settings, host: str, port: int, workers: int, *, tls: bool = True, internal_port: int | None = None, **extra: Any
+    settings: Settings, host: str, port: int, workers: int, *, tls: bool = True, internal_port: int | None = None,
+    app: str = "secure_ws.main:app", **extra: Any
 ) -> int:
-    """Serve until stopped; the exit code: 0, or 2 when the server (a worker) could not start."""
+    """Serve ``app`` (an import string) until stopped; the exit code: 0, or 2 when the server (a worker) could not start."""
     # uvicorn rewrites the client address from X-Forwarded-For for exactly the proxies our handshake
     # throttle trusts (SECURE_WS_FORWARDED_ALLOW_IPS), so the access log and the throttle agree;
     # with none named, neither trusts the header (uvicorn alone would trust 127.0.0.1).
     proxies = [str(network) for network in settings.forwarded_allow_ips]
     config = uvicorn.Config(
-        "secure_ws.main:app",
+        app,
         host=host,
         port=port,
         workers=workers,

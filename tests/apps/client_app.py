@@ -52,23 +52,22 @@ async def kick_me(ctx: Context, data: Any) -> Any:
     return None
 
 
-if hasattr(SecureWS, "stream"):
+@api.stream("count")
+async def count(ctx: Context, data: Any) -> Any:
+    tag = str(data.get("tag", ""))
+    stream_ends[tag] = "running"
+    try:
+        for n in range(int(data.get("to", 3))):
+            yield {"n": n}
+            await asyncio.sleep(float(data.get("every", 0)))
+        if data.get("fail"):
+            raise Reject("stream_failed", "failed after some chunks")
+        stream_ends[tag] = "done"
+    finally:
+        if stream_ends[tag] == "running":
+            stream_ends[tag] = "closed"
 
-    @api.stream("count")
-    async def count(ctx: Context, data: Any) -> Any:
-        tag = str(data.get("tag", ""))
-        stream_ends[tag] = "running"
-        try:
-            for n in range(int(data.get("to", 3))):
-                yield {"n": n}
-                await asyncio.sleep(float(data.get("every", 0)))
-            if data.get("fail"):
-                raise Reject("stream_failed", "failed after some chunks")
-            stream_ends[tag] = "done"
-        finally:
-            if stream_ends[tag] == "running":
-                stream_ends[tag] = "closed"
 
-    @api.handler("stream.end")
-    async def stream_end(ctx: Context, data: Any) -> Any:
-        return stream_ends.get(str(data))
+@api.handler("stream.end")
+async def stream_end(ctx: Context, data: Any) -> Any:
+    return stream_ends.get(str(data))

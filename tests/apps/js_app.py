@@ -37,16 +37,14 @@ async def push_me(ctx: Context, data: Any) -> Any:
 
 @api.handler("features")
 async def features(ctx: Context, data: Any) -> Any:
-    return {"stream": hasattr(SecureWS, "stream"), **counts}
+    return counts
 
 
-if hasattr(SecureWS, "stream"):  # the streaming side of the server (SPEC §13) where this build has it
-
-    @api.stream("count")  # type: ignore[attr-defined]
-    async def count(ctx: Context, data: Any) -> Any:
-        try:
-            for i in range(int(data["n"])):
-                yield {"i": i}
-                await asyncio.sleep(float(data.get("every", 0)))
-        finally:
-            counts["streams_finished"] += 1
+@api.stream("count")
+async def count(ctx: Context, data: Any) -> Any:
+    try:
+        for i in range(int(data["n"])):
+            yield {"i": i}
+            await asyncio.sleep(float(data.get("every", 0)))
+    finally:
+        counts["streams_finished"] += 1

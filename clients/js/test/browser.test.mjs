@@ -91,8 +91,6 @@ test("in Chromium: connect by subprotocol, subscribe, receive, recover after the
 });
 
 test("in Chromium: stream and cancel", { skip }, async (t) => {
-  const hasStream = await page.evaluate(async () => (await window.client.call("features")).stream);
-  if (!hasStream) return t.skip("this server has no SecureWS.stream (streaming replies) yet");
   const result = await page.evaluate(async () => {
     const all = [];
     for await (const chunk of window.client.stream("count", { n: 4 })) all.push(chunk.i);

@@ -4,7 +4,7 @@ import assert from "node:assert/strict";
 import { Client, AuthError, RequestError, RateLimitedError } from "../dist/index.js";
 import { makeKeydir, Server, uniqueSub, uniqueChannel, waitFor, states, unhandled } from "./harness.mjs";
 
-let keys, server, apiKey, features;
+let keys, server, apiKey;
 const clients = [];
 
 function client(options = {}) {
@@ -19,10 +19,6 @@ before(async () => {
   keys = makeKeydir();
   apiKey = keys.apiKey();
   server = await new Server(keys, { env: { SECURE_WS_HISTORY_SIZE: "1000" } }).start();
-  const probe = client();
-  await probe.connect();
-  features = await probe.call("features");
-  probe.close();
 });
 
 after(async () => {
@@ -348,7 +344,6 @@ test("close() leaves no timer, listener or pending request behind", async () => 
 });
 
 test("stream: chunks in order, abort sends cancel, leaving early sends cancel", async (t) => {
-  if (!features.stream) return t.skip("this server has no SecureWS.stream (streaming replies) yet");
   const c = client();
   await c.connect();
   const all = [];
