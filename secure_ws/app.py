@@ -25,9 +25,9 @@ from .core.session import DIRECT, Session
 from .server_api import PREFIX as API_PREFIX
 from .server_api import ServerApi
 from .service import Service
-from .settings import ConfigError, Settings, check_workers, load_settings, unreported_warnings
+from .settings import ConfigError, Settings, check_internal_port, check_workers, load_settings, unreported_warnings
 from .uvicorn.install import install
-from .uvicorn.supervisor import running_workers, startup_failure_code
+from .uvicorn.supervisor import running_port, running_workers, startup_failure_code
 
 WS_PATH = "/ws"
 # Operators' paths (metrics, the server API): moved off the public port to the internal listener when
@@ -50,6 +50,9 @@ class SecureWS:
             for warning in unreported_warnings(settings):
                 logging.getLogger("secure_ws").warning("configuration: %s", warning)
             check_workers(settings, running_workers())  # plain `uvicorn --workers N` too
+            port = running_port()
+            if port is not None:
+                check_internal_port(settings, port)  # plain `uvicorn --port P` too
             self.service = Service(settings)
             install()  # under `uvicorn yourapp:app` too: our protocols, with the request-head bounds
         except ConfigError as exc:

@@ -153,6 +153,15 @@ def check_workers(settings: Settings, workers: int) -> None:
         )
 
 
+def check_internal_port(settings: Settings, port: int) -> None:
+    """The internal listener on the public port would serve ``/metrics`` and ``/api/*`` to everyone and
+    refuse every WebSocket there; refused whether the port came from the flag or the environment."""
+    if settings.internal_port is not None and settings.internal_port == port:
+        raise ConfigError(
+            "SECURE_WS_INTERNAL_PORT", f"{port} is also the public port (--port): the internal listener needs a port of its own"
+        )
+
+
 _reported: set[str] = set()
 
 
