@@ -155,6 +155,8 @@ def _asgi(service: Service) -> Any:
             await http(scope, receive, send)
             return
         path = _route_path(scope)
+        if kind == "http" and _announces_body(scope["headers"]):
+            receive, send = _close_if_unread(receive, send)
         # With an internal listener, operators' paths are served there and only there.
         if internal_port is not None and (_local_port(scope) == internal_port) != path.startswith(INTERNAL_PATHS):
             await _not_found(scope, receive, send)
@@ -175,6 +177,36 @@ async def _not_found(scope: dict[str, Any], receive: Any, send: Any) -> None:
         await send({"type": "websocket.close", "code": 1008})  # uvicorn answers HTTP 403
     else:
         await PlainTextResponse("Not Found", status_code=404)(scope, receive, send)
+
+
+def _announces_body(headers: list[tuple[bytes, bytes]]) -> bool:
+    # The head is bounded (secure_ws.uvicorn.http_protocol, or uvicorn's own limit), so this scan is too.
+    for name, value in headers:
+        if name == b"transfer-encoding" or (name == b"content-length" and value.strip() not in (b"0", b"")):
+            return True
+    return False
+
+
+def _close_if_unread(receive: Any, send: Any) -> tuple[Any, Any]:
+    """``receive`` and ``send`` that add ``Connection: close`` to a response sent before the request's body
+    was read to its end (a refusal, a route that takes no body, a body too large or too slow): the server
+    then closes the connection after the answer, whatever its protocol, instead of reading on (a client
+    trickling a body one byte a second would otherwise hold the connection for ever)."""
+    unread = True
+
+    async def receive_body() -> Any:
+        nonlocal unread
+        message = await receive()
+        if message["type"] != "http.request" or not message.get("more_body", False):
+            unread = False
+        return message
+
+    async def send_closing(message: Any) -> None:
+        if unread and message["type"] == "http.response.start":
+            message = {**message, "headers": [*message.get("headers", ()), (b"connection", b"close")]}
+        await send(message)
+
+    return receive_body, send_closing
 
 
 def _local_port(scope: dict[str, Any]) -> int | None:

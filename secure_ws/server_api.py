@@ -249,12 +249,11 @@ class ServerApi:
             body = _decode(await _read_body(scope, receive))
             result = await self._run(method, body)
         except ApiError as exc:
-            headers = exc.headers
-            if exc.status in (408, 413):  # the rest of the body is not read: this connection cannot carry another request
-                headers = [*headers, (b"connection", b"close")]
+            # A refusal before the body was read to its end (401, 408, 413…) also closes the connection
+            # (secure_ws.app: Connection: close on a response to an unread body).
             if exc.status == 401:  # one line per attempt at most: each one counts on the throttle
                 log.info("api refused ip=%s method=%s: 401", ip, _loggable(method_name), extra={"event": "api_refused", "client": ip})
-            await _respond(send, exc.status, {"error": {"code": exc.code, "message": exc.message}}, headers)
+            await _respond(send, exc.status, {"error": {"code": exc.code, "message": exc.message}}, exc.headers)
             return
         # Revocations and disconnects are rare and worth an audit line; publishes may come by the thousand.
         level = logging.INFO if method_name in AUDITED else logging.DEBUG

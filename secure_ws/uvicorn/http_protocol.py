@@ -27,6 +27,7 @@ from typing import Any
 
 from uvicorn.protocols.http.httptools_impl import HttpToolsProtocol
 
+from ..core.handshake import PEER
 from ..settings import load_settings
 from ..tls import server_context
 
@@ -93,6 +94,9 @@ class RequestHeadGuard:
 
     def on_message_begin(self) -> None:
         super().on_message_begin()  # type: ignore[misc]
+        # The TCP peer as the socket reports it: uvicorn's proxy-headers middleware may rewrite
+        # scope["client"] from X-Forwarded-For; the server API's throttle counts this, as the handshake's does.
+        self.scope["extensions"] = {PEER: self.client}  # type: ignore[attr-defined]
         self._arm()
 
     def on_headers_complete(self) -> None:
