@@ -9,6 +9,7 @@ lifespan are an ordinary Starlette app.
 from __future__ import annotations
 
 import logging
+import signal
 import sys
 from collections.abc import Callable
 from typing import Any
@@ -27,7 +28,7 @@ from .server_api import ServerApi
 from .service import Service
 from .settings import ConfigError, Settings, check_internal_port, check_workers, load_settings, unreported_warnings
 from .uvicorn.install import install
-from .uvicorn.supervisor import running_port, running_workers, startup_failure_code
+from .uvicorn.supervisor import running_config, running_port, running_workers, startup_failure_code
 
 WS_PATH = "/ws"
 # Operators' paths (metrics, the server API): moved off the public port to the internal listener when
@@ -44,6 +45,10 @@ class SecureWS:
 
     def __init__(self, settings: Settings | None = None) -> None:
         explicit = settings is not None
+        if running_config() is not None:
+            # Imported by uvicorn, which has no SIGHUP handler (its default action ends the process): held
+            # until the lifespan installs ours (Service.lifespan), as `secure-ws serve` holds it from its first line.
+            signal.pthread_sigmask(signal.SIG_BLOCK, {signal.SIGHUP})
         try:
             settings = settings if settings is not None else load_settings()
             logs.configure(settings.log_format)

@@ -251,7 +251,7 @@ def _serve(settings: Settings, host: str, port: int, workers: int, tls: bool = T
     if tls:
         for variable, path in (("SECURE_WS_TLS_CERTFILE", settings.tls_certfile), ("SECURE_WS_TLS_KEYFILE", settings.tls_keyfile)):
             if not path.is_file():
-                raise ConfigError(variable, f"{path} not found (run `secure-ws certs`)")
+                raise ConfigError(variable, f"{_where(path)} not found (run `secure-ws certs`)")
         # Build the context once here, so a bad file stops start-up with one line naming its variable.
         server_context(settings.tls_certfile, settings.tls_keyfile, settings.tls_min_version, settings.tls_client_ca)
     check_workers(settings, workers)

@@ -24,6 +24,7 @@ import logging
 from collections.abc import Awaitable, Callable
 from typing import Any
 
+from .auth.revocation_file import RevocationsFull
 from .auth.tokens import MAX_SUB_CHARS
 from .core.handshake import client_ip
 from .service import Service
@@ -125,10 +126,13 @@ async def _disconnect(service: Service, body: dict[str, Any]) -> dict[str, Any]:
 async def _revoke(service: Service, body: dict[str, Any]) -> dict[str, Any]:
     if len(body) != 1 or not ("jti" in body or "sub" in body):
         raise _bad("give exactly one field: jti or sub")
-    if "jti" in body:
-        await service.revoke(jti=_identifier(body["jti"], "jti", MAX_JTI_CHARS))
-    else:
-        await service.revoke(sub=_identifier(body["sub"], "sub", MAX_SUB_CHARS))
+    try:
+        if "jti" in body:
+            await service.revoke(jti=_identifier(body["jti"], "jti", MAX_JTI_CHARS))
+        else:
+            await service.revoke(sub=_identifier(body["sub"], "sub", MAX_SUB_CHARS))
+    except RevocationsFull:
+        raise ApiError(507, "too_many_revocations", "the revocation file is full: revoke the subject (sub) instead of its tokens") from None
     return {}
 
 

@@ -90,10 +90,11 @@ def held_jwks(keydir: Path) -> Iterator[_HeldJwks]:
     held.close()
 
 
-def test_sighup_during_start_up_does_not_kill_serve(keydir, held_jwks):
+@pytest.mark.parametrize("kind", [Serve, Server], ids=["secure-ws serve", "uvicorn"])
+def test_sighup_during_start_up_does_not_kill_the_server(keydir, held_jwks, kind):
     """`systemctl reload` right after a start: the HUP came before any handler and ended the process."""
     env = base_env(keydir, SECURE_WS_JWKS_URL=held_jwks.url, SSL_CERT_FILE=str(keydir / "ca.crt"))
-    srv = Serve(keydir, env)
+    srv = kind(keydir, env)
     srv._log = open(srv.log_path, "ab")
     srv.proc = subprocess.Popen(srv.argv(), env=env, cwd=keydir, stdout=srv._log, stderr=subprocess.STDOUT)
     try:
@@ -101,7 +102,7 @@ def test_sighup_during_start_up_does_not_kill_serve(keydir, held_jwks):
         for _ in range(3):
             srv.proc.send_signal(signal.SIGHUP)
         time.sleep(0.2)  # not synchronisation: time for a default-action HUP to end the process, if it would
-        assert srv.proc.poll() is None, f"serve died of a SIGHUP during start-up ({srv.proc.returncode}):\n{srv.log()}"
+        assert srv.proc.poll() is None, f"the server died of a SIGHUP during start-up ({srv.proc.returncode}):\n{srv.log()}"
         held_jwks.release.set()
         wait_for(lambda: _listening(srv.port), 30, "the server listening")
         assert srv.get("/healthz")[0] == 200
