@@ -41,7 +41,11 @@ def _private_group(gid: int, owner: int) -> bool:
     except KeyError:
         return False
     members = set(group.gr_mem)
-    return members <= {user.pw_name} and (user.pw_gid == gid or members == {user.pw_name})
+    if not members <= {user.pw_name} or not (user.pw_gid == gid or members == {user.pw_name}):
+        return False
+    # Nobody else has it as their primary group (SUSE's `users` is everyone's). Only asked of a
+    # group-writable file, which is rare, so walking the user database costs nothing in the common case.
+    return not any(other.pw_gid == gid and other.pw_uid != owner for other in pwd.getpwall())
 
 
 def _others_may_write(st: os.stat_result) -> bool:
@@ -66,7 +70,8 @@ def read_trusted(path: Path, limit: int) -> bytes:
     group- or world-writable, or the folder it is named in, or the folder it really is in (symbolic
     links, such as Kubernetes' ``..data`` ones, are followed), writable by others and not sticky.
     Owners are not checked: a Secret mounted read-only and owned by root is what a container gets."""
-    with open(path, "rb") as fh:
+    # O_NONBLOCK: a FIFO put in the file's place would otherwise block the open until someone writes to it.
+    with os.fdopen(os.open(path, os.O_RDONLY | os.O_NONBLOCK | os.O_CLOEXEC), "rb") as fh:
         st = os.fstat(fh.fileno())  # the very file read, not a name that could be swapped meanwhile
         if not stat.S_ISREG(st.st_mode):
             raise UntrustedFile("not a regular file")

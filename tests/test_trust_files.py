@@ -144,6 +144,24 @@ def test_a_trust_file_others_may_write_stops_start_up(keys, kind, which, mode):
         srv.stop()
 
 
+def test_group_writable_in_the_owners_private_group_is_accepted(keys):
+    """A umask of 002 on Debian or Fedora (each user's own group) makes files group-writable harmlessly."""
+    import grp
+    import pwd
+
+    owner = pwd.getpwuid(os.getuid())
+    group = grp.getgrgid(owner.pw_gid)
+    if group.gr_mem not in ([], [owner.pw_name]) or any(u.pw_gid == owner.pw_gid and u.pw_uid != owner.pw_uid for u in pwd.getpwall()):
+        pytest.skip(f"the test user's group {group.gr_name} is not its own")
+    os.chown(keys / "jwks.json", -1, owner.pw_gid)
+    os.chmod(keys / "jwks.json", 0o660)
+    srv = Serve(keys, base_env(keys)).start()
+    try:
+        assert readyz(srv) == 200
+    finally:
+        srv.stop()
+
+
 @KINDS
 def test_a_trust_file_in_a_folder_others_may_write_stops_start_up(keys, kind):
     """Whoever may write the folder may swap the file, whatever the file's own mode."""
@@ -153,6 +171,13 @@ def test_a_trust_file_in_a_folder_others_may_write_stops_start_up(keys, kind):
     finally:
         os.chmod(keys, 0o700)
     assert "SECURE_WS_JWKS_FILE" in stderr and "folder" in stderr and "writable by others" in stderr, stderr
+
+
+def test_a_fifo_in_place_of_a_trust_file_is_refused_not_waited_on(keys):
+    (keys / "jwks.json").unlink()
+    os.mkfifo(keys / "jwks.json", 0o600)
+    stderr = start_fails(Serve, keys, base_env(keys))
+    assert "SECURE_WS_JWKS_FILE" in stderr and "not a regular file" in stderr, stderr
 
 
 def test_a_relative_path_in_a_start_up_error_is_shown_absolute(keys):
