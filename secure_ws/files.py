@@ -89,9 +89,9 @@ def read_trusted(path: Path, limit: int) -> bytes:
 
 
 def make_parent(path: Path) -> None:
-    """The folder of a file this package writes, made 0700 if missing (a folder others may write would
-    make the file untrusted, see :func:`read_trusted`)."""
-    path.parent.mkdir(mode=0o700, parents=True, exist_ok=True)
+    """The folder of a file this package writes, made if missing with no write right for others whatever
+    the umask (a folder others may write would make the file untrusted, see :func:`read_trusted`)."""
+    path.parent.mkdir(mode=0o755, parents=True, exist_ok=True)
 
 
 def atomic_write(path: Path, data: bytes, mode: int = 0o600) -> None:

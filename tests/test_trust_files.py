@@ -219,7 +219,7 @@ def test_a_kubernetes_secret_mount_and_an_empty_dir_state_volume_work(keys, tmp_
         SECURE_WS_JWKS_FILE=str(secret / "jwks.json"),
         SECURE_WS_TLS_CERTFILE=str(secret / "server.crt"),
         SECURE_WS_TLS_KEYFILE=str(secret / "server.key"),
-        # deploy/k8s: the file in a folder of its own on that volume, made 0700 by whoever writes first
+        # deploy/k8s: the file in a folder of its own on that volume, made 0755 by whoever writes first
         SECURE_WS_REVOCATION_FILE=str(state / "revocations" / "revocations.json"),
     )
     srv = kind(keys, env).start()
