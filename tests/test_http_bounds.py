@@ -10,7 +10,9 @@ from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
-from helpers import Serve, Server, api_call, api_env
+from helpers import AppServer, Serve, Server, api_call, api_env, base_env
+
+from secure_ws.uvicorn.http_protocol import REQUEST_BODY_TIMEOUT
 
 KINDS = pytest.mark.parametrize("kind", [Server, Serve], ids=["uvicorn", "secure-ws serve"])
 
@@ -131,3 +133,23 @@ def test_a_body_read_to_its_end_keeps_the_connection(start, api_key):
     assert response.status_code == 200 and "connection" not in response.headers, response.headers
     refused = api_call(srv, "publish", {"channel": "a", "data": 1}, key="swk_wrong")  # refused unread: closed
     assert refused.status_code == 401 and refused.headers.get("connection") == "close"
+
+
+# -- a route that waits on a body: the protocol's bound -------------------------------------------------
+
+
+def test_a_host_route_waiting_on_a_trickled_body_gets_408_and_the_connection_closed(keydir):
+    """A route that reads the body (here a host application's, secure_ws mounted in it) waited for ever."""
+    srv = AppServer(keydir, base_env(keydir), "mounted_app:starlette_host").start()
+    try:
+        closed_after, answer = trickle(srv, _head("POST", "/upload"), within=REQUEST_BODY_TIMEOUT + 8)
+        assert answer.startswith(b"HTTP/1.1 408") and b"connection: close" in answer.lower(), answer[:300]
+        assert closed_after is not None and REQUEST_BODY_TIMEOUT - 1 < closed_after < REQUEST_BODY_TIMEOUT + 5, closed_after
+        # A large body at a fair speed is not cut.
+        import httpx
+
+        with httpx.Client(verify=srv.ssl_context(), timeout=30) as client:
+            response = client.post(f"{srv.https}/upload", content=b"x" * (4 << 20))
+        assert (response.status_code, response.text) == (200, str(4 << 20))
+    finally:
+        srv.stop()
