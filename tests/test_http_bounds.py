@@ -34,11 +34,13 @@ def start(keydir: Path, keys_file: Path, api_key: str) -> Iterator:
 # -- the 401 throttle counts the TCP peer, as the handshake throttle does -------------------------------
 
 
-@KINDS
-def test_x_forwarded_for_does_not_pick_the_api_throttle_bucket(start, kind):
+@pytest.mark.parametrize(
+    ("kind", "uvicorn_args"), [(Server, ()), (Server, ("--http", "h11")), (Serve, ())], ids=["uvicorn", "uvicorn-h11", "secure-ws serve"]
+)
+def test_x_forwarded_for_does_not_pick_the_api_throttle_bucket(start, kind, uvicorn_args):
     """Under plain uvicorn the API's throttle read scope["client"], which uvicorn rewrites from
     X-Forwarded-For for a 127.0.0.1 peer: each guess named a new IP, and key guesses were unlimited."""
-    srv = start(kind, SECURE_WS_HANDSHAKE_RATE_LIMIT="3/minute")
+    srv = start(kind, uvicorn_args, SECURE_WS_HANDSHAKE_RATE_LIMIT="3/minute")
     statuses = [
         api_call(srv, "publish", {"channel": "a", "data": 1}, key="swk_wrong", headers={"X-Forwarded-For": f"198.51.100.{i}"}).status_code
         for i in range(5)

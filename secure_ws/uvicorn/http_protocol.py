@@ -33,6 +33,7 @@ import asyncio
 import ssl
 from typing import Any
 
+from uvicorn.protocols.http.h11_impl import H11Protocol
 from uvicorn.protocols.http.httptools_impl import HttpToolsProtocol
 
 from ..core.handshake import PEER
@@ -112,9 +113,6 @@ class RequestHeadGuard:
 
     def on_message_begin(self) -> None:
         super().on_message_begin()  # type: ignore[misc]
-        # The TCP peer as the socket reports it: uvicorn's proxy-headers middleware may rewrite
-        # scope["client"] from X-Forwarded-For; the server API's throttle counts this, as the handshake's does.
-        self.scope["extensions"] = {PEER: self.client}  # type: ignore[attr-defined]
         self._arm()
 
     def on_headers_complete(self) -> None:
@@ -181,9 +179,35 @@ class RequestHeadGuard:
         super().connection_lost(exc)  # type: ignore[misc]
 
 
-class GuardedHttpToolsProtocol(RequestHeadGuard, HttpToolsProtocol):
-    """uvicorn's httptools protocol with the request-head bounds (a module-level class: it must
-    pickle into ``--workers`` processes, so ``secure-ws serve`` names it as ``module:attr``)."""
+class PeerScope:
+    """Mixin for uvicorn's HTTP protocols: every request's scope carries the TCP peer as the socket
+    reports it (``extensions[PEER]``), which uvicorn's proxy-headers middleware cannot rewrite from
+    ``X-Forwarded-For`` as it does ``scope["client"]``: the server API's throttle counts it, as the
+    handshake's does (our WebSocket protocol sets it there)."""
+
+    app: Any  # set by uvicorn's protocol: its loaded app, proxy-headers middleware included
+
+    def __init__(self, *args: Any, **kwargs: Any) -> None:
+        super().__init__(*args, **kwargs)
+        app = self.app
+
+        async def with_peer(scope: Any, receive: Any, send: Any) -> None:
+            extensions = scope.get("extensions")
+            if extensions is None:
+                scope["extensions"] = extensions = {}
+            extensions[PEER] = self.client  # type: ignore[attr-defined]
+            await app(scope, receive, send)
+
+        self.app = with_peer
+
+
+class GuardedHttpToolsProtocol(PeerScope, RequestHeadGuard, HttpToolsProtocol):
+    """uvicorn's httptools protocol with the request-head and body bounds and the peer (a module-level
+    class: it must pickle into ``--workers`` processes, so ``secure-ws serve`` names it as ``module:attr``)."""
+
+
+class PeerH11Protocol(PeerScope, H11Protocol):
+    """uvicorn's h11 protocol (``uvicorn --http h11``) with the peer; h11 bounds the head itself."""
 
 
 HTTP_PROTOCOL = "secure_ws.uvicorn.http_protocol:GuardedHttpToolsProtocol"
