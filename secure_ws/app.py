@@ -9,6 +9,7 @@ lifespan are an ordinary Starlette app.
 from __future__ import annotations
 
 import logging
+import signal
 import sys
 from collections.abc import Callable
 from typing import Any
@@ -25,9 +26,9 @@ from .core.session import DIRECT, Session
 from .server_api import PREFIX as API_PREFIX
 from .server_api import ServerApi
 from .service import Service
-from .settings import ConfigError, Settings, check_workers, load_settings, unreported_warnings
+from .settings import ConfigError, Settings, check_internal_port, check_workers, load_settings, unreported_warnings
 from .uvicorn.install import install
-from .uvicorn.supervisor import running_config, running_workers, startup_failure_code
+from .uvicorn.supervisor import running_config, running_port, running_workers, startup_failure_code
 
 WS_PATH = "/ws"
 # Operators' paths (metrics, the server API): moved off the public port to the internal listener when
@@ -53,6 +54,10 @@ class SecureWS:
         self._served: Any = None  # the ASGI app of the service in use
         #: The ASGI app: ``uvicorn myapp:app`` with ``app = api.app``, or ``Mount("/realtime", app=api.app)``.
         self.app = App(self)
+        if running_config() is not None:
+            # Imported by uvicorn, which has no SIGHUP handler (its default action ends the process): held
+            # until the lifespan installs ours (Service.lifespan), as `secure-ws serve` holds it from its first line.
+            signal.pthread_sigmask(signal.SIG_BLOCK, {signal.SIGHUP})
         if settings is not None or running_config() is not None:
             self._load()
 
@@ -64,6 +69,9 @@ class SecureWS:
             for warning in unreported_warnings(settings):
                 logging.getLogger("secure_ws").warning("configuration: %s", warning)
             check_workers(settings, running_workers())  # plain `uvicorn --workers N` too
+            port = running_port()
+            if port is not None:
+                check_internal_port(settings, port)  # plain `uvicorn --port P` too
             service = Service(settings, self.registry)
             install()  # under `uvicorn yourapp:app` too: our protocols, with the request-head bounds
         except ConfigError as exc:
@@ -218,6 +226,8 @@ def _asgi(service: Service) -> Any:
             await http(scope, receive, send)
             return
         path = _route_path(scope)
+        if kind == "http" and _announces_body(scope["headers"]):
+            receive, send = _close_if_unread(receive, send)
         # With an internal listener, operators' paths are served there and only there.
         if internal_port is not None and (_local_port(scope) == internal_port) != path.startswith(INTERNAL_PATHS):
             await _not_found(scope, receive, send)
@@ -237,6 +247,36 @@ async def _not_found(scope: dict[str, Any], receive: Any, send: Any) -> None:
         await send({"type": "websocket.close", "code": 1008})  # uvicorn answers HTTP 403
     else:
         await PlainTextResponse("Not Found", status_code=404)(scope, receive, send)
+
+
+def _announces_body(headers: list[tuple[bytes, bytes]]) -> bool:
+    # The head is bounded (secure_ws.uvicorn.http_protocol, or uvicorn's own limit), so this scan is too.
+    for name, value in headers:
+        if name == b"transfer-encoding" or (name == b"content-length" and value.strip() not in (b"0", b"")):
+            return True
+    return False
+
+
+def _close_if_unread(receive: Any, send: Any) -> tuple[Any, Any]:
+    """``receive`` and ``send`` that add ``Connection: close`` to a response sent before the request's body
+    was read to its end (a refusal, a route that takes no body, a body too large or too slow): the server
+    then closes the connection after the answer, whatever its protocol, instead of reading on (a client
+    trickling a body one byte a second would otherwise hold the connection for ever)."""
+    unread = True
+
+    async def receive_body() -> Any:
+        nonlocal unread
+        message = await receive()
+        if message["type"] != "http.request" or not message.get("more_body", False):
+            unread = False
+        return message
+
+    async def send_closing(message: Any) -> None:
+        if unread and message["type"] == "http.response.start":
+            message = {**message, "headers": [*message.get("headers", ()), (b"connection", b"close")]}
+        await send(message)
+
+    return receive_body, send_closing
 
 
 def _local_port(scope: dict[str, Any]) -> int | None:

@@ -9,6 +9,15 @@ environment sees it at once) and prints JSON on stdout with ``--json``.
 
 from __future__ import annotations
 
+import signal
+
+# Before anything else (the imports below take a few hundred milliseconds): SIGHUP's default action
+# ends the process, and `systemctl reload` right after a start sends one. Held (blocked) from here, a
+# HUP waits, pending, until the server has its reload handler (Service.lifespan, Supervisor) and
+# unblocks it; an ops command ends with it still pending, unharmed.
+signal.pthread_sigmask(signal.SIG_BLOCK, {signal.SIGHUP})
+# ruff: noqa: E402  (the imports below come after that, on purpose)
+
 import argparse
 import asyncio
 import importlib
@@ -22,7 +31,7 @@ from pathlib import Path
 from typing import Any
 
 from . import __version__
-from .settings import ConfigError, Settings, check_workers, load_settings, loopback_host, unreported_warnings
+from .settings import ConfigError, Settings, check_internal_port, check_workers, load_settings, loopback_host, unreported_warnings
 
 DEFAULT_PORT = 8443
 
@@ -276,10 +285,11 @@ def _serve(settings: Settings, host: str, port: int, workers: int, tls: bool = T
     if tls:
         for variable, path in (("SECURE_WS_TLS_CERTFILE", settings.tls_certfile), ("SECURE_WS_TLS_KEYFILE", settings.tls_keyfile)):
             if not path.is_file():
-                raise ConfigError(variable, f"{path} not found (run `secure-ws certs`)")
+                raise ConfigError(variable, f"{_where(path)} not found (run `secure-ws certs`)")
         # Build the context once here, so a bad file stops start-up with one line naming its variable.
         server_context(settings.tls_certfile, settings.tls_keyfile, settings.tls_min_version, settings.tls_client_ca)
     check_workers(settings, workers)
+    check_internal_port(settings, port)  # from the flag or the environment alike
     # What each worker builds (keys, revocation file): a mistake stops here, once, before any worker starts.
     app = _application(target)
     if app == BUILT_IN_APP:
@@ -292,8 +302,6 @@ def cmd_serve(args: argparse.Namespace) -> int:
     if args.forwarded_allow_ips is not None:
         os.environ["SECURE_WS_FORWARDED_ALLOW_IPS"] = args.forwarded_allow_ips
     if args.internal_port is not None:
-        if args.internal_port == args.port:
-            raise CommandError("--internal-port must differ from --port")
         os.environ["SECURE_WS_INTERNAL_PORT"] = str(args.internal_port)
     settings = _settings()
     if args.no_tls and not (loopback_host(args.host) or settings.forwarded_allow_ips):

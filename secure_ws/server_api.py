@@ -24,6 +24,7 @@ import logging
 from collections.abc import Awaitable, Callable
 from typing import Any
 
+from .auth.revocation_file import RevocationsFull
 from .auth.tokens import MAX_SUB_CHARS
 from .core.handshake import client_ip
 from .service import Service
@@ -125,10 +126,13 @@ async def _disconnect(service: Service, body: dict[str, Any]) -> dict[str, Any]:
 async def _revoke(service: Service, body: dict[str, Any]) -> dict[str, Any]:
     if len(body) != 1 or not ("jti" in body or "sub" in body):
         raise _bad("give exactly one field: jti or sub")
-    if "jti" in body:
-        await service.revoke(jti=_identifier(body["jti"], "jti", MAX_JTI_CHARS))
-    else:
-        await service.revoke(sub=_identifier(body["sub"], "sub", MAX_SUB_CHARS))
+    try:
+        if "jti" in body:
+            await service.revoke(jti=_identifier(body["jti"], "jti", MAX_JTI_CHARS))
+        else:
+            await service.revoke(sub=_identifier(body["sub"], "sub", MAX_SUB_CHARS))
+    except RevocationsFull:
+        raise ApiError(507, "too_many_revocations", "the revocation file is full: revoke the subject (sub) instead of its tokens") from None
     return {}
 
 
@@ -249,12 +253,11 @@ class ServerApi:
             body = _decode(await _read_body(scope, receive))
             result = await self._run(method, body)
         except ApiError as exc:
-            headers = exc.headers
-            if exc.status in (408, 413):  # the rest of the body is not read: this connection cannot carry another request
-                headers = [*headers, (b"connection", b"close")]
+            # A refusal before the body was read to its end (401, 408, 413…) also closes the connection
+            # (secure_ws.app: Connection: close on a response to an unread body).
             if exc.status == 401:  # one line per attempt at most: each one counts on the throttle
                 log.info("api refused ip=%s method=%s: 401", ip, _loggable(method_name), extra={"event": "api_refused", "client": ip})
-            await _respond(send, exc.status, {"error": {"code": exc.code, "message": exc.message}}, headers)
+            await _respond(send, exc.status, {"error": {"code": exc.code, "message": exc.message}}, exc.headers)
             return
         # Revocations and disconnects are rare and worth an audit line; publishes may come by the thousand.
         level = logging.INFO if method_name in AUDITED else logging.DEBUG

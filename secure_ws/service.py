@@ -189,8 +189,8 @@ class Service:
         return {"nodes": await self.roster.nodes()}
 
     async def ready(self) -> bool:
-        """For ``/readyz``: started, storage answers and the revocation list is known complete."""
-        if self.session_deps is None or self.storage.revocations_problem is not None:
+        """For ``/readyz``: started, storage answers, the revocation list is known complete and the JWK Set file usable."""
+        if self.session_deps is None or self.storage.revocations_problem is not None or self.keys.problem is not None:
             return False
         return await self._ping()
 

@@ -15,6 +15,7 @@ with the nearest real name.
 from __future__ import annotations
 
 import difflib
+import io
 import ipaddress
 import os
 import re
@@ -26,12 +27,15 @@ from urllib.parse import urlsplit
 from dotenv.parser import parse_stream
 from limits import RateLimitItem, parse_many
 
+from .files import UntrustedFile, read_trusted, shown
+
 ASYMMETRIC_ALGORITHMS = frozenset(
     {"EdDSA", "ES256", "ES384", "ES512", "RS256", "RS384", "RS512", "PS256", "PS384", "PS512"}
 )
 HMAC_ALGORITHMS = frozenset({"HS256", "HS384", "HS512"})
 STRATEGIES = ("sliding-window", "moving-window", "fixed-window")
 MIN_SECRET_BYTES = 32
+MAX_ENV_FILE_BYTES = 1 << 20  # a .env holds a few dozen lines; a larger one is refused, not read
 MAX_HISTORY_SIZE = 10_000
 
 _DURATION = re.compile(r"^\s*(\d+)\s*([smhd]?)\s*$")
@@ -130,16 +134,18 @@ def read_env_file(path: Path) -> dict[str, str]:
     naming the file and the line number (never the line itself: it may hold a secret)."""
     values: dict[str, str] = {}
     try:
-        with open(path, encoding="utf-8") as stream:
-            for binding in parse_stream(stream):
-                if binding.error:
-                    raise ConfigError(
-                        str(path), f"line {binding.original.line} cannot be parsed (use KEY=value; export, quotes and # comments work)"
-                    )
-                if binding.key is not None and binding.value is not None:  # a bare `KEY` line sets nothing
-                    values[binding.key] = binding.value
+        text = read_trusted(path, MAX_ENV_FILE_BYTES).decode("utf-8")
+    except UntrustedFile as exc:
+        raise ConfigError(shown(path), str(exc)) from None
     except (OSError, UnicodeDecodeError) as exc:
-        raise ConfigError(str(path), f"cannot be read: {exc.__class__.__name__}") from None
+        raise ConfigError(shown(path), f"cannot be read: {exc.__class__.__name__}") from None
+    for binding in parse_stream(io.StringIO(text)):
+        if binding.error:
+            raise ConfigError(
+                shown(path), f"line {binding.original.line} cannot be parsed (use KEY=value; export, quotes and # comments work)"
+            )
+        if binding.key is not None and binding.value is not None:  # a bare `KEY` line sets nothing
+            values[binding.key] = binding.value
     return values
 
 
@@ -151,6 +157,15 @@ def check_workers(settings: Settings, workers: int) -> None:
             "SECURE_WS_STORAGE_URL",
             f"memory:// holds state in one process, but {workers} workers were asked for: "
             "set redis://host:port/db, or run one worker",
+        )
+
+
+def check_internal_port(settings: Settings, port: int) -> None:
+    """The internal listener on the public port would serve ``/metrics`` and ``/api/*`` to everyone and
+    refuse every WebSocket there; refused whether the port came from the flag or the environment."""
+    if settings.internal_port is not None and settings.internal_port == port:
+        raise ConfigError(
+            "SECURE_WS_INTERNAL_PORT", f"{port} is also the public port (--port): the internal listener needs a port of its own"
         )
 
 

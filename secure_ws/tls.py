@@ -12,7 +12,7 @@ from cryptography.hazmat.primitives import hashes, serialization
 from cryptography.hazmat.primitives.asymmetric import ec
 from cryptography.x509.oid import ExtendedKeyUsageOID, NameOID
 
-from .files import atomic_write
+from .files import atomic_write, shown
 from .settings import ConfigError
 
 # Mozilla Server Side TLS "intermediate" (v5.7): AEAD suites with forward secrecy only.
@@ -117,13 +117,13 @@ def server_context(
         context.load_cert_chain(str(certfile), str(keyfile))
     except (OSError, ssl.SSLError) as exc:
         variable = "SECURE_WS_TLS_KEYFILE" if "KEY" in str(exc).upper() else "SECURE_WS_TLS_CERTFILE"
-        raise ConfigError(variable, f"cannot load {certfile} / {keyfile}: {_why(exc)}") from None
+        raise ConfigError(variable, f"cannot load {shown(certfile)} / {shown(keyfile)}: {_why(exc)}") from None
     if client_ca is not None:
         context.verify_mode = ssl.CERT_REQUIRED
         try:
             context.load_verify_locations(str(client_ca))
         except (OSError, ssl.SSLError) as exc:
-            raise ConfigError("SECURE_WS_TLS_CLIENT_CA", f"cannot load {client_ca}: {_why(exc)}") from None
+            raise ConfigError("SECURE_WS_TLS_CLIENT_CA", f"cannot load {shown(client_ca)}: {_why(exc)}") from None
     return context
 
 

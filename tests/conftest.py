@@ -18,7 +18,7 @@ from typing import Any
 
 import jwt
 import pytest
-from helpers import RedisProcess, Server, base_env, make_keydir, signing_key, unique_sub
+from helpers import RedisProcess, Server, base_env, create_api_key, make_keydir, signing_key, unique_sub
 
 # -- key material --------------------------------------------------------------------------
 
@@ -95,6 +95,18 @@ def make_server(keydir: Path) -> Iterator[Callable[..., Server]]:
     yield make
     for srv in started:
         srv.stop()
+
+
+@pytest.fixture(scope="module")
+def keys_file(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """A server-API keys file for the module's servers (``api_env(keydir, keys_file)``)."""
+    return tmp_path_factory.mktemp("api") / "api-keys.json"
+
+
+@pytest.fixture(scope="module")
+def api_key(keydir: Path, keys_file: Path) -> str:
+    """A key in ``keys_file``, named ``backend``."""
+    return create_api_key(keydir, keys_file, "backend")
 
 
 @pytest.fixture

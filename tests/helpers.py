@@ -17,6 +17,7 @@ import asyncio
 import contextlib
 import itertools
 import json
+import os
 import secrets
 import shutil
 import signal
@@ -25,6 +26,7 @@ import ssl
 import subprocess
 import sys
 import time
+import urllib.parse
 from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
@@ -42,6 +44,29 @@ APPS = ROOT / "tests" / "apps"
 
 __all__ = ["keydir_env", "make_keydir"]
 
+
+
+# The shared Redis the scale-out tests use (the others start their own): this database and the next one,
+# both flushed. Choose free ones with SECURE_WS_TEST_REDIS_URL (servers never see it: keydir_env drops
+# every SECURE_WS_* of the test's environment).
+TEST_REDIS_URL = os.environ.get("SECURE_WS_TEST_REDIS_URL", "redis://127.0.0.1:6379/7")
+
+
+def shared_redis_url(offset: int) -> str:
+    """Database ``offset`` after the one SECURE_WS_TEST_REDIS_URL names."""
+    parts = urllib.parse.urlsplit(TEST_REDIS_URL)
+    return parts._replace(path=f"/{int(parts.path.strip('/') or 0) + offset}").geturl()
+
+
+def flushed_test_redis(url: str) -> redis.Redis:
+    """A client on ``url``, flushed; the test fails (never skips) without a Redis there."""
+    client = redis.Redis.from_url(url)
+    try:
+        client.ping()
+    except redis.ConnectionError as exc:
+        pytest.fail(f"no Redis at {url} ({exc}); .ci/run starts one at 127.0.0.1:6379, or set SECURE_WS_TEST_REDIS_URL")
+    client.flushdb()
+    return client
 
 
 def free_port() -> int:

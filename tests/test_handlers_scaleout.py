@@ -7,21 +7,28 @@ from pathlib import Path
 from typing import Any
 
 import pytest
-import redis
-from helpers import AppServer, assert_error, base_env, closed_with, recv_json, request, run, running_pair, sans_position, unique_sub, welcome
+from helpers import (
+    AppServer,
+    assert_error,
+    base_env,
+    closed_with,
+    flushed_test_redis,
+    recv_json,
+    request,
+    run,
+    running_pair,
+    sans_position,
+    shared_redis_url,
+    unique_sub,
+    welcome,
+)
 
-REDIS_DB = 8
-REDIS_URL = f"redis://127.0.0.1:6379/{REDIS_DB}"
+REDIS_URL = shared_redis_url(1)  # the database after SECURE_WS_TEST_REDIS_URL's (default redis://127.0.0.1:6379/8)
 
 
 @pytest.fixture(scope="module")
 def pair(keydir: Path) -> Any:
-    client = redis.Redis(host="127.0.0.1", port=6379, db=REDIS_DB)
-    try:
-        client.ping()
-    except redis.ConnectionError as exc:  # never a silent skip: .ci/run starts one
-        pytest.fail(f"no Redis at 127.0.0.1:6379 ({exc})")
-    client.flushdb()
+    client = flushed_test_redis(REDIS_URL)
     env = base_env(keydir, SECURE_WS_STORAGE_URL=REDIS_URL)
     with running_pair(lambda: AppServer(keydir, env)) as servers:
         yield servers

@@ -1,7 +1,7 @@
 """SPEC §2, §4, §5 with ``SECURE_WS_STORAGE_URL=redis://…``: several processes acting as one service.
 
-Two real ``uvicorn`` processes over TLS share the real Redis at 127.0.0.1:6379 (database
-``REDIS_DB``, flushed once at the start of this module). Checked across the two processes:
+Two real ``uvicorn`` processes over TLS share the real Redis at ``SECURE_WS_TEST_REDIS_URL`` (default
+``redis://127.0.0.1:6379/7``, flushed once at the start of this module). Checked across the two processes:
 the per-``sub`` rate window, the per-``sub`` connection cap (and its lease when a worker dies),
 channel fan-out with one Redis subscription per channel per process, and revocations made by
 the ops command. Then the channel rights of §5 (glob, not regex; refresh that narrows the
@@ -30,6 +30,7 @@ from helpers import (
     base_env,
     cli,
     closed_with,
+    flushed_test_redis,
     recv_json,
     refusal,
     request,
@@ -37,13 +38,13 @@ from helpers import (
     run,
     running_pair,
     sans_position,
+    shared_redis_url,
     subscribe,
     unique_sub,
     welcome,
 )
 
-REDIS_DB = 7
-REDIS_URL = f"redis://127.0.0.1:6379/{REDIS_DB}"
+REDIS_URL = shared_redis_url(0)  # SECURE_WS_TEST_REDIS_URL, default redis://127.0.0.1:6379/7
 SCALEOUT = {"SECURE_WS_STORAGE_URL": REDIS_URL}
 REVOCATION_DEADLINE = 2.0  # SPEC §4: "within 2 s, on every worker and host"
 
@@ -54,12 +55,7 @@ REVOCATION_DEADLINE = 2.0  # SPEC §4: "within 2 s, on every worker and host"
 @pytest.fixture(scope="module")
 def rdb():
     """A sync client on the dedicated database, flushed once before this module's first server starts."""
-    client = redis.Redis(host="127.0.0.1", port=6379, db=REDIS_DB)
-    try:
-        client.ping()
-    except redis.ConnectionError as exc:  # the scale-out tests need the real thing; never a silent skip
-        pytest.fail(f"no Redis at 127.0.0.1:6379 ({exc}); .ci/run starts one")
-    client.flushdb()
+    client = flushed_test_redis(REDIS_URL)  # the scale-out tests need the real thing; never a silent skip
     yield client
     client.close()
 

@@ -28,7 +28,6 @@ from helpers import (
     api_env,
     api_error,
     closed_with,
-    create_api_key,
     no_traceback,
     recv_json,
     refusal,
@@ -42,16 +41,6 @@ from helpers import (
 )
 
 MIB = 1 << 20
-
-
-@pytest.fixture(scope="module")
-def keys_file(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    return tmp_path_factory.mktemp("api") / "api-keys.json"
-
-
-@pytest.fixture(scope="module")
-def api_key(keydir: Path, keys_file: Path) -> str:
-    return create_api_key(keydir, keys_file, "backend")
 
 
 @pytest.fixture(scope="module")

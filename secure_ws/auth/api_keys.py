@@ -25,7 +25,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from ..files import change_stamp, locked, write_json
+from ..files import UntrustedFile, change_stamp, locked, read_trusted, shown, write_json
 
 log = logging.getLogger("secure_ws.api_keys")
 
@@ -73,18 +73,17 @@ def parse(document: Any) -> dict[str, ApiKey]:
 def read_file(path: Path) -> dict[str, ApiKey] | None:
     """Blocking. The keys, ``None`` if the file does not exist, :class:`ApiKeyError` if it cannot be used."""
     try:
-        with path.open("rb") as fh:
-            raw = fh.read(MAX_FILE_BYTES + 1)
+        raw = read_trusted(path, MAX_FILE_BYTES)
     except FileNotFoundError:
         return None
     except OSError as exc:
-        raise ApiKeyError(f"{path}: {exc.strerror or exc}") from None
-    if len(raw) > MAX_FILE_BYTES:
-        raise ApiKeyError(f"{path}: larger than {MAX_FILE_BYTES} bytes")
+        raise ApiKeyError(f"{shown(path)}: {exc.strerror or exc}") from None
+    except UntrustedFile as exc:
+        raise ApiKeyError(f"{shown(path)}: {exc}") from None
     try:
         return parse(json.loads(raw))
     except (ValueError, RecursionError) as exc:
-        raise ApiKeyError(f"{path}: {exc}") from None
+        raise ApiKeyError(f"{shown(path)}: {exc}") from None
 
 
 class ApiKeyFile:

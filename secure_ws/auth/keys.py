@@ -22,12 +22,14 @@ from jwt import PyJWK
 from jwt.exceptions import PyJWKError
 
 from .. import metrics
-from ..files import fingerprint
+from ..files import UntrustedFile, fingerprint, read_trusted, shown
 from ..settings import HMAC_ALGORITHMS, Settings
 
 log = logging.getLogger("secure_ws.keys")
 
-MAX_JWKS_BYTES = 1 << 20
+# A JWK Set holds a few public keys: an RSA-4096 key is under 1 KiB as JSON, so 64 KiB is dozens of keys
+# (an identity provider's set with certificate chains is some 20 KiB). Larger is refused, not read.
+MAX_JWKS_BYTES = 64 << 10
 URL_REFRESH_INTERVAL = 600.0
 UNKNOWN_KID_REFETCH_INTERVAL = 30.0
 POLL_INTERVAL = 0.5
@@ -141,15 +143,17 @@ def parse_jwks(document: Any, allowed: tuple[str, ...], source: str) -> list[Ver
 
 def read_jwks_file(path: Path, allowed: tuple[str, ...]) -> list[VerificationKey]:
     try:
-        raw = path.read_bytes()
+        raw = read_trusted(path, MAX_JWKS_BYTES)
     except FileNotFoundError:
-        raise KeyringError(f"{path} not found (create one with `secure-ws keys rotate`)") from None
+        raise KeyringError(f"{shown(path)} not found (create one with `secure-ws keys rotate`)") from None
     except OSError as exc:
-        raise KeyringError(f"{path}: {exc.strerror}") from None
+        raise KeyringError(f"{shown(path)}: {exc.strerror}") from None
+    except UntrustedFile as exc:
+        raise KeyringError(f"{shown(path)}: {exc}") from None
     try:
         document = json.loads(raw)
     except ValueError as exc:
-        raise KeyringError(f"{path} is not valid JSON: {exc}") from None
+        raise KeyringError(f"{shown(path)} is not valid JSON: {exc}") from None
     return parse_jwks(document, allowed, "file")
 
 
@@ -191,6 +195,9 @@ class KeyStore:
 
     def __init__(self, settings: Settings) -> None:
         self.settings = settings
+        # Why the file's last change could not be used (the last good keys are kept meanwhile, but a key
+        # it retires still verifies): /readyz answers 503 until it can be used.
+        self.problem: str | None = None
         self._file_keys: list[VerificationKey] = []
         self._url_keys: list[VerificationKey] = []
         self._file_print: tuple[int, int, int] | None = None
@@ -228,7 +235,8 @@ class KeyStore:
     async def reload_file(self, force: bool = False) -> None:
         s = self.settings
         current = await asyncio.to_thread(fingerprint, s.jwks_file)
-        if current == self._file_print and not force:
+        # While the file cannot be used it is read at every poll: `chmod go-w` mends it without changing its print.
+        if current == self._file_print and not force and self.problem is None:
             return
         self._file_print = current
         try:
@@ -237,10 +245,15 @@ class KeyStore:
             else:
                 keys = await asyncio.to_thread(read_jwks_file, s.jwks_file, s.algorithms)
         except KeyringError as exc:
-            metrics.KEYRING_RELOADS.labels(source="file", result="error").inc()
-            log.error("jwks file: %s; keeping the last good keyring", exc)
+            if str(exc) != self.problem:  # one line per problem, not one per poll
+                metrics.KEYRING_RELOADS.labels(source="file", result="error").inc()
+                log.error("jwks file: %s; keeping the last good keyring (/readyz 503 until the file can be used)", exc)
+            self.problem = str(exc)
             return
         metrics.KEYRING_RELOADS.labels(source="file", result="ok").inc()
+        if self.problem is not None:
+            log.warning("jwks file: %s can be used again", shown(s.jwks_file))
+            self.problem = None
         self._file_keys = keys
         self._rebuild()
 

@@ -15,15 +15,28 @@ must wait until it can be read.
 from __future__ import annotations
 
 import asyncio
+import json
 import logging
 import time
 from collections.abc import Callable
 from pathlib import Path
 
-from ..files import change_stamp, locked, read_json, write_json
+from ..files import UntrustedFile, atomic_write, change_stamp, json_bytes, locked, read_trusted, shown
 from .revocation import Revocations
 
 log = logging.getLogger("secure_ws.storage")
+
+# The live revocations supported: entries leave the file once no token they cover can be valid
+# (every write prunes them, every read ignores them). As written, an entry with an id (jti or sub)
+# of up to 64 ASCII characters takes at most 160 bytes, so the cap below holds 100,000 of them (fewer
+# with longer ids); a larger file is unreadable (handshakes wait, /readyz 503), and a revocation that
+# would make it larger is refused: revoke the subject (--sub) instead of its tokens one by one.
+MAX_LIVE_REVOCATIONS = 100_000
+MAX_FILE_BYTES = 16 << 20
+
+
+class RevocationsFull(ValueError):
+    """A revocation that would take the file past :data:`MAX_FILE_BYTES`: refused, the file kept as it is."""
 
 
 class RevocationFile:
@@ -44,17 +57,27 @@ class RevocationFile:
     def read(self) -> Revocations | None:
         """Blocking: call in a worker thread once the event loop runs."""
         try:
-            return Revocations.from_json(read_json(self.path)).pruned()
+            raw = read_trusted(self.path, MAX_FILE_BYTES)
         except FileNotFoundError:
             return None
-        except (ValueError, TypeError, AttributeError, IndexError) as exc:
-            raise ValueError(f"{self.path}: {exc}") from None
+        except UntrustedFile as exc:
+            raise ValueError(f"{shown(self.path)}: {exc}") from None
+        try:
+            return Revocations.from_json(json.loads(raw)).pruned()
+        except (ValueError, TypeError, AttributeError, IndexError, RecursionError) as exc:
+            raise ValueError(f"{shown(self.path)}: {exc}") from None
 
     def update(self, change: Callable[[Revocations], Revocations]) -> Revocations:
         """Blocking read-modify-write under the lock, so concurrent ops commands keep each other's entries."""
         with locked(self.path):
             revocations = change(self.read() or Revocations()).pruned()
-            write_json(self.path, revocations.to_json())
+            data = json_bytes(revocations.to_json())
+            if len(data) > MAX_FILE_BYTES:  # the servers would refuse it: refuse it here, and keep the file
+                raise RevocationsFull(
+                    f"{shown(self.path)} would pass {MAX_FILE_BYTES} bytes (about {MAX_LIVE_REVOCATIONS} live revocations): "
+                    "revoke the subject (--sub) instead of its tokens one by one"
+                )
+            atomic_write(self.path, data)
         return revocations
 
     async def poll(self, force: bool = False) -> Revocations | None:
@@ -67,7 +90,7 @@ class RevocationFile:
             self._stamp = stamp
             revocations = await asyncio.to_thread(self.read)
         except (OSError, ValueError) as exc:
-            problem = str(exc) if isinstance(exc, ValueError) else f"{self.path}: {exc.strerror or exc}"
+            problem = str(exc) if isinstance(exc, ValueError) else f"{shown(self.path)}: {exc.strerror or exc}"
             if problem != self.problem:
                 log.error(
                     "revocations: cannot read SECURE_WS_REVOCATION_FILE (%s); refusing handshakes (1013) "

@@ -28,7 +28,7 @@ SUBPROTOCOL = "secure-ws.v1"
 BEARER_PREFIX = "bearer."
 QUERY_NAMES = ("access_token", "token")
 # The scope extension in which a server tells the TCP peer ``(host, port)`` as the socket reports it
-# (secure_ws.uvicorn.ws_protocol sets it): uvicorn's proxy-headers middleware may have rewritten scope["client"].
+# (secure_ws.uvicorn.ws_protocol and http_protocol set it): uvicorn's proxy-headers middleware may have rewritten scope["client"].
 PEER = "secure_ws.peer"
 
 Network = ipaddress.IPv4Network | ipaddress.IPv6Network

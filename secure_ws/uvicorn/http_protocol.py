@@ -12,6 +12,14 @@ protocol class here bounds every request head:
   answered 431 and the connection closed. The parser is only ever fed up to the
   bound, so a head costs at most ``MAX_REQUEST_HEAD`` bytes however much arrives.
 
+and every request body, as Apache's ``mod_reqtimeout`` does by default:
+
+* in time: ``REQUEST_BODY_TIMEOUT`` seconds from the end of the head, plus one second for every
+  ``MIN_BODY_RATE`` bytes received, so a large upload at a fair speed goes through while a body
+  trickled a byte a second is cut (408 if nothing was answered yet, and closed). The app itself
+  closes the connection after any response sent before the body was read (``secure_ws.app``): this
+  bound is for routes that wait on a body, a host application's included.
+
 The TLS handshake itself is bounded by asyncio's 60 s ``ssl_handshake_timeout``.
 
 ``secure-ws serve`` names :class:`GuardedHttpToolsProtocol`; under plain
@@ -25,15 +33,24 @@ import asyncio
 import ssl
 from typing import Any
 
+from uvicorn.protocols.http.h11_impl import H11Protocol
 from uvicorn.protocols.http.httptools_impl import HttpToolsProtocol
 
+from ..core.handshake import PEER
 from ..settings import load_settings
 from ..tls import server_context
 
 REQUEST_HEAD_TIMEOUT = 10.0
+REQUEST_BODY_TIMEOUT = 10.0
+MIN_BODY_RATE = 500  # bytes a second, after the first REQUEST_BODY_TIMEOUT seconds (Apache's default)
 # In line with the 8 KiB a single upgrade header may have: a request line and a few headers.
 MAX_REQUEST_HEAD = 16384
 
+_TOO_SLOW = (
+    b"HTTP/1.1 408 Request Timeout\r\n"
+    b"content-type: text/plain; charset=utf-8\r\ncontent-length: 22\r\nconnection: close\r\n\r\n"
+    b"Request body too slow\n"
+)
 _TOO_LARGE = (
     b"HTTP/1.1 431 Request Header Fields Too Large\r\n"
     b"content-type: text/plain; charset=utf-8\r\ncontent-length: 32\r\nconnection: close\r\n\r\n"
@@ -51,6 +68,9 @@ class RequestHeadGuard:
     """Mixin for uvicorn's httptools protocol: a request head must end in time and within a size."""
 
     _deadline: asyncio.TimerHandle | None = None
+    _body_deadline: asyncio.TimerHandle | None = None
+    _body_started = 0.0  # loop time the body being read began (the end of its head)
+    _body_bytes = 0  # body bytes received since
     _head_room: int | None = None  # bytes the head being read may still take; None while a body is read
     _heads = 0  # request heads completed on this connection
     _upgraded = False
@@ -100,11 +120,42 @@ class RequestHeadGuard:
         self._heads += 1
         self._head_room = None
         super().on_headers_complete()  # type: ignore[misc]
+        if not self.parser.should_upgrade():  # type: ignore[attr-defined]  # (an upgrade has no body)
+            self._body_started = self.loop.time()  # type: ignore[attr-defined]
+            self._body_bytes = 0
+            self._arm_body(REQUEST_BODY_TIMEOUT)
+
+    def on_body(self, body: bytes) -> None:
+        self._body_bytes += len(body)
+        super().on_body(body)  # type: ignore[misc]
 
     def on_message_complete(self) -> None:
+        self._disarm_body()
         super().on_message_complete()  # type: ignore[misc]
         if not self._upgraded:
             self._head_room = MAX_REQUEST_HEAD  # what comes next is the next request's head
+
+    def _arm_body(self, delay: float) -> None:
+        self._body_deadline = self.loop.call_later(delay, self._body_due)  # type: ignore[attr-defined]
+
+    def _disarm_body(self) -> None:
+        if self._body_deadline is not None:
+            self._body_deadline.cancel()
+            self._body_deadline = None
+
+    def _body_due(self) -> None:
+        """The body's deadline, moved on by what arrived since it was set (one timer, not one per chunk)."""
+        self._body_deadline = None
+        late = self.loop.time() - (self._body_started + REQUEST_BODY_TIMEOUT + self._body_bytes / MIN_BODY_RATE)  # type: ignore[attr-defined]
+        if late < 0:
+            self._arm_body(-late)
+            return
+        if self.transport.is_closing():  # type: ignore[attr-defined]
+            return
+        cycle = self.cycle  # type: ignore[attr-defined]
+        if cycle is not None and not cycle.response_started:
+            self.transport.write(_TOO_SLOW)  # type: ignore[attr-defined]
+        self.transport.close()  # type: ignore[attr-defined]
 
     def handle_websocket_upgrade(self, *args: Any) -> None:
         self._disarm()
@@ -124,12 +175,39 @@ class RequestHeadGuard:
 
     def connection_lost(self, exc: Exception | None) -> None:
         self._disarm()
+        self._disarm_body()
         super().connection_lost(exc)  # type: ignore[misc]
 
 
-class GuardedHttpToolsProtocol(RequestHeadGuard, HttpToolsProtocol):
-    """uvicorn's httptools protocol with the request-head bounds (a module-level class: it must
-    pickle into ``--workers`` processes, so ``secure-ws serve`` names it as ``module:attr``)."""
+class PeerScope:
+    """Mixin for uvicorn's HTTP protocols: every request's scope carries the TCP peer as the socket
+    reports it (``extensions[PEER]``), which uvicorn's proxy-headers middleware cannot rewrite from
+    ``X-Forwarded-For`` as it does ``scope["client"]``: the server API's throttle counts it, as the
+    handshake's does (our WebSocket protocol sets it there)."""
+
+    app: Any  # set by uvicorn's protocol: its loaded app, proxy-headers middleware included
+
+    def __init__(self, *args: Any, **kwargs: Any) -> None:
+        super().__init__(*args, **kwargs)
+        app = self.app
+
+        async def with_peer(scope: Any, receive: Any, send: Any) -> None:
+            extensions = scope.get("extensions")
+            if extensions is None:
+                scope["extensions"] = extensions = {}
+            extensions[PEER] = self.client  # type: ignore[attr-defined]
+            await app(scope, receive, send)
+
+        self.app = with_peer
+
+
+class GuardedHttpToolsProtocol(PeerScope, RequestHeadGuard, HttpToolsProtocol):
+    """uvicorn's httptools protocol with the request-head and body bounds and the peer (a module-level
+    class: it must pickle into ``--workers`` processes, so ``secure-ws serve`` names it as ``module:attr``)."""
+
+
+class PeerH11Protocol(PeerScope, H11Protocol):
+    """uvicorn's h11 protocol (``uvicorn --http h11``) with the peer; h11 bounds the head itself."""
 
 
 HTTP_PROTOCOL = "secure_ws.uvicorn.http_protocol:GuardedHttpToolsProtocol"

@@ -9,15 +9,17 @@ from __future__ import annotations
 from typing import Any
 
 import uvicorn
+from uvicorn.protocols.http.h11_impl import H11Protocol
 from uvicorn.protocols.http.httptools_impl import HttpToolsProtocol
 from uvicorn.protocols.websockets.websockets_sansio_impl import WebSocketsSansIOProtocol
 
-from .http_protocol import GuardedHttpToolsProtocol
+from .http_protocol import GuardedHttpToolsProtocol, PeerH11Protocol
 from .ws_protocol import WebSocketProtocol, log, supported
 
 # uvicorn's default class → ours.
 _REPLACEMENTS: dict[type, type] = {
     HttpToolsProtocol: GuardedHttpToolsProtocol,
+    H11Protocol: PeerH11Protocol,
     WebSocketsSansIOProtocol: WebSocketProtocol,
 }
 
@@ -32,8 +34,9 @@ def install() -> None:
 
     ``type.__call__`` runs the ``__init__`` of the object ``__new__`` returns
     when it is an instance of the class called, so uvicorn's
-    ``HttpToolsProtocol(config=…)`` yields a fully built subclass. ``--http h11``,
-    ``--ws websockets`` and ``--ws wsproto`` are left alone.
+    ``HttpToolsProtocol(config=…)`` yields a fully built subclass. ``--http h11`` gets the peer
+    (:class:`PeerH11Protocol`) but not our head and body bounds; ``--ws websockets`` and ``--ws wsproto``
+    are left alone.
     """
     if not supported():
         log.warning(

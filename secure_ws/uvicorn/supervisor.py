@@ -22,6 +22,7 @@ import logging
 import multiprocessing
 import os
 import signal
+import socket
 import sys
 from collections.abc import Iterator
 
@@ -54,6 +55,15 @@ def running_workers() -> int:
     return max(1, config.workers)
 
 
+def running_port() -> int | None:
+    """The TCP port the uvicorn running this app binds (``--port``), or None (not run by uvicorn, or on a
+    socket it was handed: ``--fd``, ``--uds``)."""
+    config = running_config()
+    if config is None or config.fd is not None or config.uds is not None:
+        return None
+    return config.port
+
+
 def startup_failure_code() -> int:
     """The exit code for a configuration mistake: uvicorn's ``STARTUP_FAILURE`` in a worker process of
     a supervisor (which then stops instead of restarting the worker forever), else 2."""
@@ -78,6 +88,11 @@ class Supervisor(Multiprocess):
     """uvicorn's supervisor with SIGHUP forwarded to the workers and a failed start remembered."""
 
     failed = False
+
+    def __init__(self, config: Config, sockets: list[socket.socket]) -> None:
+        super().__init__(config, sockets)  # installs the handlers (SIGHUP's queues a forward)
+        # `secure-ws` holds SIGHUP from its first line (secure_ws.cli): a HUP sent meanwhile arrives now.
+        signal.pthread_sigmask(signal.SIG_UNBLOCK, {signal.SIGHUP})
 
     # Every place uvicorn's supervisor starts a worker.
     def init_processes(self) -> None:

@@ -27,7 +27,14 @@ async def home(request: Request) -> PlainTextResponse:
     return PlainTextResponse("host app")
 
 
-starlette_host = Starlette(routes=[Route("/", home), Mount("/realtime", app=api.app)], lifespan=api.lifespan)
+async def upload(request: Request) -> PlainTextResponse:
+    """A host route that waits on a request body (the protocol bounds how slowly it may come)."""
+    return PlainTextResponse(str(len(await request.body())))
+
+
+starlette_host = Starlette(
+    routes=[Route("/", home), Route("/upload", upload, methods=["POST"]), Mount("/realtime", app=api.app)], lifespan=api.lifespan
+)
 
 
 @contextlib.asynccontextmanager
