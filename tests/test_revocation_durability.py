@@ -103,7 +103,7 @@ def test_revocations_survive_redis_losing_them(keydir, tmp_path, own_redis, serv
                 for token in (leaked, lost):
                     outcome = await handshake_outcome(srv, token)
                     assert outcome in (REVOKED, UNAVAILABLE), f"revoked token after Redis {loss}: {outcome}"
-                back = client.hexists("sws:rev:jti", jti_of(leaked)) and client.hexists("sws:rev:sub", lost_sub)
+                back = client.hexists("sws:{rev}:jti", jti_of(leaked)) and client.hexists("sws:{rev}:sub", lost_sub)
                 if back and time.monotonic() - started > RESYNC_WINDOW:
                     break
                 assert time.monotonic() - started < RESYNC_WINDOW + RECOVERY_DEADLINE, "never written back to Redis"
@@ -141,7 +141,7 @@ def test_a_worker_started_on_an_empty_redis_loads_the_file(keydir, tmp_path, own
     run(go())
     client = redis.Redis(host="127.0.0.1", port=fresh.port)
     try:
-        wait_for(lambda: client.hexists("sws:rev:jti", jti_of(leaked)), RECOVERY_DEADLINE, "file written back to Redis")
+        wait_for(lambda: client.hexists("sws:{rev}:jti", jti_of(leaked)), RECOVERY_DEADLINE, "file written back to Redis")
     finally:
         client.close()
 

@@ -7,7 +7,7 @@ Keys (all under ``sws:``):
 * ``sws:conn:{sub}`` — a sorted set of connection leases scored by expiry (Redis
   ``TIME``); each process renews its leases every 10 s, so a worker that dies
   frees its subs within ``LEASE_SECONDS`` instead of locking them out forever;
-* ``sws:rev:jti`` / ``sws:rev:sub`` — the revocation hashes, with a
+* ``sws:{rev}:jti`` / ``sws:{rev}:sub`` — the revocation hashes (one hash tag: one Cluster slot for both), with a
   ``PUBLISH sws:revocations`` nudge so every worker re-reads them at once
   (plus a periodic re-read, so a nudge lost during a reconnect is not lost).
   They are a fast copy, not the truth: the revocation file is written first,
@@ -15,7 +15,8 @@ Keys (all under ``sws:``):
   Redis lacks (Redis restarted empty, flushed, a failover to a replica behind)
   it writes back. Writes only ever strengthen an entry (``_MERGE``), so a worker
   writing back an older entry cannot weaken a newer one;
-* ``sws:ch:<channel>`` — pub/sub channels, subscribed once per process; each publication travels as
+* ``sws:ch:{<channel>}`` — pub/sub channels (sharded pub/sub on Redis Cluster, in the slot of the channel's
+  history keys, so the script that appends also publishes), subscribed once per process; each publication travels as
   ``<offset> <epoch> <message>`` (``0`` and an empty epoch without history), so no worker parses JSON to
   learn where it is; a channel's subscription is confirmed by Redis before a subscriber reads its history;
 * ``sws:hm:{<channel>}`` — a channel's history record, a hash of its epoch ``e`` and last offset ``o``, kept
@@ -43,14 +44,13 @@ from collections.abc import Callable, Coroutine
 from pathlib import Path
 from typing import Any, ParamSpec, TypeVar
 
-import redis.asyncio as aioredis
 from limits.aio.storage import RedisStorage as LimitsRedisStorage
-from redis.asyncio.client import PubSub
-from redis.exceptions import RedisError
 
 from .. import metrics
 from ..auth.revocation import Revocations
 from .memory_history import new_epoch
+from .redis_pubsub import REDIS_ERRORS, Subscriber, reconcile, unsubscribe_soon
+from .redis_url import CLUSTER, connect, parse_redis_url
 from .storage import History, HistoryLimits, Position, Storage, StorageUnavailable, redacted_url
 
 log = logging.getLogger("secure_ws.storage")
@@ -58,11 +58,12 @@ log = logging.getLogger("secure_ws.storage")
 LEASE_SECONDS = 30
 RENEW_INTERVAL = 10.0
 REVOCATION_RESYNC_INTERVAL = 5.0
-CHANNEL_PREFIX = "sws:ch:"
+CHANNEL_PREFIX = "sws:ch:{"  # + channel + "}": in the hash slot of the channel's history keys
 REVOCATION_CHANNEL = "sws:revocations"
 SIGNAL_CHANNEL = "sws:signal"  # [kind, sub, payload] as JSON, to every worker
-REV_JTI = "sws:rev:jti"
-REV_SUB = "sws:rev:sub"
+# One hash tag for both hashes: the scripts that touch the two stay on one Redis Cluster slot.
+REV_JTI = "sws:{rev}:jti"
+REV_SUB = "sws:{rev}:sub"
 
 _ACQUIRE = """
 local t = redis.call('TIME')
@@ -127,34 +128,9 @@ return 1
 """
 
 
-async def unsubscribe_soon(pubsub: PubSub, prefix: str, wanted: set[str], channel: str) -> None:
-    """No longer want ``channel``; never raises: if Redis does not answer, :func:`reconcile_subscriptions`
-    drops it once Redis answers again."""
-    wanted.discard(channel)
-    try:
-        await pubsub.unsubscribe(prefix + channel)
-    except REDIS_ERRORS as exc:
-        log.warning("redis: unsubscribe from %r deferred until Redis answers: %s", prefix + channel, exc)
-
-
-async def reconcile_subscriptions(pubsub: PubSub, prefix: str, wanted: set[str]) -> None:
-    """Make Redis's subscriptions under ``prefix`` match ``wanted`` (redis-py resubscribes its own list on
-    reconnect, but an unsubscribe that failed while Redis was away is only in ``wanted``)."""
-    names = (c.decode() if isinstance(c, bytes) else c for c in pubsub.channels)
-    held = {name[len(prefix):] for name in names if name.startswith(prefix)}
-    stale = [prefix + c for c in held - wanted]
-    missing = [prefix + c for c in wanted - held]
-    if stale:
-        await pubsub.unsubscribe(*stale)
-    if missing:
-        await pubsub.subscribe(*missing)
-
-
-# What redis-py raises when Redis cannot be reached or answer in time; never seen above this module.
-REDIS_ERRORS = (RedisError, OSError, asyncio.TimeoutError)
-
 P = ParamSpec("P")
 R = TypeVar("R")
+T = TypeVar("T")
 
 
 def raises_unavailable(call: Callable[P, Coroutine[Any, Any, R]]) -> Callable[P, Coroutine[Any, Any, R]]:
@@ -171,8 +147,18 @@ def raises_unavailable(call: Callable[P, Coroutine[Any, Any, R]]) -> Callable[P,
 
 
 class _LimitsRedisStorage(LimitsRedisStorage):
-    """``limits``' Redis storage raising only ``limits.errors.StorageError`` (``wrap_exceptions=True``), for all
-    of what redis-py may raise, not just ``RedisError``."""
+    """``limits``' Redis storage on our own client (one Redis, Sentinel's master or the Cluster: the rate limiter
+    follows the same failovers), raising only ``limits.errors.StorageError`` (``wrap_exceptions=True``) for all of
+    what redis-py may raise, not just ``RedisError``. Its sliding-window keys carry a hash tag of their own, so
+    each hit stays one script on one Cluster slot."""
+
+    def __init__(self, client: Any) -> None:
+        self._client = client
+        super().__init__("async+redis://", implementation="redispy", wrap_exceptions=True)
+
+    def configure_bridge(self) -> None:
+        self.bridge.storage = self._client  # type: ignore[attr-defined]
+        self.bridge.connection_getter = lambda readonly: self._client  # type: ignore[attr-defined]
 
     @property
     def base_exceptions(self) -> type[Exception] | tuple[type[Exception], ...]:
@@ -230,6 +216,30 @@ return {top, epoch, 1, redis.call('LRANGE', KEYS[2], start, start + limit - 1)}
 SUBSCRIBE_TIMEOUT = 2.0  # for Redis to confirm a channel subscription
 
 
+def _pubsub_name(channel: str) -> str:
+    return CHANNEL_PREFIX + channel + "}"
+
+
+def sharded(script: str, cluster: bool) -> str:
+    """``script`` with its PUBLISH calls made SPUBLISH on Redis Cluster: a sharded publication stays within the
+    shard of the channel's slot, which a script may publish to only when its keys are in the same slot."""
+    return script.replace("redis.call('PUBLISH'", "redis.call('SPUBLISH'") if cluster else script
+
+
+def slot_batches(items: list[T], key: Callable[[T], str], size: int, cluster: bool) -> list[list[T]]:
+    """``items`` in batches of at most ``size`` for one multi-key script each; on Redis Cluster, batches of one
+    hash slot each, so no script is given keys of two slots."""
+    groups = [items]
+    if cluster:
+        from redis.crc import key_slot
+
+        by_slot: dict[int, list[T]] = {}  # bound: one entry per item
+        for item in items:
+            by_slot.setdefault(key_slot(key(item).encode("utf-8", "surrogatepass")), []).append(item)
+        groups = list(by_slot.values())
+    return [group[start : start + size] for group in groups for start in range(0, len(group), size)]
+
+
 def _record_key(channel: str) -> str:
     return f"sws:hm:{{{channel}}}"
 
@@ -256,23 +266,21 @@ class RedisStorage(Storage):
     def __init__(self, url: str, revocation_file: Path, history: HistoryLimits | None = None) -> None:
         super().__init__(revocation_file, history)
         self.url = url
-        self.redis = aioredis.Redis.from_url(
-            url, socket_connect_timeout=2, socket_timeout=2, health_check_interval=10, retry_on_timeout=False
-        )
-        self.limiter_storage = _LimitsRedisStorage(
-            "async+" + url, implementation="redispy", connection_pool=self.redis.connection_pool,  # type: ignore[arg-type]
-            wrap_exceptions=True,
-        )
+        target = parse_redis_url(url)
+        # Redis Cluster: sharded pub/sub (SPUBLISH/SSUBSCRIBE), and scripts given only keys of one hash slot.
+        self.cluster = target.kind == CLUSTER
+        self.redis: Any = connect(target)
+        self.limiter_storage = _LimitsRedisStorage(self.redis)
         self._acquire = self.redis.register_script(_ACQUIRE)
         self._renew = self.redis.register_script(_RENEW)
         self._merge_script = self.redis.register_script(_MERGE)
         self._prune_script = self.redis.register_script(_PRUNE)
-        self._append = self.redis.register_script(_APPEND)
+        self._append = self.redis.register_script(sharded(_APPEND, self.cluster))
         self._read_history = self.redis.register_script(_READ)
-        self._confirming: dict[str, asyncio.Future[None]] = {}  # channel → Redis's confirmation, one per channel
+        self._confirming: dict[str, asyncio.Future[None]] = {}  # pub/sub name → Redis's confirmation, one per channel
         self._leases: dict[str, str] = {}  # slot → sub, for renewal
-        self._wanted: set[str] = set()  # channels this process has local subscribers for
-        self._pubsub = self.redis.pubsub()  # subscribe confirmations are read too: see subscribe()
+        self._wanted: set[str] = set()  # pub/sub names of the channels this process has local subscribers for
+        self._subscriber = Subscriber(self.redis, self.cluster)  # subscribe confirmations are read too: see subscribe()
         self._tasks: list[asyncio.Task[None]] = []
         self._redis_read = False  # until then, revocations only Redis holds (none in the file) are unknown
         self._redis_checked_at = 0.0
@@ -280,7 +288,7 @@ class RedisStorage(Storage):
     async def start(self) -> None:
         await super().start()
         try:
-            await self._pubsub.subscribe(REVOCATION_CHANNEL, SIGNAL_CHANNEL)
+            await self._subscriber.subscribe(REVOCATION_CHANNEL, SIGNAL_CHANNEL)
             await self._reload()
         except REDIS_ERRORS as exc:
             log.error(
@@ -298,15 +306,20 @@ class RedisStorage(Storage):
         for task in self._tasks:
             task.cancel()
         with contextlib.suppress(Exception):
-            await self._pubsub.aclose()
+            await self._subscriber.aclose()
         with contextlib.suppress(Exception):
             await self.redis.aclose()
 
     async def ping(self) -> bool:
+        """Redis answers, and so does this process's pub/sub connection (a deaf process is not ready)."""
+        metrics.PUBSUB_UP.set(1 if self._subscriber.alive else 0)
         try:
-            return bool(await metrics.timed("ping", asyncio.wait_for(self.redis.ping(), 2)))
+            return bool(await metrics.timed("ping", asyncio.wait_for(self.redis.ping(), 2))) and self._subscriber.alive
         except REDIS_ERRORS:
             return False
+
+    async def _publish(self, name: str, data: str | bytes) -> None:
+        await (self.redis.spublish(name, data) if self.cluster else self.redis.publish(name, data))
 
     # -- connection leases ---------------------------------------------------------
 
@@ -326,8 +339,7 @@ class RedisStorage(Storage):
         while True:
             await asyncio.sleep(RENEW_INTERVAL)
             leases = list(self._leases.items())
-            for start in range(0, len(leases), 500):
-                batch = leases[start : start + 500]
+            for batch in slot_batches(leases, lambda lease: _conn_key(lease[1]), 500, self.cluster):
                 try:
                     await self._renew(
                         keys=[_conn_key(sub) for _, sub in batch], args=[LEASE_SECONDS, *(slot for slot, _ in batch)]
@@ -394,7 +406,7 @@ class RedisStorage(Storage):
         lacking = _stronger(known, live)
         if lacking:
             await self._merge(lacking)
-            await self.redis.publish(REVOCATION_CHANNEL, b"changed")
+            await self._publish(REVOCATION_CHANNEL, b"changed")
             log.warning(
                 "revocations: Redis lacked %d that this worker knows (restarted empty, flushed or failed over?); "
                 "wrote them back", len(lacking.jtis) + len(lacking.subs),
@@ -404,7 +416,7 @@ class RedisStorage(Storage):
         durable = await asyncio.to_thread(self.revocation_file.update, change)  # first: Redis may lose it
         try:
             await self._merge(change(Revocations()))  # only this change: concurrent ops commands are not overwritten
-            await self.redis.publish(REVOCATION_CHANNEL, b"changed")
+            await self._publish(REVOCATION_CHANNEL, b"changed")
         except REDIS_ERRORS as exc:
             raise StorageUnavailable(
                 f"recorded in {self.revocation_file.path}, but SECURE_WS_STORAGE_URL {redacted_url(self.url)} does not "
@@ -434,36 +446,39 @@ class RedisStorage(Storage):
         """Returns once Redis confirmed the subscription: from then on every publication reaches this process, so
         a history read made afterwards leaves no gap before the live ones."""
         # Wanted from now on, so that a reconcile in between never unsubscribes it before the confirmation comes.
-        self._wanted.add(channel)
-        waiter = self._confirming.get(channel)
+        name = _pubsub_name(channel)
+        self._wanted.add(name)
+        waiter = self._confirming.get(name)
         try:
             if waiter is None:
-                waiter = self._confirming[channel] = asyncio.get_running_loop().create_future()
-                await metrics.timed("subscribe", self._pubsub.subscribe(CHANNEL_PREFIX + channel))
+                waiter = self._confirming[name] = asyncio.get_running_loop().create_future()
+                await metrics.timed("subscribe", self._subscriber.subscribe(name))
             await asyncio.wait_for(asyncio.shield(waiter), SUBSCRIBE_TIMEOUT)
         except BaseException as exc:
-            if self._confirming.get(channel) is waiter:
-                del self._confirming[channel]
-            self._wanted.discard(channel)  # only called for a channel without local subscribers: none is lost
+            if self._confirming.get(name) is waiter:
+                del self._confirming[name]
+            self._wanted.discard(name)  # only called for a channel without local subscribers: none is lost
             if isinstance(exc, TimeoutError):
                 raise StorageUnavailable(f"redis: subscription to {channel!r} not confirmed within {SUBSCRIBE_TIMEOUT:g}s") from None
             raise
 
     async def unsubscribe(self, channel: str) -> None:
-        await unsubscribe_soon(self._pubsub, CHANNEL_PREFIX, self._wanted, channel)
+        name = _pubsub_name(channel)
+        self._wanted.discard(name)
+        await unsubscribe_soon(self._subscriber, name)
 
     async def _reconcile(self) -> None:
-        await reconcile_subscriptions(self._pubsub, CHANNEL_PREFIX, self._wanted)
+        await reconcile(self._subscriber, CHANNEL_PREFIX, self._wanted)
 
     @raises_unavailable
     async def publish(self, channel: str, head: str) -> Position | None:
         limits = self.history_limits
         if limits is None:
-            await metrics.timed("publish", self.redis.publish(CHANNEL_PREFIX + channel, "0  " + head + "}"))
+            await metrics.timed("publish", self._publish(_pubsub_name(channel), "0  " + head + "}"))
             return None
         offset, epoch = await metrics.timed("publish", self._append(
             keys=[_record_key(channel), _list_key(channel)],
-            args=[head, limits.size, limits.ttl * 1000, limits.meta_ttl * 1000, new_epoch(), CHANNEL_PREFIX + channel],
+            args=[head, limits.size, limits.ttl * 1000, limits.meta_ttl * 1000, new_epoch(), _pubsub_name(channel)],
         ))
         return Position(int(offset), epoch.decode())
 
@@ -481,7 +496,7 @@ class RedisStorage(Storage):
 
     @raises_unavailable
     async def signal(self, kind: str, sub: str, payload: str | None = None) -> None:
-        await metrics.timed("signal", self.redis.publish(SIGNAL_CHANNEL, json.dumps([kind, sub, payload], ensure_ascii=False)))
+        await metrics.timed("signal", self._publish(SIGNAL_CHANNEL, json.dumps([kind, sub, payload], ensure_ascii=False)))
 
     def _signalled(self, data: bytes) -> None:
         try:
@@ -497,9 +512,10 @@ class RedisStorage(Storage):
         backoff = 0.1
         while True:
             try:
-                if not self._pubsub.subscribed:
-                    await self._pubsub.subscribe(REVOCATION_CHANNEL, SIGNAL_CHANNEL)
-                message = await self._pubsub.get_message(timeout=1.0)
+                if not self._subscriber.subscribed:
+                    await self._subscriber.subscribe(REVOCATION_CHANNEL, SIGNAL_CHANNEL)
+                message = await self._subscriber.get(timeout=1.0)
+                await self._subscriber.check()
                 backoff = 0.1
             except REDIS_ERRORS as exc:
                 log.warning("redis pub/sub: %s; retrying in %.1fs", exc, backoff)
@@ -511,20 +527,20 @@ class RedisStorage(Storage):
                 continue
             if message is None:
                 continue
-            if message["type"] != "message":  # subscribe / unsubscribe confirmations (and a pong, which has no channel)
-                if message["type"] == "subscribe":
-                    waiter = self._confirming.pop(message["channel"].decode()[prefix:], None)
+            kind, channel, data = message
+            if kind != "message":  # subscribe / unsubscribe confirmations, pongs
+                if kind == "subscribe":
+                    waiter = self._confirming.pop(channel, None)
                     if waiter is not None and not waiter.done():
                         waiter.set_result(None)
                 continue
-            channel = message["channel"].decode()
             if channel == REVOCATION_CHANNEL:
                 with contextlib.suppress(*REDIS_ERRORS):
                     await self._reload()
             elif channel == SIGNAL_CHANNEL:
-                self._signalled(message["data"])
+                self._signalled(data)
             else:
-                offset, _, rest = message["data"].partition(b" ")
+                offset, _, rest = data.partition(b" ")
                 epoch, _, text = rest.partition(b" ")
                 try:
                     position = int(offset)
@@ -532,4 +548,4 @@ class RedisStorage(Storage):
                 except ValueError:  # UnicodeDecodeError included; not from a secure_ws of this version
                     log.warning("redis: unreadable publication on %r skipped", channel)
                     continue
-                self.on_message(channel[prefix:], decoded, position, epoch.decode("ascii", "replace"))
+                self.on_message(channel[prefix:-1], decoded, position, epoch.decode("ascii", "replace"))
