@@ -280,6 +280,12 @@ class RedisStorage(Storage):
         self._confirming: dict[str, asyncio.Future[None]] = {}  # pub/sub name → Redis's confirmation, one per channel
         self._leases: dict[str, str] = {}  # slot → sub, for renewal
         self._wanted: set[str] = set()  # pub/sub names of the channels this process has local subscribers for
+        # Channel → the latest position this process knows it passed on (from a publication, or a read once
+        # subscribed): a later publication past the next offset, or a re-subscription after a reconnect, is filled
+        # from history first. Channel → the last position such a fill passed on: a publication arriving at or
+        # before it is a duplicate. Bound: one entry each per wanted channel.
+        self._last: dict[str, Position] = {}
+        self._filled: dict[str, Position] = {}
         self._subscriber = Subscriber(self.redis, self.cluster)  # subscribe confirmations are read too: see subscribe()
         self._tasks: list[asyncio.Task[None]] = []
         self._redis_read = False  # until then, revocations only Redis holds (none in the file) are unknown
@@ -465,6 +471,8 @@ class RedisStorage(Storage):
     async def unsubscribe(self, channel: str) -> None:
         name = _pubsub_name(channel)
         self._wanted.discard(name)
+        self._last.pop(channel, None)
+        self._filled.pop(channel, None)
         await unsubscribe_soon(self._subscriber, name)
 
     async def _reconcile(self) -> None:
@@ -492,7 +500,67 @@ class RedisStorage(Storage):
             args=[new_epoch(), limits.meta_ttl * 1000, "" if since is None else since.offset,
                   "" if since is None else since.epoch, min(limit, limits.size)],
         )
-        return History(int(offset), epoch.decode(), [text.decode() for text in texts], bool(recovered))
+        found = History(int(offset), epoch.decode(), [text.decode() for text in texts], bool(recovered))
+        name = _pubsub_name(channel)
+        if channel not in self._last and name in self._wanted and name not in self._confirming:
+            # Subscribed (confirmed) before this read: every later publication reaches this process. Not over a
+            # position already passed on: the reader may have run ahead of this read's answer.
+            self._last[channel] = Position(found.offset, found.epoch)
+        return found
+
+    async def _fill(self, channel: str, since: Position, why: str) -> None:
+        """Pass on what ``channel`` published after ``since`` that this process missed (its pub/sub connection
+        was re-established, or a publication skipped offsets), from history, in order, before what follows."""
+        limits = self.history_limits
+        try:
+            found = await self.history(channel, since, limits.size if limits is not None else 0)
+        except StorageUnavailable as exc:
+            log.warning("redis: %s on %r; history not read (%s): its subscribers may see an offset jump", why, channel, exc)
+            return
+        if found is None or not found.recovered:
+            log.warning("redis: %s on %r; the missed publications are no longer in history: its subscribers see the "
+                        "offset jump or the new epoch, and recover with recovered:false", why, channel)
+            return
+        for index, text in enumerate(found.messages, start=since.offset + 1):
+            self._last[channel] = self._filled[channel] = Position(index, found.epoch)
+            self.on_message(channel, text, index, found.epoch)
+        if found.messages:
+            log.info("redis: %s on %r; %d missed publications passed on from history", why, channel, len(found.messages))
+
+    async def _publication(self, channel: str, data: bytes) -> None:
+        offset, _, rest = data.partition(b" ")
+        epoch_bytes, _, text = rest.partition(b" ")
+        try:
+            position = int(offset)
+            decoded = text.decode()
+        except ValueError:  # UnicodeDecodeError included; not from a secure_ws of this version
+            log.warning("redis: unreadable publication on %r skipped", channel)
+            return
+        epoch = epoch_bytes.decode("ascii", "replace")
+        last = self._last.get(channel) if position else None
+        if last is not None and last.epoch == epoch:
+            if self._filled and self._duplicate(channel, position, epoch):
+                return
+            if position > last.offset + 1:
+                await self._fill(channel, last, f"offsets {last.offset + 1}…{position - 1} missed")
+                if self._duplicate(channel, position, epoch):
+                    return
+            elif position <= last.offset:  # known from a read that ran ahead of the reader: not a duplicate here
+                self.on_message(channel, decoded, position, epoch)
+                return
+        if position and (last is not None or _pubsub_name(channel) in self._wanted):
+            self._last[channel] = Position(position, epoch)
+        self.on_message(channel, decoded, position, epoch)
+
+    def _duplicate(self, channel: str, position: int, epoch: str) -> bool:
+        """Whether a fill already passed this publication on; the fill's mark goes with the first one past it."""
+        filled = self._filled.get(channel)
+        if filled is None:
+            return False
+        if filled.epoch == epoch and position <= filled.offset:
+            return True
+        del self._filled[channel]
+        return False
 
     @raises_unavailable
     async def signal(self, kind: str, sub: str, payload: str | None = None) -> None:
@@ -533,6 +601,9 @@ class RedisStorage(Storage):
                     waiter = self._confirming.pop(channel, None)
                     if waiter is not None and not waiter.done():
                         waiter.set_result(None)
+                    last = self._last.get(channel[prefix:-1]) if channel.startswith(CHANNEL_PREFIX) else None
+                    if last is not None:  # re-subscribed after a reconnect: what was published meanwhile, first
+                        await self._fill(channel[prefix:-1], last, "pub/sub re-established")
                 continue
             if channel == REVOCATION_CHANNEL:
                 with contextlib.suppress(*REDIS_ERRORS):
@@ -540,12 +611,4 @@ class RedisStorage(Storage):
             elif channel == SIGNAL_CHANNEL:
                 self._signalled(data)
             else:
-                offset, _, rest = data.partition(b" ")
-                epoch, _, text = rest.partition(b" ")
-                try:
-                    position = int(offset)
-                    decoded = text.decode()
-                except ValueError:  # UnicodeDecodeError included; not from a secure_ws of this version
-                    log.warning("redis: unreadable publication on %r skipped", channel)
-                    continue
-                self.on_message(channel[prefix:-1], decoded, position, epoch.decode("ascii", "replace"))
+                await self._publication(channel[prefix:-1], data)
