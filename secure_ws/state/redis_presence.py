@@ -30,7 +30,7 @@ import time
 from typing import Any
 
 from .presence import PresenceStore
-from .redis_pubsub import REDIS_ERRORS, Subscriber, reconcile, unsubscribe_soon
+from .redis_pubsub import REDIS_ERRORS, RETRY_MAX, Subscriber, reconcile, unsubscribe_soon
 from .redis_storage import raises_unavailable, sharded, slot_batches
 
 log = logging.getLogger("secure_ws.storage")
@@ -247,13 +247,16 @@ class RedisPresence(PresenceStore):
         backoff = 0.1
         while True:
             try:
+                if self._wanted and not self._subscriber.subscribed:  # a fresh connection (see Subscriber.renew)
+                    await reconcile(self._subscriber, EVENTS_PREFIX, self._wanted)
                 message = await self._subscriber.get(timeout=1.0)
                 await self._subscriber.check()
                 backoff = 0.1
             except REDIS_ERRORS as exc:
                 log.warning("redis presence pub/sub: %s; retrying in %.1fs", exc, backoff)
+                await self._subscriber.renew()
                 await asyncio.sleep(backoff)
-                backoff = min(backoff * 2, 2.0)
+                backoff = min(backoff * 2, RETRY_MAX)
                 with contextlib.suppress(*REDIS_ERRORS):
                     await reconcile(self._subscriber, EVENTS_PREFIX, self._wanted)
                 continue

@@ -27,6 +27,7 @@ REDIS_ERRORS = (RedisError, OSError, asyncio.TimeoutError)
 
 PING_INTERVAL = 1.0  # s of silence on a subscription connection before it is pinged
 DEAD_AFTER = 3.0  # s a ping may stay unanswered before the connection counts as dead
+RETRY_MAX = 0.5  # s between reconnection attempts at most: a failover is followed within this of its end
 _PING = "sws-alive"
 
 # Sharded pub/sub's message types, as the classic ones.
@@ -39,6 +40,7 @@ class Subscriber:
 
     def __init__(self, redis: Any, sharded: bool) -> None:
         self.sharded = sharded
+        self._redis = redis
         self.pubsub: PubSub = redis.pubsub()
         self._heard = time.monotonic()  # last time anything came in on the subscription connection(s)
         self._pinged: float | None = None  # when an unanswered ping went out
@@ -87,7 +89,7 @@ class Subscriber:
                 log.warning("redis pub/sub: no answer to a ping for %.0fs; reconnecting", now - self._pinged)
             self.alive = False
             self._pinged = None
-            await self._drop()
+            await self.renew()
             return
         if self._pinged is None and now - self._heard > PING_INTERVAL and self.subscribed:
             self._pinged = now
@@ -101,12 +103,20 @@ class Subscriber:
             return list(self.pubsub.node_pubsub_mapping.values())  # type: ignore[attr-defined]
         return [self.pubsub]
 
-    async def _drop(self) -> None:
-        """Close the subscription connection(s): the next read fails, and redis-py reconnects and resubscribes."""
-        for pubsub in self._connections():
-            if pubsub.connection is not None:
-                with contextlib.suppress(Exception):
-                    await pubsub.connection.disconnect()
+    async def renew(self) -> None:
+        """After a broken or silent connection. One Redis: a fresh pub/sub connection from the pool, which the owner
+        re-subscribes (:func:`reconcile`) — redis-py would reconnect the old one to the address it had, which after
+        a Sentinel failover is the old master. Cluster: the per-node connections are closed; redis-py's sharded
+        reader reconnects them to whichever node owns each slot now, and re-subscribes."""
+        if self.sharded:
+            for pubsub in self._connections():
+                if pubsub.connection is not None:
+                    with contextlib.suppress(Exception):
+                        await pubsub.connection.disconnect()
+            return
+        old, self.pubsub = self.pubsub, self._redis.pubsub()
+        with contextlib.suppress(Exception):
+            await old.aclose()
 
     async def aclose(self) -> None:
         await self.pubsub.aclose()

@@ -49,7 +49,7 @@ from limits.aio.storage import RedisStorage as LimitsRedisStorage
 from .. import metrics
 from ..auth.revocation import Revocations
 from .memory_history import new_epoch
-from .redis_pubsub import REDIS_ERRORS, Subscriber, reconcile, unsubscribe_soon
+from .redis_pubsub import REDIS_ERRORS, RETRY_MAX, Subscriber, reconcile, unsubscribe_soon
 from .redis_url import CLUSTER, connect, parse_redis_url
 from .storage import History, HistoryLimits, Position, Storage, StorageUnavailable, redacted_url
 
@@ -580,15 +580,17 @@ class RedisStorage(Storage):
         backoff = 0.1
         while True:
             try:
-                if not self._subscriber.subscribed:
+                if not self._subscriber.subscribed:  # a fresh connection (see Subscriber.renew)
                     await self._subscriber.subscribe(REVOCATION_CHANNEL, SIGNAL_CHANNEL)
+                    await self._reconcile()
                 message = await self._subscriber.get(timeout=1.0)
                 await self._subscriber.check()
                 backoff = 0.1
             except REDIS_ERRORS as exc:
                 log.warning("redis pub/sub: %s; retrying in %.1fs", exc, backoff)
+                await self._subscriber.renew()
                 await asyncio.sleep(backoff)
-                backoff = min(backoff * 2, 2.0)
+                backoff = min(backoff * 2, RETRY_MAX)
                 with contextlib.suppress(*REDIS_ERRORS):
                     await self._reload()
                     await self._reconcile()
