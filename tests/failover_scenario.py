@@ -88,14 +88,14 @@ async def _revoked_prober(servers: list[Server], token: str, stop: asyncio.Event
 async def failover_under_traffic(
     servers: list[Server], issue: Callable[..., str], revoked: str, channels: list[str], kill: Callable[[], float],
 ) -> dict[str, float]:
-    stop = asyncio.Event()
+    stop, drained = asyncio.Event(), asyncio.Event()
     subscribers = [await _subscriber(server, issue(scope=SCOPE), channels) for server in servers]
     received: list[dict[str, list[dict[str, Any]]]] = [{} for _ in servers]
     acked: dict[str, list[str]] = {}
     publishers_acks: list[list[float]] = [[] for _ in servers]
     outcomes: list[Any] = []
-    tasks = [asyncio.create_task(_collect(ws, into, stop)) for (ws, _), into in zip(subscribers, received, strict=True)]
-    tasks += [
+    collectors = [asyncio.create_task(_collect(ws, into, drained)) for (ws, _), into in zip(subscribers, received, strict=True)]
+    tasks = [
         asyncio.create_task(_publisher(server, issue(scope=SCOPE), f"p{n}", channels, stop, acked, publishers_acks[n]))
         for n, server in enumerate(servers)
     ]
@@ -113,7 +113,16 @@ async def failover_under_traffic(
     finally:
         stop.set()
         await asyncio.gather(*tasks, return_exceptions=True)
-    for task in tasks:
+        try:  # what was acknowledged last is still on its way to the subscribers
+            until = time.monotonic() + 5
+            while time.monotonic() < until and not all(
+                len(streams.get(c, [])) >= len(acked.get(c, [])) for streams in received for c in channels
+            ):
+                await asyncio.sleep(0.05)
+        finally:
+            drained.set()
+            await asyncio.gather(*collectors, return_exceptions=True)
+    for task in tasks + collectors:
         if task.exception() is not None:
             raise task.exception()  # type: ignore[misc]
     timings = {"failover": failover, "resumed after kill": max(resumed) - killed_at}

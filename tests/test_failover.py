@@ -50,3 +50,20 @@ def test_sentinel_failover_under_traffic(keydir, issue, sentinel_set):
     finally:
         for server in servers:
             server.stop()
+
+
+CLUSTER_CHANNELS = ["news", "sport", "weather", "markets", "chat.1", "chat.2"]
+
+
+def test_cluster_failover_under_traffic(keydir, issue, cluster_set):
+    masters = {cluster_set.master_of("sws:h:{" + channel + "}").port for channel in CLUSTER_CHANNELS}
+    assert len(masters) >= 2, "the channels should spread over the masters"
+    servers = _servers(keydir, cluster_set.url)
+    try:
+        revoked = _revoked(keydir, issue, cluster_set.url)
+        victim = cluster_set.master_of("sws:h:{news}")
+        timings = run(failover_under_traffic(servers, issue, revoked, CLUSTER_CHANNELS, lambda: cluster_set.kill(victim)))
+        print("\ncluster failover: " + ", ".join(f"{k} {v:.2f}" for k, v in timings.items()))
+    finally:
+        for server in servers:
+            server.stop()

@@ -132,6 +132,7 @@ def connect(target: RedisTarget) -> Any:
 
     options = _options(target)
     if target.kind == CLUSTER:
+        del options["retry_on_timeout"]  # RedisCluster's retry below covers it
         # One immediate retry: a node found gone makes the client re-read the slots, and the retry goes to the
         # replica promoted in its place; a MOVED/ASK is followed by the client itself, not counted here.
         return RedisCluster(
