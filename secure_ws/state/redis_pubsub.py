@@ -20,6 +20,8 @@ from typing import Any
 from redis.asyncio.client import PubSub
 from redis.exceptions import RedisError
 
+from .. import metrics
+
 log = logging.getLogger("secure_ws.storage")
 
 # What redis-py raises when Redis cannot be reached or answer in time; never seen above the state layer.
@@ -29,6 +31,15 @@ PING_INTERVAL = 1.0  # s of silence on a subscription connection before it is pi
 DEAD_AFTER = 3.0  # s a ping may stay unanswered before the connection counts as dead
 RETRY_MAX = 0.5  # s between reconnection attempts at most: a failover is followed within this of its end
 _PING = "sws-alive"
+
+# The readers of this process whose connection is dead right now (ids; at most one per Subscriber, two per process).
+_dead: set[int] = set()
+
+
+def _report(subscriber: Subscriber, alive: bool) -> None:
+    (_dead.discard if alive else _dead.add)(id(subscriber))
+    metrics.PUBSUB_UP.set(0 if _dead else 1)
+
 
 # Sharded pub/sub's message types, as the classic ones.
 _TYPES = {"smessage": "message", "ssubscribe": "subscribe", "sunsubscribe": "unsubscribe"}
@@ -45,6 +56,7 @@ class Subscriber:
         self._heard = time.monotonic()  # last time anything came in on the subscription connection(s)
         self._pinged: float | None = None  # when an unanswered ping went out
         self.alive = True  # False from a missed ping until the connection answers again
+        _report(self, True)
 
     async def subscribe(self, *names: str) -> None:
         await (self.pubsub.ssubscribe(*names) if self.sharded else self.pubsub.subscribe(*names))
@@ -73,6 +85,7 @@ class Subscriber:
         self._pinged = None
         if not self.alive:
             self.alive = True
+            _report(self, True)
             log.info("redis pub/sub: answering again")
         kind = _TYPES.get(message["type"], message["type"])
         channel = message.get("channel")
@@ -88,6 +101,7 @@ class Subscriber:
             if self.alive:
                 log.warning("redis pub/sub: no answer to a ping for %.0fs; reconnecting", now - self._pinged)
             self.alive = False
+            _report(self, False)
             self._pinged = None
             await self.renew()
             return
@@ -119,6 +133,7 @@ class Subscriber:
             await old.aclose()
 
     async def aclose(self) -> None:
+        _report(self, True)
         await self.pubsub.aclose()
 
 

@@ -318,7 +318,6 @@ class RedisStorage(Storage):
 
     async def ping(self) -> bool:
         """Redis answers, and so does this process's pub/sub connection (a deaf process is not ready)."""
-        metrics.PUBSUB_UP.set(1 if self._subscriber.alive else 0)
         try:
             return bool(await metrics.timed("ping", asyncio.wait_for(self.redis.ping(), 2))) and self._subscriber.alive
         except REDIS_ERRORS:
