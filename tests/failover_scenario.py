@@ -18,7 +18,7 @@ import asyncio
 import itertools
 import json
 import time
-from collections.abc import Callable
+from collections.abc import AsyncIterator, Callable
 from typing import Any
 
 import websockets
@@ -40,14 +40,20 @@ async def _subscriber(server: Server, token: str, channels: list[str]) -> tuple[
     return ws, positions
 
 
-async def _collect(ws: Any, into: dict[str, list[dict[str, Any]]], stop: asyncio.Event) -> None:
+async def messages_until(ws: Any, stop: asyncio.Event) -> AsyncIterator[dict[str, Any]]:
+    """The ``message`` frames ``ws`` receives until ``stop`` is set (looked at every 0.2 s)."""
     while not stop.is_set():
         try:
             frame = json.loads(await asyncio.wait_for(ws.recv(), 0.2))
         except TimeoutError:
             continue
         if frame.get("type") == "message":
-            into.setdefault(frame["channel"], []).append(frame)
+            yield frame
+
+
+async def _collect(ws: Any, into: dict[str, list[dict[str, Any]]], stop: asyncio.Event) -> None:
+    async for frame in messages_until(ws, stop):
+        into.setdefault(frame["channel"], []).append(frame)
 
 
 async def _publisher(server: Server, token: str, name: str, channels: list[str], stop: asyncio.Event,

@@ -22,6 +22,7 @@ from typing import Any
 
 import pytest
 import websockets
+from failover_scenario import messages_until
 from helpers import Serve, Server, base_env, recv_json, run, wait_for, welcome
 
 SCOPE = "subscribe:* publish:*"
@@ -106,14 +107,9 @@ class Client:
                         ready.set()
                     else:
                         self.recovered.append(reply["recovered"])
-                    while not stop.is_set():
-                        try:
-                            frame = json.loads(await asyncio.wait_for(ws.recv(), 0.2))
-                        except TimeoutError:
-                            continue
-                        if frame.get("type") == "message":
-                            self.messages.append(frame)
-                            self.position = {"offset": frame["offset"], "epoch": frame["epoch"]}
+                    async for frame in messages_until(ws, stop):
+                        self.messages.append(frame)
+                        self.position = {"offset": frame["offset"], "epoch": frame["epoch"]}
             except (websockets.ConnectionClosed, OSError, websockets.InvalidStatus, TimeoutError):
                 self.reconnects += 1
                 await asyncio.sleep(0.2)
