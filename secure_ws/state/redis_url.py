@@ -22,6 +22,10 @@ _KINDS = {"redis": SINGLE, "redis+sentinel": SENTINEL, "redis+cluster": CLUSTER}
 MAX_NODES = 64  # start-up nodes or sentinels one URL may list
 TIMEOUT = 2.0  # seconds for a connect or an answer: beyond, Redis counts as unreachable (handshakes get 1013)
 HEALTH_CHECK_INTERVAL = 2  # seconds idle after which a pooled connection is PINGed before use
+# Connections one process may hold to one Redis server at once (opened only as concurrent calls need them);
+# redis-py's default, 100, fails the 101st concurrent call (a burst of frames each hitting the rate limiter) as
+# if Redis were down. Redis's own maxclients (10,000 by default) must cover workers × hosts × what they use.
+MAX_CONNECTIONS = 1000
 
 
 @dataclass(frozen=True, slots=True)
@@ -114,6 +118,7 @@ def _options(target: RedisTarget) -> dict[str, Any]:
     options: dict[str, Any] = {
         "socket_connect_timeout": TIMEOUT, "socket_timeout": TIMEOUT, "health_check_interval": HEALTH_CHECK_INTERVAL,
         "retry_on_timeout": False, "username": target.username, "password": target.password,
+        "max_connections": MAX_CONNECTIONS,
     }
     if target.tls:
         options["ssl"] = True
