@@ -1,10 +1,16 @@
 """SPEC §15: the Redis forms of ``SECURE_WS_STORAGE_URL`` — one server, Sentinel, Cluster, each over TLS — are
 read as redis-py would use them, and every malformed one is refused with a sentence saying what is wrong, never
-repeating the password."""
+repeating the password; ``rediss://`` with a private CA carries the service over a real TLS-only redis-server,
+and without the CA the server refuses to fail open."""
 
 from __future__ import annotations
 
+import socket
+import subprocess
+
 import pytest
+import websockets
+from helpers import Server, base_env, free_port, recv_json, request, run, wait_for, welcome
 
 from secure_ws.settings import ConfigError, load_settings
 from secure_ws.state.redis_url import CLUSTER, SENTINEL, SINGLE, RedisTarget, parse_redis_url
@@ -56,3 +62,70 @@ def test_the_password_is_never_repeated_in_a_refusal():
             load_settings(environ={"SECURE_WS_STORAGE_URL": url}, env_file=None)
         assert "SECURE_WS_STORAGE_URL" in str(caught.value) and "hunter2" not in str(caught.value), caught.value
         assert "\n" not in str(caught.value)
+
+
+# -- TLS to a real Redis -------------------------------------------------------------------------------
+
+
+@pytest.fixture
+def tls_redis(keydir, tmp_path):
+    """A redis-server speaking only TLS, with the dev CA's server certificate (for ``localhost``)."""
+    port = free_port()
+    proc = subprocess.Popen(
+        ["redis-server", "--port", "0", "--tls-port", str(port), "--bind", "127.0.0.1",
+         "--tls-cert-file", str(keydir / "server.crt"), "--tls-key-file", str(keydir / "server.key"),
+         "--tls-ca-cert-file", str(keydir / "ca.crt"), "--tls-auth-clients", "no", "--save", "", "--dir", str(tmp_path)],
+        stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+    )
+    try:
+        wait_for(lambda: _listening(port), 10, "redis-server listening for TLS")
+        yield port
+    finally:
+        proc.kill()
+        proc.wait(10)
+
+
+def _listening(port: int) -> bool:
+    try:
+        socket.create_connection(("127.0.0.1", port), timeout=0.2).close()
+        return True
+    except OSError:
+        return False
+
+
+def test_rediss_with_a_private_ca_carries_the_service(keydir, issue, tls_redis):
+    url = f"rediss://localhost:{tls_redis}/0?ssl_ca_certs={keydir / 'ca.crt'}"
+    a, b = (Server(keydir, base_env(keydir, SECURE_WS_STORAGE_URL=url)).start() for _ in range(2))
+
+    async def go() -> None:
+        async with a.connect(issue(scope="subscribe:* publish:*")) as sub, b.connect(issue(scope="subscribe:* publish:*")) as pub:
+            await welcome(sub)
+            await welcome(pub)
+            assert (await request(sub, {"type": "subscribe", "channel": "tls"}))["type"] == "subscribed"
+            assert (await request(pub, {"type": "publish", "channel": "tls", "data": "over TLS"}))["type"] == "published"
+            assert (await recv_json(sub))["data"] == "over TLS"
+
+    try:
+        assert a.get("/readyz")[0] == 200
+        run(go())
+    finally:
+        a.stop()
+        b.stop()
+
+
+def test_rediss_with_an_untrusted_certificate_never_fails_open(keydir, issue, tls_redis):
+    """Without the private CA the Redis certificate is not trusted: not ready, handshakes 1013, never admitted."""
+    server = Server(keydir, base_env(keydir, SECURE_WS_STORAGE_URL=f"rediss://localhost:{tls_redis}/0")).start()
+    try:
+        assert server.get("/readyz")[0] == 503
+        assert "SECURE_WS_STORAGE_URL" in server.log() and "rediss://localhost" in server.log()
+
+        async def go() -> None:
+            async with server.connect(issue()) as ws:
+                with pytest.raises(websockets.ConnectionClosed) as closed:
+                    await recv_json(ws)
+                assert closed.value.rcvd is not None and closed.value.rcvd.code == 1013
+
+        run(go())
+    finally:
+        server.stop()
