@@ -156,6 +156,25 @@ class ClusterSet:
                 return next(n for n in self.nodes if n.port == int(master[1]))
         raise AssertionError(f"no master for {key}")
 
+    def migrate(self, key: str) -> float:
+        """Move ``key``'s slot, keys and all, to another master as ``redis-cli --cluster reshard`` does (clients
+        meet ASK, then MOVED); returns once every master names the new owner."""
+        started = time.monotonic()
+        source = self.master_of(key)
+        slot = source.client().cluster("keyslot", key)
+        masters = [n for n in self.nodes if n.proc is not None and n.proc.poll() is None
+                   and n.client().execute_command("ROLE")[0] == b"master"]
+        target = next(n for n in masters if n is not source)
+        source_id, target_id = (n.client().execute_command("CLUSTER MYID").decode() for n in (source, target))
+        target.client().execute_command("CLUSTER SETSLOT", slot, "IMPORTING", source_id)
+        source.client().execute_command("CLUSTER SETSLOT", slot, "MIGRATING", target_id)
+        while keys := source.client().execute_command("CLUSTER GETKEYSINSLOT", slot, 100):
+            source.client().execute_command("MIGRATE", "127.0.0.1", target.port, "", 0, 5000, "KEYS", *keys)
+        for node in masters:
+            node.client().execute_command("CLUSTER SETSLOT", slot, "NODE", target_id)
+        _wait(lambda: self.master_of(key) is target, 10, "slot ownership agreed")
+        return time.monotonic() - started
+
     def kill(self, node: RedisProcess) -> float:
         """Kill ``node`` like a crash; returns once the cluster is whole again without it: the failover time."""
         started = time.monotonic()

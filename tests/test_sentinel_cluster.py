@@ -74,6 +74,19 @@ def test_cluster_failover_under_traffic(keydir, issue, cluster_set):
             server.stop()
 
 
+def test_cluster_slot_migrated_under_traffic(keydir, issue, cluster_set):
+    """A resharding: the slot of one channel's keys moves to another master (ASK, then MOVED) under traffic."""
+    servers = _servers(keydir, cluster_set.url)
+    try:
+        revoked = _revoked(keydir, issue, cluster_set.url)
+        timings = run(failover_under_traffic(servers, issue, revoked, CLUSTER_CHANNELS,
+                                             lambda: cluster_set.migrate("sws:h:{news}")))
+        print("\ncluster slot migration: " + ", ".join(f"{k} {v:.2f}" for k, v in timings.items()))
+    finally:
+        for server in servers:
+            server.stop()
+
+
 async def _joined(ws, channel: str, **extra) -> None:  # type: ignore[no-untyped-def]
     answer = await request(ws, {"type": "subscribe", "channel": channel, **extra})
     assert answer["type"] == "subscribed", answer
