@@ -9,7 +9,9 @@ middle of it. What :func:`failover_under_traffic` checks:
 * each subscriber's stream holds every acknowledged publication, with offsets 1, 2, 3… — no gap, no duplicate;
 * a subscribe with ``since`` (the position before the traffic) after the failover is ``recovered:true`` and
   replays exactly that stream: history survived the failover;
-* the revoked token is never welcomed, on any server, at any moment.
+* the revoked token is never welcomed, on any server, at any moment: it is closed 1008 ``token revoked``, or
+  1013 ``service unavailable`` while the storage cannot be checked; a valid token trying throughout is welcomed
+  or closed 1013, nothing else.
 """
 
 from __future__ import annotations
@@ -76,7 +78,8 @@ async def _publisher(server: Server, token: str, name: str, channels: list[str],
                 await asyncio.sleep(0.05)
 
 
-async def _revoked_prober(servers: list[Server], token: str, stop: asyncio.Event, outcomes: list[Any]) -> None:
+async def _prober(servers: list[Server], token: str, stop: asyncio.Event, outcomes: list[Any]) -> None:
+    """Handshakes with ``token`` round the servers until ``stop``: ("welcome", frame) or ("closed", code, reason)."""
     for server in itertools.cycle(servers):
         if stop.is_set():
             return
@@ -85,7 +88,7 @@ async def _revoked_prober(servers: list[Server], token: str, stop: asyncio.Event
                 frame = json.loads(await asyncio.wait_for(ws.recv(), 5))
                 outcomes.append(("welcome", frame))
         except websockets.ConnectionClosed as exc:
-            outcomes.append(("closed", exc.rcvd.code if exc.rcvd else None))
+            outcomes.append(("closed", exc.rcvd.code, exc.rcvd.reason) if exc.rcvd else ("dropped",))
         except (OSError, websockets.InvalidStatus, TimeoutError) as exc:
             outcomes.append(("failed", type(exc).__name__))
         await asyncio.sleep(0.02)
@@ -100,12 +103,14 @@ async def failover_under_traffic(
     acked: dict[str, list[str]] = {}
     publishers_acks: list[list[float]] = [[] for _ in servers]
     outcomes: list[Any] = []
+    valid_outcomes: list[Any] = []
     collectors = [asyncio.create_task(_collect(ws, into, drained)) for (ws, _), into in zip(subscribers, received, strict=True)]
     tasks = [
         asyncio.create_task(_publisher(server, issue(scope=SCOPE), f"p{n}", channels, stop, acked, publishers_acks[n]))
         for n, server in enumerate(servers)
     ]
-    tasks.append(asyncio.create_task(_revoked_prober(servers, revoked, stop, outcomes)))
+    tasks.append(asyncio.create_task(_prober(servers, revoked, stop, outcomes)))
+    tasks.append(asyncio.create_task(_prober(servers, issue(scope=SCOPE), stop, valid_outcomes)))
     try:
         await asyncio.sleep(1.0)
         assert all(publishers_acks), "publishing did not work before the failover"
@@ -138,6 +143,11 @@ async def failover_under_traffic(
     welcomed = [o for o in outcomes if o[0] == "welcome"]
     assert not welcomed, f"a revoked token was let in: {welcomed[:3]}"
     assert outcomes, "the revoked client never tried"
+    refusals = {o for o in outcomes if o[0] != "welcome"}
+    assert refusals <= {("closed", 1008, "token revoked"), ("closed", 1013, "service unavailable")}, refusals
+    odd = {o[:3] for o in valid_outcomes if o[0] != "welcome"} - {("closed", 1013, "service unavailable")}
+    assert not odd, f"a valid token met something else than a welcome or 1013: {odd}"
+    timings["valid handshakes refused 1013"] = sum(1 for o in valid_outcomes if o[0] == "closed")
 
     for (ws, positions), streams in zip(subscribers, received, strict=True):
         for channel in channels:
