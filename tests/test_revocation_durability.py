@@ -331,3 +331,25 @@ def test_replacing_a_keys_material_under_its_kid_closes_its_connections(tmp_path
         run(go())
     finally:
         srv.stop()
+
+
+def test_revocations_under_the_names_before_cluster_support_are_still_enforced(keydir, own_redis, issue):
+    """An upgrade from a release that kept revocations in ``sws:rev:jti``/``sws:rev:sub``: still enforced, and
+    written back under the hash-tagged names."""
+    redis_server = own_redis()
+    token = issue(scope="subscribe:*")
+    sub_token = issue(unique_sub("legacy"), scope="subscribe:*")
+    client = redis_server.client()
+    try:
+        client.hset("sws:rev:jti", jti_of(token), repr(time.time() + 3600))
+        client.hset("sws:rev:sub", jwt.decode(sub_token, options={"verify_signature": False})["sub"],
+                    f"{time.time() + 1!r}:{time.time() + 3600!r}")
+        srv = Server(keydir, base_env(keydir, SECURE_WS_STORAGE_URL=redis_server.url)).start()
+        try:
+            for revoked in (token, sub_token):
+                assert run(handshake_outcome(srv, revoked)) == ("closed", 1008, "token revoked")
+            wait_for(lambda: client.hexists("sws:{rev}:jti", jti_of(token)), 10, "written back under the new name")
+        finally:
+            srv.stop()
+    finally:
+        client.close()

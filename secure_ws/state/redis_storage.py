@@ -64,6 +64,9 @@ SIGNAL_CHANNEL = "sws:signal"  # [kind, sub, payload] as JSON, to every worker
 # One hash tag for both hashes: the scripts that touch the two stay on one Redis Cluster slot.
 REV_JTI = "sws:{rev}:jti"
 REV_SUB = "sws:{rev}:sub"
+# Their names before Cluster support: still read on one Redis or Sentinel, so nothing revoked before an upgrade is
+# forgotten (what they hold is written back under the names above).
+LEGACY_REV = ("sws:rev:jti", "sws:rev:sub")
 
 _ACQUIRE = """
 local t = redis.call('TIME')
@@ -252,6 +255,27 @@ def _conn_key(sub: str) -> str:
     return f"sws:conn:{{{sub}}}"
 
 
+def _parsed(jtis_raw: dict[bytes, bytes], subs_raw: dict[bytes, bytes]) -> Revocations:
+    """The two revocation hashes as Redis returned them; unreadable entries skipped (and logged)."""
+    jtis: dict[str, float] = {}
+    subs: dict[str, tuple[float, float]] = {}
+    bad = 0
+    for k, v in jtis_raw.items():
+        try:
+            jtis[k.decode()] = float(v)
+        except ValueError:  # UnicodeDecodeError included
+            bad += 1
+    for k, v in subs_raw.items():
+        try:
+            before, _, until = v.decode().partition(":")
+            subs[k.decode()] = (float(before), float(until))
+        except ValueError:
+            bad += 1
+    if bad:
+        log.warning("redis: skipped %d unreadable revocation entries", bad)
+    return Revocations(jtis, subs)
+
+
 def _stronger(known: Revocations, stored: Revocations) -> Revocations:
     """The entries of ``known`` that ``stored`` lacks or holds weaker."""
     subs = {}
@@ -363,28 +387,14 @@ class RedisStorage(Storage):
     def revocations_checked_at(self) -> float:
         return min(super().revocations_checked_at, self._redis_checked_at)
 
-    async def _read(self) -> Revocations:
+    async def _read(self) -> tuple[Revocations, Revocations]:
+        """The revocation hashes, and the legacy ones (empty on Cluster)."""
         async with self.redis.pipeline(transaction=False) as pipe:
-            pipe.hgetall(REV_JTI)
-            pipe.hgetall(REV_SUB)
-            jtis_raw, subs_raw = await metrics.timed("revocations", pipe.execute())
-        jtis: dict[str, float] = {}
-        subs: dict[str, tuple[float, float]] = {}
-        bad = 0
-        for k, v in jtis_raw.items():
-            try:
-                jtis[k.decode()] = float(v)
-            except ValueError:  # UnicodeDecodeError included
-                bad += 1
-        for k, v in subs_raw.items():
-            try:
-                before, _, until = v.decode().partition(":")
-                subs[k.decode()] = (float(before), float(until))
-            except ValueError:
-                bad += 1
-        if bad:
-            log.warning("redis: skipped %d unreadable revocation entries", bad)
-        return Revocations(jtis, subs)
+            for key in (REV_JTI, REV_SUB) if self.cluster else (REV_JTI, REV_SUB, *LEGACY_REV):
+                pipe.hgetall(key)
+            raw = await metrics.timed("revocations", pipe.execute())
+        legacy = _parsed(raw[2], raw[3]) if len(raw) == 4 else Revocations()
+        return _parsed(raw[0], raw[1]), legacy
 
     async def _merge(self, revocations: Revocations) -> None:
         args: list[str | int] = [len(revocations.jtis)]
@@ -397,7 +407,7 @@ class RedisStorage(Storage):
     async def _reload(self) -> None:
         """Read Redis, learn from it, and write back what this worker knows and Redis lacks."""
         read_at = time.time()
-        stored = await self._read()
+        stored, legacy = await self._read()
         live = stored.pruned()
         expired_jtis = stored.jtis.keys() - live.jtis.keys()
         expired_subs = stored.subs.keys() - live.subs.keys()
@@ -407,7 +417,7 @@ class RedisStorage(Storage):
             )
         self._redis_read = True
         self._redis_checked_at = read_at
-        known = self.learn(live)
+        known = self.learn(live.merged(legacy.pruned()) if legacy.jtis or legacy.subs else live)
         lacking = _stronger(known, live)
         if lacking:
             await self._merge(lacking)
