@@ -35,7 +35,7 @@ Measured, for each server:
                 ran), median and max of 100
   handshakes/s  new TLS connection + upgrade (+ welcome frame for secure_ws), 16 in parallel
   idle KiB/conn server RSS growth per idle connection, at 2,000 connections
-  fan-out       1,000 subscribers, a publisher sending a burst of messages: deliveries/s and
+  fan-out       1,000 subscribers (--subscribers), a publisher sending a burst of messages: deliveries/s and
                 p50/p99 publish-to-delivery latency (which includes waiting behind the burst),
                 and the server's CPU time per delivery; for secure_ws also the same burst published
                 through the server API (POST /api/publish on 5 keep-alive connections): its
@@ -47,6 +47,10 @@ Measured, for each server:
                 on (SECURE_WS_HISTORY_SIZE=100) against a second secure_ws with it off, and the
                 server's CPU time (and the wall time, client included) to recover 100 missed
                 messages: a subscribe with ``since`` answered by ``subscribed`` and the 100 replayed
+  peers         (fan-out against other servers: same subscribers, same burst, same TLS certificate) the server's
+                CPU per delivery for a raw picows broadcaster (``scripts/picows_fan.py``: the frame built once and
+                written to each transport; ``pip install picows``) and Socket.IO on Node (``scripts/socketio_fan``:
+                websocket transport, ``npm ci`` there on first use), against secure_ws's
 """
 
 from __future__ import annotations
@@ -58,6 +62,7 @@ import json
 import multiprocessing as mp
 import os
 import resource
+import shutil
 import socket
 import ssl
 import statistics
@@ -152,6 +157,25 @@ def _loadgen(job: dict, out: mp.Queue) -> None:
     out.put(result)
 
 
+SOCKETIO_PATH = "/socket.io/?EIO=4&transport=websocket"
+
+
+async def socketio_join(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+    """Engine.IO's open packet, then a connect to the default namespace and its answer."""
+    await ws_read(reader, writer)  # 0{"sid":…}
+    writer.write(client_frame(b"40"))
+    await ws_read(reader, writer)  # 40{"sid":…}
+
+
+def stamp_of(job: dict, payload: bytes) -> float | None:
+    """The publisher's send time carried by a delivered message; None for what is not one (a Socket.IO ping)."""
+    if job["flavor"] == "socketio":
+        if not payload.startswith(b"42"):
+            return None
+        return float(json.loads(payload[2:])[1])
+    return float(json.loads(payload)["data"]) if job["welcome"] else float(payload)
+
+
 def auth_header(job: dict, i: int) -> str:
     tokens = job.get("tokens")
     return f"Authorization: Bearer {tokens[i % len(tokens)]}\r\n" if tokens else ""
@@ -161,6 +185,9 @@ async def open_all(job: dict, then: bytes | None = None) -> list[tuple]:
     """The job's connections, each past secure_ws's welcome (and the reply to ``then``, if given)."""
     ctx = client_ssl(job["ca"])
     conns = [await ws_open(job["port"], ctx, job["path"], auth_header(job, i)) for i in range(job["conns"])]
+    if job["flavor"] == "socketio":
+        for r, w in conns:
+            await socketio_join(r, w)
     if job["welcome"]:
         for r, w in conns:
             await ws_read(r, w)
@@ -320,10 +347,14 @@ async def job_subscribers(job: dict) -> dict:
     expected = job["messages"]
 
     async def one(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
-        for _ in range(expected):
-            payload = await asyncio.wait_for(ws_read(reader, writer), 60)
-            sent = float(json.loads(payload)["data"]) if job["welcome"] else float(payload)
+        got = 0
+        while got < expected:
+            sent = stamp_of(job, await asyncio.wait_for(ws_read(reader, writer), 60))
+            if sent is None:
+                writer.write(client_frame(b"3"))  # Socket.IO's pong
+                continue
             latencies.append(time.monotonic() - sent)
+            got += 1
 
     await asyncio.gather(*(one(r, w) for r, w in conns))
     done = time.monotonic()
@@ -361,6 +392,7 @@ class Target:
     def __init__(self, name: str, argv: list[str], env: dict[str, str], path: str, fan_path: str, tokens: list[str] | None, secure: bool):
         self.name, self.argv, self.env, self.path, self.fan_path = name, argv, env, path, fan_path
         self.tokens, self.secure = tokens, secure
+        self.flavor = "secure" if secure else "raw"  # or "socketio": Socket.IO's framing on top
         self.api_key: str | None = None
         self.port = 0
         self.proc: subprocess.Popen | None = None
@@ -404,7 +436,7 @@ def split(n: int, parts: int) -> list[int]:
 
 
 def base_job(t: Target, ca: str, **extra: object) -> dict:
-    return {"port": t.port, "ca": ca, "path": t.path, "welcome": t.secure, "tokens": t.tokens, **extra}
+    return {"port": t.port, "ca": ca, "path": t.path, "welcome": t.secure, "tokens": t.tokens, "flavor": t.flavor, **extra}
 
 
 def measure_throughput(t: Target, ca: str, seconds: float, conns: int = 50, payload: bytes = PAYLOAD) -> dict:
@@ -511,12 +543,19 @@ def measure_fanout(t: Target, ca: str, subscribers: int = 1000, messages: int = 
         reader, writer = await ws_open(t.port, ctx, t.fan_path, header)
         if t.secure:
             await ws_read(reader, writer)
+        elif t.flavor == "socketio":
+            await socketio_join(reader, writer)
         # A burst, as fast as the publisher can write: deliveries/s is then what the server can fan out,
         # not the publisher's pace (a paced publisher hides the capacity of whichever server keeps up).
         started = time.monotonic()
         for _ in range(messages):
             stamp = repr(time.monotonic())
-            text = json.dumps({"type": "publish", "channel": "bench", "data": stamp}) if t.secure else stamp
+            if t.secure:
+                text = json.dumps({"type": "publish", "channel": "bench", "data": stamp})
+            elif t.flavor == "socketio":
+                text = "42" + json.dumps(["pub", stamp])
+            else:
+                text = stamp
             writer.write(client_frame(text.encode()))
         await writer.drain()
         if t.secure:
@@ -672,6 +711,30 @@ def make_targets(folder: Path, mode: str, storage: str = "memory://", workers: i
     return bare, secure
 
 
+def make_peers(folder: Path) -> tuple[list[Target], list[str]]:
+    """The other servers of the fan-out comparison that can run here, and a note for each that cannot."""
+    peers, notes = [], []
+    cert, key = str(folder / "server.crt"), str(folder / "server.key")
+    try:
+        import picows  # noqa: F401
+
+        picows_argv = [sys.executable, str(ROOT / "scripts" / "picows_fan.py"), "{port}", cert, key]
+        peers.append(Target("picows", picows_argv, dict(os.environ), "/", "/", None, False))
+    except ImportError:
+        notes.append("picows: not installed (pip install picows)")
+    node_dir = ROOT / "scripts" / "socketio_fan"
+    if shutil.which("node") is None or shutil.which("npm") is None:
+        notes.append("Socket.IO: node and npm are not installed")
+    else:
+        if not (node_dir / "node_modules" / "socket.io").exists():
+            subprocess.run(["npm", "ci", "--silent", "--no-audit", "--no-fund"], cwd=node_dir, check=True)
+        io = Target("socket.io", ["node", str(node_dir / "server.js"), "{port}", cert, key], dict(os.environ),
+                    SOCKETIO_PATH, SOCKETIO_PATH, None, False)
+        io.flavor = "socketio"
+        peers.append(io)
+    return peers, notes
+
+
 def ratio_line(name: str, a: list[float], b: list[float], unit: str, higher_is_better: bool = True) -> str:
     ma, mb = statistics.median(a), statistics.median(b)
     return f"{name:<28} {mb:>12.1f} {ma:>12.1f} {unit:<8} {ma / mb:>7.2f}×"
@@ -683,13 +746,16 @@ def main() -> None:
     parser.add_argument("--mode", choices=("uvicorn", "serve"), default="uvicorn")
     parser.add_argument("--rounds", type=int, default=None)
     parser.add_argument("--seconds", type=float, default=None)
-    parser.add_argument("--skip", default="", help="comma list of phases to skip: throughput,handshakes,idle,fanout,history,streams,testserver")
+    parser.add_argument("--skip", default="", help="comma list of phases to skip: throughput,handshakes,idle,fanout,history,streams,testserver,peers")
     parser.add_argument("--storage", default="memory://", help="secure_ws's SECURE_WS_STORAGE_URL (e.g. redis://127.0.0.1:6379/0)")
     parser.add_argument("--workers", type=int, default=1, help="secure_ws worker processes (use with --storage redis://…)")
+    parser.add_argument("--subscribers", type=int, default=1000, help="subscribers in the fan-out phases")
     args = parser.parse_args()
     rounds = args.rounds or (1 if args.quick else 3)
     seconds = args.seconds or (3.0 if args.quick else 8.0)
     skip = set(filter(None, args.skip.split(",")))
+    peer_rows: list[tuple[str, float]] = []
+    peer_notes: list[str] = []
     soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
     resource.setrlimit(resource.RLIMIT_NOFILE, (min(hard, 10000), hard))
 
@@ -741,16 +807,25 @@ def main() -> None:
             if "idle" not in skip:
                 results[t.name]["kib"] = [measure_idle(t, ca)["kib_per_conn"]]
             if "fanout" not in skip:
-                m = measure_fanout(t, ca, messages=20 if args.quick else 50)
+                m = measure_fanout(t, ca, args.subscribers, messages=20 if args.quick else 50)
                 for k, v in (("dps", m["dps"]), ("fp50", m["p50"]), ("fp99", m["p99"]), ("fcpu_us", m["cpu_us"])):
                     results[t.name][k] = [v]
                 if t is secure:  # the same burst through POST /api/publish
-                    m = measure_fanout(t, ca, messages=20 if args.quick else 50, api_key=secure.api_key)
+                    m = measure_fanout(t, ca, args.subscribers, messages=20 if args.quick else 50, api_key=secure.api_key)
                     results[t.name]["api_dps"] = [m["dps"]]
         if "history" not in skip:
             history = measure_history(folder, ca, secure, seconds, rounds)
         if "streams" not in skip:
             cancels = measure_cancels(secure, ca)
+        if "peers" not in skip and "fanout" not in skip:
+            peers, peer_notes = make_peers(folder)
+            for peer in peers:
+                try:
+                    peer.start(folder)
+                    fanned = measure_fanout(peer, ca, args.subscribers, messages=20 if args.quick else 50)
+                    peer_rows.append((peer.name, fanned["cpu_us"]))
+                finally:
+                    peer.stop()
     finally:
         bare.stop()
         secure.stop()
@@ -796,6 +871,14 @@ def main() -> None:
         print(f"{'CPU per publish, history':<28} {off:>12.1f} {on:>12.1f} {'µs':<8} {on / off:>7.2f}× history off (off | on)")
         print(f"{'recover 100 missed messages':<28} {'':>12} {history['cpu_ms']:>12.2f} {'ms CPU':<8} "
               f"(wall {history['wall_ms']:.2f} ms, client included)")
+    if peer_rows:
+        ours = statistics.median(s["fcpu_us"])
+        print(f"\nfan-out, server CPU per delivery ({args.subscribers} subscribers, one process each, TLS):")
+        print(f"  {'secure_ws':<12} {ours:>8.1f} µs")
+        for name, cpu_us in peer_rows:
+            print(f"  {name:<12} {cpu_us:>8.1f} µs    secure_ws / {name} = {ours / cpu_us:.2f}×")
+    for note in peer_notes:
+        print(f"  (not measured: {note})")
     print("\nratio = secure_ws / bare (higher is better for rates, lower for latency, memory and CPU)")
     for note in cpu_notes:
         print("  " + note)

@@ -178,6 +178,11 @@ STORAGE_UP = Gauge(
     "secure_ws_storage_up", "1 if shared storage answered the last ping (every 5 s), else 0; the lowest of all workers",
     registry=REGISTRY, multiprocess_mode="livemin",
 )
+PUBSUB_UP = Gauge(
+    "secure_ws_storage_pubsub_up",
+    "1 if this worker's Redis pub/sub connection answered its last ping (a silent one is re-established within "
+    "seconds), else 0; the lowest of all workers", registry=REGISTRY, multiprocess_mode="livemin",
+)
 KEYRING_RELOADS = Counter(
     "secure_ws_keyring_reloads_total", "Verification-key reloads by source (file, url) and result (ok, error)",
     ["source", "result"], registry=REGISTRY,

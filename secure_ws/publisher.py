@@ -15,7 +15,6 @@ would publish. It starts none of the storage's watchers: it only writes.
 from __future__ import annotations
 
 import os
-import re
 from pathlib import Path
 from types import TracebackType
 from typing import Any
@@ -35,13 +34,13 @@ class Publisher:
 
     @classmethod
     def from_url(cls, url: str, settings: Settings | None = None) -> Publisher:
-        """For the server's ``SECURE_WS_STORAGE_URL``, which must be ``redis://`` or ``rediss://``: with
+        """For the server's ``SECURE_WS_STORAGE_URL``, which must name Redis (one, Sentinel or Cluster): with
         ``memory://`` the server's state lives inside its own process, out of any other process's reach.
 
         Publications go into the channels' history with the server's limits: ``SECURE_WS_HISTORY_SIZE`` and
         ``SECURE_WS_HISTORY_TTL`` are read from ``settings`` (by default from the environment and ``.env``, as
         the server reads them), so give this process the server's values."""
-        if not re.match(r"^rediss?://", url):
+        if url == "memory://":
             raise ValueError(
                 "a Publisher needs the server's redis:// storage URL; with memory:// the server's state lives "
                 "inside its process (use the server API, POST /api/publish, instead)"

@@ -28,6 +28,7 @@ from dotenv.parser import parse_stream
 from limits import RateLimitItem, parse_many
 
 from .files import UntrustedFile, read_trusted, shown
+from .state.redis_url import parse_redis_url  # pure parsing, no import of redis or of the rest of state
 
 ASYMMETRIC_ALGORITHMS = frozenset(
     {"EdDSA", "ES256", "ES384", "ES512", "RS256", "RS384", "RS512", "PS256", "PS384", "PS512"}
@@ -288,8 +289,11 @@ def load_settings(
                 ) from None
 
     storage_url = get("STORAGE_URL", "memory://")
-    if not (storage_url == "memory://" or re.match(r"^rediss?://", storage_url)):
-        raise ConfigError("SECURE_WS_STORAGE_URL", f"use memory:// or redis://host:port/db, got {storage_url!r}")
+    if storage_url != "memory://":
+        try:
+            parse_redis_url(storage_url)
+        except ValueError as exc:
+            raise ConfigError("SECURE_WS_STORAGE_URL", f"{exc} (or memory://)") from None
 
     try:
         handler_timeout = parse_timeout(get("HANDLER_TIMEOUT", "10s"))

@@ -103,7 +103,7 @@ def test_revocations_survive_redis_losing_them(keydir, tmp_path, own_redis, serv
                 for token in (leaked, lost):
                     outcome = await handshake_outcome(srv, token)
                     assert outcome in (REVOKED, UNAVAILABLE), f"revoked token after Redis {loss}: {outcome}"
-                back = client.hexists("sws:rev:jti", jti_of(leaked)) and client.hexists("sws:rev:sub", lost_sub)
+                back = client.hexists("sws:{rev}:jti", jti_of(leaked)) and client.hexists("sws:{rev}:sub", lost_sub)
                 if back and time.monotonic() - started > RESYNC_WINDOW:
                     break
                 assert time.monotonic() - started < RESYNC_WINDOW + RECOVERY_DEADLINE, "never written back to Redis"
@@ -141,7 +141,7 @@ def test_a_worker_started_on_an_empty_redis_loads_the_file(keydir, tmp_path, own
     run(go())
     client = redis.Redis(host="127.0.0.1", port=fresh.port)
     try:
-        wait_for(lambda: client.hexists("sws:rev:jti", jti_of(leaked)), RECOVERY_DEADLINE, "file written back to Redis")
+        wait_for(lambda: client.hexists("sws:{rev}:jti", jti_of(leaked)), RECOVERY_DEADLINE, "file written back to Redis")
     finally:
         client.close()
 
@@ -331,3 +331,25 @@ def test_replacing_a_keys_material_under_its_kid_closes_its_connections(tmp_path
         run(go())
     finally:
         srv.stop()
+
+
+def test_revocations_under_the_names_before_cluster_support_are_still_enforced(keydir, own_redis, issue):
+    """An upgrade from a release that kept revocations in ``sws:rev:jti``/``sws:rev:sub``: still enforced, and
+    written back under the hash-tagged names."""
+    redis_server = own_redis()
+    token = issue(scope="subscribe:*")
+    sub_token = issue(unique_sub("legacy"), scope="subscribe:*")
+    client = redis_server.client()
+    try:
+        client.hset("sws:rev:jti", jti_of(token), repr(time.time() + 3600))
+        client.hset("sws:rev:sub", jwt.decode(sub_token, options={"verify_signature": False})["sub"],
+                    f"{time.time() + 1!r}:{time.time() + 3600!r}")
+        srv = Server(keydir, base_env(keydir, SECURE_WS_STORAGE_URL=redis_server.url)).start()
+        try:
+            for revoked in (token, sub_token):
+                assert run(handshake_outcome(srv, revoked)) == ("closed", 1008, "token revoked")
+            wait_for(lambda: client.hexists("sws:{rev}:jti", jti_of(token)), 10, "written back under the new name")
+        finally:
+            srv.stop()
+    finally:
+        client.close()

@@ -91,7 +91,7 @@ def conn_key(sub: str) -> str:
 
 
 def numsub(rdb: redis.Redis, channel: str) -> int:
-    return dict(rdb.pubsub_numsub(f"sws:ch:{channel}")).get(f"sws:ch:{channel}".encode(), 0)
+    return dict(rdb.pubsub_numsub(f"sws:ch:{{{channel}}}")).get(f"sws:ch:{{{channel}}}".encode(), 0)
 
 
 async def settle(read: Callable[[], Any], expected: Any, timeout: float = 3.0, stable: float = 0.3) -> Any:

@@ -94,6 +94,8 @@ BAD_VALUES = [
     ("max-conn-abc", "SECURE_WS_MAX_CONNECTIONS_PER_CLIENT", {"SECURE_WS_MAX_CONNECTIONS_PER_CLIENT": "ten"}),
     ("leeway-abc", "SECURE_WS_JWT_LEEWAY_SECONDS", {"SECURE_WS_JWT_LEEWAY_SECONDS": "soon"}),
     ("storage-ftp", "SECURE_WS_STORAGE_URL", {"SECURE_WS_STORAGE_URL": "ftp://x"}),
+    ("storage-sentinel-no-service", "SECURE_WS_STORAGE_URL", {"SECURE_WS_STORAGE_URL": "redis+sentinel://:pw@h1:26379,h2:26379"}),
+    ("storage-cluster-db", "SECURE_WS_STORAGE_URL", {"SECURE_WS_STORAGE_URL": "redis+cluster://h1:7000,h2:7001/3"}),
     ("log-xml", "SECURE_WS_LOG_FORMAT", {"SECURE_WS_LOG_FORMAT": "xml"}),
     ("origin-with-path", "SECURE_WS_ALLOWED_ORIGINS", {"SECURE_WS_ALLOWED_ORIGINS": "https://app.example.com/path"}),
     ("origin-with-path-in-list", "SECURE_WS_ALLOWED_ORIGINS",
@@ -123,7 +125,7 @@ def test_bad_value_stops_uvicorn_with_one_line(keydir, tmp_path, variable, extra
     assert_one_clear_line(code, output, variable, context_lines=variable == "SECURE_WS_JWKS_FILE")
 
 
-SERVE_CASES = ["rate-banana", "alg-none", "hs-secret-short", "jwks-missing", "storage-ftp", "tls-min-1.1"]
+SERVE_CASES = ["rate-banana", "alg-none", "hs-secret-short", "jwks-missing", "storage-ftp", "storage-sentinel-no-service", "tls-min-1.1"]
 
 
 @pytest.mark.parametrize(
@@ -319,7 +321,11 @@ def test_allowed_origins_accepted(value, expected):
     assert load_settings(environ={"SECURE_WS_ALLOWED_ORIGINS": value}, env_file=None).allowed_origins == expected
 
 
-@pytest.mark.parametrize("url", ["memory://", "redis://localhost:6379/0", "rediss://cache.example.com:6380/2"])
+@pytest.mark.parametrize("url", [
+    "memory://", "redis://localhost:6379/0", "rediss://cache.example.com:6380/2",
+    "redis+sentinel://:pw@s1:26379,s2:26379,s3:26379/mymaster/1", "redis+cluster://c1:7000,c2:7001",
+    "rediss+sentinel://s1:26379/mymaster?ssl_ca_certs=/etc/ca.pem", "rediss+cluster://c1:7000?ssl_ca_certs=/etc/ca.pem",
+])
 def test_storage_urls_accepted(url):
     assert load_settings(environ={"SECURE_WS_STORAGE_URL": url}, env_file=None).storage_url == url
 

@@ -7,7 +7,7 @@ Keys (all under ``sws:``):
 * ``sws:conn:{sub}`` — a sorted set of connection leases scored by expiry (Redis
   ``TIME``); each process renews its leases every 10 s, so a worker that dies
   frees its subs within ``LEASE_SECONDS`` instead of locking them out forever;
-* ``sws:rev:jti`` / ``sws:rev:sub`` — the revocation hashes, with a
+* ``sws:{rev}:jti`` / ``sws:{rev}:sub`` — the revocation hashes (one hash tag: one Cluster slot for both), with a
   ``PUBLISH sws:revocations`` nudge so every worker re-reads them at once
   (plus a periodic re-read, so a nudge lost during a reconnect is not lost).
   They are a fast copy, not the truth: the revocation file is written first,
@@ -15,7 +15,8 @@ Keys (all under ``sws:``):
   Redis lacks (Redis restarted empty, flushed, a failover to a replica behind)
   it writes back. Writes only ever strengthen an entry (``_MERGE``), so a worker
   writing back an older entry cannot weaken a newer one;
-* ``sws:ch:<channel>`` — pub/sub channels, subscribed once per process; each publication travels as
+* ``sws:ch:{<channel>}`` — pub/sub channels (sharded pub/sub on Redis Cluster, in the slot of the channel's
+  history keys, so the script that appends also publishes), subscribed once per process; each publication travels as
   ``<offset> <epoch> <message>`` (``0`` and an empty epoch without history), so no worker parses JSON to
   learn where it is; a channel's subscription is confirmed by Redis before a subscriber reads its history;
 * ``sws:hm:{<channel>}`` — a channel's history record, a hash of its epoch ``e`` and last offset ``o``, kept
@@ -53,14 +54,14 @@ from collections.abc import Callable, Coroutine
 from pathlib import Path
 from typing import Any, ParamSpec, TypeVar
 
-import redis.asyncio as aioredis
 from limits.aio.storage import RedisStorage as LimitsRedisStorage
-from redis.asyncio.client import PubSub
 from redis.exceptions import RedisError
 
 from .. import metrics
 from ..auth.revocation import Revocations
 from .memory_history import new_epoch
+from .redis_pubsub import REDIS_ERRORS, RETRY_MAX, Subscriber, reconcile, unsubscribe_soon
+from .redis_url import CLUSTER, connect, parse_redis_url
 from .storage import History, HistoryLimits, Position, Storage, StorageUnavailable, redacted_url
 
 log = logging.getLogger("secure_ws.storage")
@@ -68,11 +69,15 @@ log = logging.getLogger("secure_ws.storage")
 LEASE_SECONDS = 30
 RENEW_INTERVAL = 10.0
 REVOCATION_RESYNC_INTERVAL = 5.0
-CHANNEL_PREFIX = "sws:ch:"
+CHANNEL_PREFIX = "sws:ch:{"  # + channel + "}": in the hash slot of the channel's history keys
 REVOCATION_CHANNEL = "sws:revocations"
 SIGNAL_CHANNEL = "sws:signal"  # [kind, sub, payload] as JSON, to every worker
-REV_JTI = "sws:rev:jti"
-REV_SUB = "sws:rev:sub"
+# One hash tag for both hashes: the scripts that touch the two stay on one Redis Cluster slot.
+REV_JTI = "sws:{rev}:jti"
+REV_SUB = "sws:{rev}:sub"
+# Their names before Cluster support: still read on one Redis or Sentinel, so nothing revoked before an upgrade is
+# forgotten (what they hold is written back under the names above).
+LEGACY_REV = ("sws:rev:jti", "sws:rev:sub")
 
 _ACQUIRE = """
 local t = redis.call('TIME')
@@ -137,34 +142,9 @@ return 1
 """
 
 
-async def unsubscribe_soon(pubsub: PubSub, prefix: str, wanted: set[str], channel: str) -> None:
-    """No longer want ``channel``; never raises: if Redis does not answer, :func:`reconcile_subscriptions`
-    drops it once Redis answers again."""
-    wanted.discard(channel)
-    try:
-        await pubsub.unsubscribe(prefix + channel)
-    except REDIS_ERRORS as exc:
-        log.warning("redis: unsubscribe from %r deferred until Redis answers: %s", prefix + channel, exc)
-
-
-async def reconcile_subscriptions(pubsub: PubSub, prefix: str, wanted: set[str]) -> None:
-    """Make Redis's subscriptions under ``prefix`` match ``wanted`` (redis-py resubscribes its own list on
-    reconnect, but an unsubscribe that failed while Redis was away is only in ``wanted``)."""
-    names = (c.decode() if isinstance(c, bytes) else c for c in pubsub.channels)
-    held = {name[len(prefix):] for name in names if name.startswith(prefix)}
-    stale = [prefix + c for c in held - wanted]
-    missing = [prefix + c for c in wanted - held]
-    if stale:
-        await pubsub.unsubscribe(*stale)
-    if missing:
-        await pubsub.subscribe(*missing)
-
-
-# What redis-py raises when Redis cannot be reached or answer in time; never seen above this module.
-REDIS_ERRORS = (RedisError, OSError, asyncio.TimeoutError)
-
 P = ParamSpec("P")
 R = TypeVar("R")
+T = TypeVar("T")
 
 
 def raises_unavailable(call: Callable[P, Coroutine[Any, Any, R]]) -> Callable[P, Coroutine[Any, Any, R]]:
@@ -181,8 +161,18 @@ def raises_unavailable(call: Callable[P, Coroutine[Any, Any, R]]) -> Callable[P,
 
 
 class _LimitsRedisStorage(LimitsRedisStorage):
-    """``limits``' Redis storage raising only ``limits.errors.StorageError`` (``wrap_exceptions=True``), for all
-    of what redis-py may raise, not just ``RedisError``."""
+    """``limits``' Redis storage on our own client (one Redis, Sentinel's master or the Cluster: the rate limiter
+    follows the same failovers), raising only ``limits.errors.StorageError`` (``wrap_exceptions=True``) for all of
+    what redis-py may raise, not just ``RedisError``. Its sliding-window keys carry a hash tag of their own, so
+    each hit stays one script on one Cluster slot."""
+
+    def __init__(self, client: Any) -> None:
+        self._client = client
+        super().__init__("async+redis://", implementation="redispy", wrap_exceptions=True)
+
+    def configure_bridge(self) -> None:
+        self.bridge.storage = self._client  # type: ignore[attr-defined]
+        self.bridge.connection_getter = lambda readonly: self._client  # type: ignore[attr-defined]
 
     @property
     def base_exceptions(self) -> type[Exception] | tuple[type[Exception], ...]:
@@ -249,6 +239,30 @@ return {top, epoch, 1, redis.call('LRANGE', KEYS[2], start, start + limit - 1)}
 SUBSCRIBE_TIMEOUT = 2.0  # for Redis to confirm a channel subscription
 
 
+def _pubsub_name(channel: str) -> str:
+    return CHANNEL_PREFIX + channel + "}"
+
+
+def sharded(script: str, cluster: bool) -> str:
+    """``script`` with its PUBLISH calls made SPUBLISH on Redis Cluster: a sharded publication stays within the
+    shard of the channel's slot, which a script may publish to only when its keys are in the same slot."""
+    return script.replace("redis.call('PUBLISH'", "redis.call('SPUBLISH'") if cluster else script
+
+
+def slot_batches(items: list[T], key: Callable[[T], str], size: int, cluster: bool) -> list[list[T]]:
+    """``items`` in batches of at most ``size`` for one multi-key script each; on Redis Cluster, batches of one
+    hash slot each, so no script is given keys of two slots."""
+    groups = [items]
+    if cluster:
+        from redis.crc import key_slot
+
+        by_slot: dict[int, list[T]] = {}  # bound: one entry per item
+        for item in items:
+            by_slot.setdefault(key_slot(key(item).encode("utf-8", "surrogatepass")), []).append(item)
+        groups = list(by_slot.values())
+    return [group[start : start + size] for group in groups for start in range(0, len(group), size)]
+
+
 def _record_key(channel: str) -> str:
     return f"sws:hm:{{{channel}}}"
 
@@ -275,6 +289,27 @@ def _conn_key(sub: str) -> str:
     return f"sws:conn:{{{sub}}}"
 
 
+def _parsed(jtis_raw: dict[bytes, bytes], subs_raw: dict[bytes, bytes]) -> Revocations:
+    """The two revocation hashes as Redis returned them; unreadable entries skipped (and logged)."""
+    jtis: dict[str, float] = {}
+    subs: dict[str, tuple[float, float]] = {}
+    bad = 0
+    for k, v in jtis_raw.items():
+        try:
+            jtis[k.decode()] = float(v)
+        except ValueError:  # UnicodeDecodeError included
+            bad += 1
+    for k, v in subs_raw.items():
+        try:
+            before, _, until = v.decode().partition(":")
+            subs[k.decode()] = (float(before), float(until))
+        except ValueError:
+            bad += 1
+    if bad:
+        log.warning("redis: skipped %d unreadable revocation entries", bad)
+    return Revocations(jtis, subs)
+
+
 def _stronger(known: Revocations, stored: Revocations) -> Revocations:
     """The entries of ``known`` that ``stored`` lacks or holds weaker."""
     subs = {}
@@ -289,23 +324,27 @@ class RedisStorage(Storage):
     def __init__(self, url: str, revocation_file: Path, history: HistoryLimits | None = None) -> None:
         super().__init__(revocation_file, history)
         self.url = url
-        self.redis = aioredis.Redis.from_url(
-            url, socket_connect_timeout=2, socket_timeout=2, health_check_interval=10, retry_on_timeout=False
-        )
-        self.limiter_storage = _LimitsRedisStorage(
-            "async+" + url, implementation="redispy", connection_pool=self.redis.connection_pool,  # type: ignore[arg-type]
-            wrap_exceptions=True,
-        )
+        target = parse_redis_url(url)
+        # Redis Cluster: sharded pub/sub (SPUBLISH/SSUBSCRIBE), and scripts given only keys of one hash slot.
+        self.cluster = target.kind == CLUSTER
+        self.redis: Any = connect(target)
+        self.limiter_storage = _LimitsRedisStorage(self.redis)
         self._acquire = self.redis.register_script(_ACQUIRE)
         self._renew = self.redis.register_script(_RENEW)
         self._merge_script = self.redis.register_script(_MERGE)
         self._prune_script = self.redis.register_script(_PRUNE)
-        self._append = self.redis.register_script(_APPEND)
+        self._append = self.redis.register_script(sharded(_APPEND, self.cluster))
         self._read_history = self.redis.register_script(_READ)
-        self._confirming: dict[str, asyncio.Future[None]] = {}  # channel → Redis's confirmation, one per channel
+        self._confirming: dict[str, asyncio.Future[None]] = {}  # pub/sub name → Redis's confirmation, one per channel
         self._leases: dict[str, str] = {}  # slot → sub, for renewal
-        self._wanted: set[str] = set()  # channels this process has local subscribers for
-        self._pubsub = self.redis.pubsub()  # subscribe confirmations are read too: see subscribe()
+        self._wanted: set[str] = set()  # pub/sub names of the channels this process has local subscribers for
+        # Channel → the latest position this process knows it passed on (from a publication, or a read once
+        # subscribed): a later publication past the next offset, or a re-subscription after a reconnect, is filled
+        # from history first. Channel → the last position such a fill passed on: a publication arriving at or
+        # before it is a duplicate. Bound: one entry each per wanted channel.
+        self._last: dict[str, Position] = {}
+        self._filled: dict[str, Position] = {}
+        self._subscriber = Subscriber(self.redis, self.cluster)  # subscribe confirmations are read too: see subscribe()
         self._tasks: list[asyncio.Task[None]] = []
         self._redis_read = False  # until then, revocations only Redis holds (none in the file) are unknown
         self._redis_checked_at = 0.0
@@ -313,7 +352,7 @@ class RedisStorage(Storage):
     async def start(self) -> None:
         await super().start()
         try:
-            await self._pubsub.subscribe(REVOCATION_CHANNEL, SIGNAL_CHANNEL)
+            await self._subscriber.subscribe(REVOCATION_CHANNEL, SIGNAL_CHANNEL)
             await self._reload()
         except REDIS_ERRORS as exc:
             log.error(
@@ -331,15 +370,19 @@ class RedisStorage(Storage):
         for task in self._tasks:
             task.cancel()
         with contextlib.suppress(Exception):
-            await self._pubsub.aclose()
+            await self._subscriber.aclose()
         with contextlib.suppress(Exception):
             await self.redis.aclose()
 
     async def ping(self) -> bool:
+        """Redis answers, and so does this process's pub/sub connection (a deaf process is not ready)."""
         try:
-            return bool(await metrics.timed("ping", asyncio.wait_for(self.redis.ping(), 2)))
+            return bool(await metrics.timed("ping", asyncio.wait_for(self.redis.ping(), 2))) and self._subscriber.alive
         except REDIS_ERRORS:
             return False
+
+    async def _publish(self, name: str, data: str | bytes) -> None:
+        await (self.redis.spublish(name, data) if self.cluster else self.redis.publish(name, data))
 
     # -- connection leases ---------------------------------------------------------
 
@@ -359,8 +402,7 @@ class RedisStorage(Storage):
         while True:
             await asyncio.sleep(RENEW_INTERVAL)
             leases = list(self._leases.items())
-            for start in range(0, len(leases), 500):
-                batch = leases[start : start + 500]
+            for batch in slot_batches(leases, lambda lease: _conn_key(lease[1]), 500, self.cluster):
                 try:
                     await self._renew(
                         keys=[_conn_key(sub) for _, sub in batch], args=[LEASE_SECONDS, *(slot for slot, _ in batch)]
@@ -379,28 +421,14 @@ class RedisStorage(Storage):
     def revocations_checked_at(self) -> float:
         return min(super().revocations_checked_at, self._redis_checked_at)
 
-    async def _read(self) -> Revocations:
+    async def _read(self) -> tuple[Revocations, Revocations]:
+        """The revocation hashes, and the legacy ones (empty on Cluster)."""
         async with self.redis.pipeline(transaction=False) as pipe:
-            pipe.hgetall(REV_JTI)
-            pipe.hgetall(REV_SUB)
-            jtis_raw, subs_raw = await metrics.timed("revocations", pipe.execute())
-        jtis: dict[str, float] = {}
-        subs: dict[str, tuple[float, float]] = {}
-        bad = 0
-        for k, v in jtis_raw.items():
-            try:
-                jtis[k.decode()] = float(v)
-            except ValueError:  # UnicodeDecodeError included
-                bad += 1
-        for k, v in subs_raw.items():
-            try:
-                before, _, until = v.decode().partition(":")
-                subs[k.decode()] = (float(before), float(until))
-            except ValueError:
-                bad += 1
-        if bad:
-            log.warning("redis: skipped %d unreadable revocation entries", bad)
-        return Revocations(jtis, subs)
+            for key in (REV_JTI, REV_SUB) if self.cluster else (REV_JTI, REV_SUB, *LEGACY_REV):
+                pipe.hgetall(key)
+            raw = await metrics.timed("revocations", pipe.execute())
+        legacy = _parsed(raw[2], raw[3]) if len(raw) == 4 else Revocations()
+        return _parsed(raw[0], raw[1]), legacy
 
     async def _merge(self, revocations: Revocations) -> None:
         args: list[str | int] = [len(revocations.jtis)]
@@ -413,7 +441,7 @@ class RedisStorage(Storage):
     async def _reload(self) -> None:
         """Read Redis, learn from it, and write back what this worker knows and Redis lacks."""
         read_at = time.time()
-        stored = await self._read()
+        stored, legacy = await self._read()
         live = stored.pruned()
         expired_jtis = stored.jtis.keys() - live.jtis.keys()
         expired_subs = stored.subs.keys() - live.subs.keys()
@@ -423,11 +451,11 @@ class RedisStorage(Storage):
             )
         self._redis_read = True
         self._redis_checked_at = read_at
-        known = self.learn(live)
+        known = self.learn(live.merged(legacy.pruned()) if legacy.jtis or legacy.subs else live)
         lacking = _stronger(known, live)
         if lacking:
             await self._merge(lacking)
-            await self.redis.publish(REVOCATION_CHANNEL, b"changed")
+            await self._publish(REVOCATION_CHANNEL, b"changed")
             log.warning(
                 "revocations: Redis lacked %d that this worker knows (restarted empty, flushed or failed over?); "
                 "wrote them back", len(lacking.jtis) + len(lacking.subs),
@@ -437,7 +465,7 @@ class RedisStorage(Storage):
         durable = await asyncio.to_thread(self.revocation_file.update, change)  # first: Redis may lose it
         try:
             await self._merge(change(Revocations()))  # only this change: concurrent ops commands are not overwritten
-            await self.redis.publish(REVOCATION_CHANNEL, b"changed")
+            await self._publish(REVOCATION_CHANNEL, b"changed")
         except REDIS_ERRORS as exc:
             raise StorageUnavailable(
                 f"recorded in {self.revocation_file.path}, but SECURE_WS_STORAGE_URL {redacted_url(self.url)} does not "
@@ -467,36 +495,41 @@ class RedisStorage(Storage):
         """Returns once Redis confirmed the subscription: from then on every publication reaches this process, so
         a history read made afterwards leaves no gap before the live ones."""
         # Wanted from now on, so that a reconcile in between never unsubscribes it before the confirmation comes.
-        self._wanted.add(channel)
-        waiter = self._confirming.get(channel)
+        name = _pubsub_name(channel)
+        self._wanted.add(name)
+        waiter = self._confirming.get(name)
         try:
             if waiter is None:
-                waiter = self._confirming[channel] = asyncio.get_running_loop().create_future()
-                await metrics.timed("subscribe", self._pubsub.subscribe(CHANNEL_PREFIX + channel))
+                waiter = self._confirming[name] = asyncio.get_running_loop().create_future()
+                await metrics.timed("subscribe", self._subscriber.subscribe(name))
             await asyncio.wait_for(asyncio.shield(waiter), SUBSCRIBE_TIMEOUT)
         except BaseException as exc:
-            if self._confirming.get(channel) is waiter:
-                del self._confirming[channel]
-            self._wanted.discard(channel)  # only called for a channel without local subscribers: none is lost
+            if self._confirming.get(name) is waiter:
+                del self._confirming[name]
+            self._wanted.discard(name)  # only called for a channel without local subscribers: none is lost
             if isinstance(exc, TimeoutError):
                 raise StorageUnavailable(f"redis: subscription to {channel!r} not confirmed within {SUBSCRIBE_TIMEOUT:g}s") from None
             raise
 
     async def unsubscribe(self, channel: str) -> None:
-        await unsubscribe_soon(self._pubsub, CHANNEL_PREFIX, self._wanted, channel)
+        name = _pubsub_name(channel)
+        self._wanted.discard(name)
+        self._last.pop(channel, None)
+        self._filled.pop(channel, None)
+        await unsubscribe_soon(self._subscriber, name)
 
     async def _reconcile(self) -> None:
-        await reconcile_subscriptions(self._pubsub, CHANNEL_PREFIX, self._wanted)
+        await reconcile(self._subscriber, CHANNEL_PREFIX, self._wanted)
 
     @raises_unavailable
     async def publish(self, channel: str, head: str) -> Position | None:
         limits = self.history_limits
         if limits is None:
-            await metrics.timed("publish", self.redis.publish(CHANNEL_PREFIX + channel, "0  " + head + "}"))
+            await metrics.timed("publish", self._publish(_pubsub_name(channel), "0  " + head + "}"))
             return None
         keys = [_record_key(channel), _list_key(channel), _next_epoch_key(channel)]
         args: list[str | int] = [head, limits.size, limits.ttl * 1000, limits.meta_ttl * 1000, new_epoch(),
-                                 CHANNEL_PREFIX + channel, NEXT_EPOCH_TTL * 1000, ""]
+                                 _pubsub_name(channel), NEXT_EPOCH_TTL * 1000, ""]
         answer = await metrics.timed("publish", self._append(keys=keys, args=args))
         if answer[0] == -1:  # the channel's first record in a day (or since Redis lost its data): its seeded epoch
             args[-1] = seeded_epoch(await self._seed(), channel, time.time())
@@ -527,11 +560,71 @@ class RedisStorage(Storage):
             args[0] = seeded_epoch(await self._seed(), channel, time.time())
             answer = await self._read_history(keys=keys, args=args)
         offset, epoch, recovered, texts = answer
-        return History(int(offset), epoch.decode(), [text.decode() for text in texts], bool(recovered))
+        found = History(int(offset), epoch.decode(), [text.decode() for text in texts], bool(recovered))
+        name = _pubsub_name(channel)
+        if channel not in self._last and name in self._wanted and name not in self._confirming:
+            # Subscribed (confirmed) before this read: every later publication reaches this process. Not over a
+            # position already passed on: the reader may have run ahead of this read's answer.
+            self._last[channel] = Position(found.offset, found.epoch)
+        return found
+
+    async def _fill(self, channel: str, since: Position, why: str) -> None:
+        """Pass on what ``channel`` published after ``since`` that this process missed (its pub/sub connection
+        was re-established, or a publication skipped offsets), from history, in order, before what follows."""
+        limits = self.history_limits
+        try:
+            found = await self.history(channel, since, limits.size if limits is not None else 0)
+        except StorageUnavailable as exc:
+            log.warning("redis: %s on %r; history not read (%s): its subscribers may see an offset jump", why, channel, exc)
+            return
+        if found is None or not found.recovered:
+            log.warning("redis: %s on %r; the missed publications are no longer in history: its subscribers see the "
+                        "offset jump or the new epoch, and recover with recovered:false", why, channel)
+            return
+        for index, text in enumerate(found.messages, start=since.offset + 1):
+            self._last[channel] = self._filled[channel] = Position(index, found.epoch)
+            self.on_message(channel, text, index, found.epoch)
+        if found.messages:
+            log.info("redis: %s on %r; %d missed publications passed on from history", why, channel, len(found.messages))
+
+    async def _publication(self, channel: str, data: bytes) -> None:
+        offset, _, rest = data.partition(b" ")
+        epoch_bytes, _, text = rest.partition(b" ")
+        try:
+            position = int(offset)
+            decoded = text.decode()
+        except ValueError:  # UnicodeDecodeError included; not from a secure_ws of this version
+            log.warning("redis: unreadable publication on %r skipped", channel)
+            return
+        epoch = epoch_bytes.decode("ascii", "replace")
+        last = self._last.get(channel) if position else None
+        if last is not None and last.epoch == epoch:
+            if self._filled and self._duplicate(channel, position, epoch):
+                return
+            if position > last.offset + 1:
+                await self._fill(channel, last, f"offsets {last.offset + 1}…{position - 1} missed")
+                if self._duplicate(channel, position, epoch):
+                    return
+            elif position <= last.offset:  # known from a read that ran ahead of the reader: not a duplicate here
+                self.on_message(channel, decoded, position, epoch)
+                return
+        if position and (last is not None or _pubsub_name(channel) in self._wanted):
+            self._last[channel] = Position(position, epoch)
+        self.on_message(channel, decoded, position, epoch)
+
+    def _duplicate(self, channel: str, position: int, epoch: str) -> bool:
+        """Whether a fill already passed this publication on; the fill's mark goes with the first one past it."""
+        filled = self._filled.get(channel)
+        if filled is None:
+            return False
+        if filled.epoch == epoch and position <= filled.offset:
+            return True
+        del self._filled[channel]
+        return False
 
     @raises_unavailable
     async def signal(self, kind: str, sub: str, payload: str | None = None) -> None:
-        await metrics.timed("signal", self.redis.publish(SIGNAL_CHANNEL, json.dumps([kind, sub, payload], ensure_ascii=False)))
+        await metrics.timed("signal", self._publish(SIGNAL_CHANNEL, json.dumps([kind, sub, payload], ensure_ascii=False)))
 
     def _signalled(self, data: bytes) -> None:
         try:
@@ -547,39 +640,37 @@ class RedisStorage(Storage):
         backoff = 0.1
         while True:
             try:
-                if not self._pubsub.subscribed:
-                    await self._pubsub.subscribe(REVOCATION_CHANNEL, SIGNAL_CHANNEL)
-                message = await self._pubsub.get_message(timeout=1.0)
+                if not self._subscriber.subscribed:  # a fresh connection (see Subscriber.renew)
+                    await self._subscriber.subscribe(REVOCATION_CHANNEL, SIGNAL_CHANNEL)
+                    await self._reconcile()
+                message = await self._subscriber.get(timeout=1.0)
+                await self._subscriber.check()
                 backoff = 0.1
             except REDIS_ERRORS as exc:
                 log.warning("redis pub/sub: %s; retrying in %.1fs", exc, backoff)
+                await self._subscriber.renew()
                 await asyncio.sleep(backoff)
-                backoff = min(backoff * 2, 2.0)
+                backoff = min(backoff * 2, RETRY_MAX)
                 with contextlib.suppress(*REDIS_ERRORS):
                     await self._reload()
                     await self._reconcile()
                 continue
             if message is None:
                 continue
-            if message["type"] != "message":  # subscribe / unsubscribe confirmations (and a pong, which has no channel)
-                if message["type"] == "subscribe":
-                    waiter = self._confirming.pop(message["channel"].decode()[prefix:], None)
+            kind, channel, data = message
+            if kind != "message":  # subscribe / unsubscribe confirmations, pongs
+                if kind == "subscribe":
+                    waiter = self._confirming.pop(channel, None)
                     if waiter is not None and not waiter.done():
                         waiter.set_result(None)
+                    last = self._last.get(channel[prefix:-1]) if channel.startswith(CHANNEL_PREFIX) else None
+                    if last is not None:  # re-subscribed after a reconnect: what was published meanwhile, first
+                        await self._fill(channel[prefix:-1], last, "pub/sub re-established")
                 continue
-            channel = message["channel"].decode()
             if channel == REVOCATION_CHANNEL:
                 with contextlib.suppress(*REDIS_ERRORS):
                     await self._reload()
             elif channel == SIGNAL_CHANNEL:
-                self._signalled(message["data"])
+                self._signalled(data)
             else:
-                offset, _, rest = message["data"].partition(b" ")
-                epoch, _, text = rest.partition(b" ")
-                try:
-                    position = int(offset)
-                    decoded = text.decode()
-                except ValueError:  # UnicodeDecodeError included; not from a secure_ws of this version
-                    log.warning("redis: unreadable publication on %r skipped", channel)
-                    continue
-                self.on_message(channel[prefix:], decoded, position, epoch.decode("ascii", "replace"))
+                await self._publication(channel[prefix:-1], data)

@@ -22,7 +22,6 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import NamedTuple
-from urllib.parse import urlsplit
 
 from limits.aio.storage import Storage as LimitsStorage
 
@@ -189,6 +188,7 @@ class Storage(ABC):
 
 def redacted_url(url: str) -> str:
     """The URL without its password, for the log and the ops commands' stderr."""
-    parts = urlsplit(url)
-    port = f":{parts.port}" if parts.port else ""
-    return f"{parts.scheme}://{parts.hostname}{port}{parts.path}"
+    scheme, sep, rest = url.partition("://")
+    netloc, slash, path = rest.partition("/")
+    hosts = netloc.rpartition("@")[2]  # every address, for Sentinel and Cluster
+    return f"{scheme}{sep}{hosts.partition('?')[0]}{slash}{path.partition('?')[0]}"

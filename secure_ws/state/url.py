@@ -29,7 +29,7 @@ def presence_store(storage: Storage) -> PresenceStore:
 
     if not isinstance(storage, RedisStorage):
         raise TypeError(f"no presence store for {type(storage).__name__}")
-    return RedisPresence(storage.redis)
+    return RedisPresence(storage.redis, storage.cluster)
 
 
 async def run_storage(
