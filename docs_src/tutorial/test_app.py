@@ -10,7 +10,7 @@ from app import api  # app.py, next to this file
 
 async def test_a_note_reaches_the_board() -> None:
     async with TestServer(api) as server:  # memory storage, its own fresh key, no TLS or port
-        async with server.connect(sub="alice", scope="notes:write") as ws:
+        async with server.connect(sub="alice", scope="notes:write subscribe:notes.*") as ws:
             assert await anext(ws.pushes()) == {"hello": "alice"}
             await ws.subscribe("notes.board")
             board = ws.messages("notes.board")
