@@ -357,25 +357,26 @@ VARIABLES: tuple[Variable, ...] = (
     V("MAX_MESSAGE_BYTES", "65536", _integer(64), "Largest inbound message in bytes (larger: close 1009).", "max_message_bytes"),
     # At least 1 MiB: what our transport's write buffer may hold on its own (see Session.writable) stays under half.
     V("SEND_QUEUE_BYTES", "4194304", _integer(1024 * 1024),
-      "Bytes one connection may leave unread: past it a publication or push closes it 1008 \"slow consumer\", "
+      "Bytes one connection may leave unread, its transport's write buffer included: past it a publication or push closes it 1008 \"slow consumer\", "
       "and its own replies (echo, history, replays, results) stop the reading of its requests.", "send_queue_bytes"),
     V("MAX_SUBSCRIPTIONS", "128", _integer(1),
-      "Channels one connection may hold at once; a subscribe beyond it is answered error `limit_exceeded`.", "max_subscriptions"),
+      "Channels one connection may hold at once; a subscribe beyond it is answered error `limit_exceeded` (the connection "
+      "stays open; re-subscribing to a channel already held does not count).", "max_subscriptions"),
     # At most MAX_HISTORY_SIZE: one recovery sends at most this many messages in one go.
     V("HISTORY_SIZE", "100", _integer(0, MAX_HISTORY_SIZE),
-      "Publications each channel keeps for recovery (0 turns history off: no offsets, no recovery).", "history_size"),
+      "Publications each channel keeps for recovery and `history` (0 turns history off: no offsets, no recovery).", "history_size"),
     V("HISTORY_TTL", "5m", DURATION,
       "How long a channel's history is kept after its last publication (0 turns history off).", "history_ttl"),
     V("HISTORY_MAX_BYTES", "67108864", _integer(65536),
-      "With memory:// storage, total bytes all channels' history may take in memory (texts and per-channel records); "
-      "over it, whole least recently published channels go.", "history_max_bytes"),
+      "With memory:// storage, total bytes all channels' history may take in memory: each text as it sits in memory (up to "
+      "4 bytes a character) and about 1 KiB per channel record; over it, whole channels go, least recently published first.", "history_max_bytes"),
     V("HANDLER_TIMEOUT", "10s", TIMEOUT,
-      "Longest an application handler may run; past it the call is cancelled and answered `timeout`.", "handler_timeout"),
+      "Longest an application handler or hook may run; past it the call is cancelled and answered `timeout`.", "handler_timeout"),
     V("STREAM_TIMEOUT", "5m", TIMEOUT,
       "Longest a streamed reply may last in all (each chunk must still come within SECURE_WS_HANDLER_TIMEOUT); past it `timeout`.",
       "stream_timeout"),
     V("MAX_INFLIGHT", "8", _integer(1),
-      "Handler calls one connection may have running at once; a request beyond is answered `busy`.", "max_inflight"),
+      "Handler calls one connection may have running at once (streams until they end); a request beyond is answered `busy`.", "max_inflight"),
     V("RPC_PROXY_URL", "", Kind(_proxy_url, "empty, or `https://` (`http://` to loopback only), no credentials"),
       "Backend that answers message types no Python handler claims.", "rpc_proxy_url"),
     V("RPC_PROXY_SECRET", "", SECRET,
@@ -388,7 +389,8 @@ VARIABLES: tuple[Variable, ...] = (
     V("REVOCATION_FILE", "certs/revocations.json", PATH,
       "The durable revocation list, with either storage (Redis holds a copy); shared storage for many hosts.", "revocation_file"),
     V("API_KEYS_FILE", "certs/api-keys.json", PATH,
-      "Hashed server-API keys (0600), written by `secure-ws apikey create|revoke`; no file or no key: /api/* is 404.",
+      "Hashed server-API keys (0600), written by `secure-ws apikey create|revoke`, re-read within 2 s; no file or no key: "
+      "/api/* is 404.",
       "api_keys_file"),
     V("TLS_CERTFILE", "certs/server.crt", PATH, "Certificate for `secure-ws serve`.", "tls_certfile"),
     V("TLS_KEYFILE", "certs/server.key", PATH, "Private key for `secure-ws serve`.", "tls_keyfile"),
