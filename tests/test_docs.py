@@ -24,7 +24,7 @@ assert spec is not None and spec.loader is not None
 docs_reference = importlib.util.module_from_spec(spec)
 spec.loader.exec_module(docs_reference)
 
-HAND_WRITTEN = sorted((ROOT / "docs").rglob("*.md"))
+HAND_WRITTEN = sorted((ROOT / "docs").rglob("*.md")) + [ROOT / "README.md"]
 DOCS_SRC = sorted(p for p in (ROOT / "docs_src").rglob("*") if p.suffix in {".py", ".sh", ".html"})
 
 
@@ -137,6 +137,22 @@ def test_every_python_sample_in_the_pages_is_a_file_under_docs_src() -> None:
     for page in sorted((ROOT / "docs").rglob("*.md")):
         for block in re.findall(r"```python\n(.*?)```", page.read_text(encoding="utf-8"), re.S):
             assert re.fullmatch(r'--8<-- "docs_src/[\w/]+\.py"\n', block), f"{page}: a Python sample not in docs_src/"
+
+
+def test_the_readme_samples_are_the_files_the_tests_run() -> None:
+    readme = (ROOT / "README.md").read_text(encoding="utf-8")
+    for block in re.findall(r"```python\n(.*?)```", readme, re.S):
+        assert any(block == p.read_text(encoding="utf-8") for p in (ROOT / "docs_src" / "readme").glob("*.py")), block[:200]
+
+
+def test_the_readme_is_short_links_into_the_docs_and_runs_the_ci_test_command() -> None:
+    readme = (ROOT / "README.md").read_text(encoding="utf-8")
+    assert len(readme.splitlines()) <= 200
+    for target in re.findall(r"\]\(([^)#]+)(?:#[^)]*)?\)", readme):
+        assert target.startswith("https://") or (ROOT / target).is_file(), target
+    command = 'pip install -e ".[test]" && python -m pytest'
+    assert command in readme
+    assert (ROOT / ".ci" / "run").read_text(encoding="utf-8").rstrip().splitlines()[-1] == command
 
 
 FORBIDDEN = re.compile(r"\bSPEC\b|§\s*\d+(?!\.\d)|\bissue \d+|Choices where|where the SPEC is silent")

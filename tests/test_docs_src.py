@@ -57,3 +57,26 @@ def test_the_tutorials_handler_rejects_what_it_says(tutorial_module) -> None:
             assert error.value.code == "bad_note"
 
     asyncio.run(main())
+
+
+def test_the_readme_application_does_what_the_readme_says() -> None:
+    """README.md's application: the greeting push, a subscribe, the handler's publish and Reject, api.publish."""
+    from docs_src.readme import app as readme_app
+    from secure_ws.client import RequestError
+    from secure_ws.testing import TestServer
+
+    async def main() -> None:
+        async with TestServer(readme_app.api) as server:
+            async with server.connect(sub="alice", scope="chat:write subscribe:room.*") as ws:
+                assert await anext(ws.pushes()) == {"motd": "hello alice"}
+                await ws.subscribe("room.lobby")
+                lobby = ws.messages("room.lobby")
+                await ws.call("chat.say", {"text": "hi"})
+                assert {k: v for k, v in (await anext(lobby)).items() if k in ("from", "data")} == {"from": "alice", "data": {"text": "hi"}}
+                await readme_app.announce("closing soon")
+                assert (await anext(lobby))["data"] == {"text": "closing soon"}
+                with pytest.raises(RequestError) as error:
+                    await ws.call("chat.say", {"text": ""})
+                assert error.value.code == "bad_text"
+
+    asyncio.run(main())
