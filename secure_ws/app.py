@@ -36,7 +36,7 @@ WS_PATH = "/ws"
 INTERNAL_PATHS = ("/metrics", "/api/")
 
 class SecureWS:
-    """``api = SecureWS()``: the service, with room for the application's own message types (SPEC §9).
+    """``api = SecureWS()``: the service, with room for the application's own message types.
 
     Settings come from the environment and ``.env`` exactly as for the service; a bad value ends the
     process with one line naming the variable (pass ``settings=`` to get :class:`ConfigError` instead).

@@ -19,9 +19,11 @@ import io
 import ipaddress
 import os
 import re
-from collections.abc import Mapping
+import textwrap
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field, replace
 from pathlib import Path
+from typing import Any
 from urllib.parse import urlsplit
 
 from dotenv.parser import parse_stream
@@ -126,7 +128,7 @@ class Settings:
 
     @property
     def history(self) -> bool:
-        """Channels keep history (SPEC §11): off when either its size or its TTL is 0."""
+        """Channels keep history: off when either its size or its TTL is 0."""
         return self.history_size > 0 and self.history_ttl > 0
 
 
@@ -181,222 +183,316 @@ def unreported_warnings(settings: Settings) -> list[str]:
     return fresh
 
 
-def load_settings(
-    environ: Mapping[str, str] | None = None, env_file: str | os.PathLike[str] | None = ".env"
-) -> Settings:
-    """Read and validate every ``SECURE_WS_*`` variable; the real environment wins over ``.env``."""
-    file_values = read_env_file(Path(env_file)) if env_file is not None and Path(env_file).is_file() else {}
-    real = os.environ if environ is None else environ
-    source = {**file_values, **real}  # the real environment wins
-    read: set[str] = set()
+class Kind:
+    """How one variable's text becomes a value: ``parse`` raises ``ValueError`` with the problem (the loader
+    prefixes the variable's name), ``bound`` says in words what is accepted (shown in the reference)."""
 
-    def config(key: str, default: str = "") -> str:
-        read.add(key)
-        return source.get(key, default)
+    __slots__ = ("parse", "bound", "empty_is_default")
 
-    def get(name: str, default: str = "") -> str:
-        return config(f"SECURE_WS_{name}", default=default).strip()
+    def __init__(self, parse: Callable[[str], Any], bound: str, empty_is_default: bool = False) -> None:
+        self.parse = parse
+        self.bound = bound
+        self.empty_is_default = empty_is_default  # set but empty means the default (file paths); else it is parsed as is
 
-    def integer(name: str, default: int, minimum: int = 0) -> int:
-        raw = get(name, str(default))
+
+def _integer(minimum: int = 0, maximum: int | None = None) -> Kind:
+    def parse(raw: str) -> int:
         try:
             value = int(raw)
         except ValueError:
-            raise ConfigError(f"SECURE_WS_{name}", f"not an integer: {raw!r}") from None
+            raise ValueError(f"not an integer: {raw!r}") from None
         if value < minimum:
-            raise ConfigError(f"SECURE_WS_{name}", f"must be at least {minimum}, got {value}")
+            raise ValueError(f"must be at least {minimum}, got {value}")
+        if maximum is not None and value > maximum:
+            raise ValueError(f"at most {maximum}, got {value}")
         return value
 
-    def limits_of(name: str, default: str) -> tuple[str, tuple[RateLimitItem, ...]]:
-        raw = get(name, default)
-        try:
-            items = tuple(parse_many(raw))
-        except ValueError:
-            items = ()
-        if not items:
-            raise ConfigError(
-                f"SECURE_WS_{name}", f"not a rate limit: {raw!r} (use e.g. 20/second or 20/second;600/minute)"
-            )
-        return raw, items
+    return Kind(parse, f"integer, {minimum}..{maximum}" if maximum is not None else f"integer ≥ {minimum}")
 
-    def choice(name: str, default: str, choices: tuple[str, ...]) -> str:
-        value = get(name, default)
-        if value not in choices:
-            raise ConfigError(f"SECURE_WS_{name}", f"must be one of {', '.join(choices)}, got {value!r}")
-        return value
 
-    def path(name: str, default: str) -> Path:
-        return Path(get(name, default) or default)
+def _choice(*choices: str) -> Kind:
+    def parse(raw: str) -> str:
+        if raw not in choices:
+            raise ValueError(f"must be one of {', '.join(choices)}, got {raw!r}")
+        return raw
 
-    algorithms = tuple(a.strip() for a in get("JWT_ALGORITHMS", "EdDSA,ES256,RS256").split(",") if a.strip())
+    return Kind(parse, "one of " + ", ".join(f"`{c}`" for c in choices))
+
+
+def _limits(raw: str) -> tuple[str, tuple[RateLimitItem, ...]]:
+    try:
+        items = tuple(parse_many(raw))
+    except ValueError:
+        items = ()
+    if not items:
+        raise ValueError(f"not a rate limit: {raw!r} (use e.g. 20/second or 20/second;600/minute)")
+    return raw, items
+
+
+def _secret(raw: str) -> bytes | None:
+    if not raw:
+        return None
+    secret = raw.encode()
+    if len(secret) < MIN_SECRET_BYTES:
+        raise ValueError(f"too weak: {len(secret)} bytes, at least {MIN_SECRET_BYTES} required")
+    return secret
+
+
+def _algorithms(raw: str) -> tuple[str, ...]:
+    algorithms = tuple(a.strip() for a in raw.split(",") if a.strip())
     if not algorithms:
-        raise ConfigError("SECURE_WS_JWT_ALGORITHMS", "empty allow-list")
+        raise ValueError("empty allow-list")
     for alg in algorithms:
         if alg.lower() == "none":
-            raise ConfigError("SECURE_WS_JWT_ALGORITHMS", "'none' (unsigned tokens) is never accepted")
+            raise ValueError("'none' (unsigned tokens) is never accepted")
         if alg not in ASYMMETRIC_ALGORITHMS | HMAC_ALGORITHMS:
-            raise ConfigError("SECURE_WS_JWT_ALGORITHMS", f"unknown algorithm {alg!r}")
+            raise ValueError(f"unknown algorithm {alg!r}")
+    return algorithms
 
-    secret_text = config("SECURE_WS_JWT_SECRET", default="")
-    secret = secret_text.encode() if secret_text else None
-    hmac_named = [a for a in algorithms if a in HMAC_ALGORITHMS]
-    if secret is not None:
-        if len(secret) < MIN_SECRET_BYTES:
-            raise ConfigError(
-                "SECURE_WS_JWT_SECRET", f"too weak: {len(secret)} bytes, at least {MIN_SECRET_BYTES} required"
-            )
-        if not hmac_named:
-            raise ConfigError(
-                "SECURE_WS_JWT_SECRET", "is set but SECURE_WS_JWT_ALGORITHMS names no HS algorithm (add HS256)"
-            )
-    elif hmac_named:
-        raise ConfigError("SECURE_WS_JWT_ALGORITHMS", f"{hmac_named[0]} is allowed but SECURE_WS_JWT_SECRET is not set")
 
-    jwks_url = get("JWKS_URL") or None
-    if jwks_url is not None and not jwks_url.startswith("https://"):
-        raise ConfigError("SECURE_WS_JWKS_URL", "must be an https:// URL")
+def _jwks_url(raw: str) -> str | None:
+    if raw and not raw.startswith("https://"):
+        raise ValueError("must be an https:// URL")
+    return raw or None
 
-    jwks_explicit = bool(get("JWKS_FILE"))
-    try:
-        leeway = parse_duration(get("JWT_LEEWAY_SECONDS", "30"))
-    except ValueError as exc:
-        raise ConfigError("SECURE_WS_JWT_LEEWAY_SECONDS", str(exc)) from None
-    try:
-        max_ttl = parse_duration(get("JWT_MAX_TTL", "24h"))
-    except ValueError as exc:
-        raise ConfigError("SECURE_WS_JWT_MAX_TTL", str(exc)) from None
 
-    rate_limit, rate_limits = limits_of("RATE_LIMIT", "20/second")
-    handshake_limit, handshake_limits = limits_of("HANDSHAKE_RATE_LIMIT", "60/minute")
+def _not_empty(raw: str) -> str:
+    if not raw:
+        raise ValueError("must not be empty")
+    return raw
 
-    origins = frozenset(o.strip() for o in get("ALLOWED_ORIGINS").split(",") if o.strip())
+
+def _origins(raw: str) -> frozenset[str]:
+    origins = frozenset(o.strip() for o in raw.split(",") if o.strip())
     for origin in origins:
         if origin != "*" and not re.fullmatch(r"https?://[^/\s]+", origin):
-            raise ConfigError(
-                "SECURE_WS_ALLOWED_ORIGINS", f"not an origin: {origin!r} (use scheme://host[:port], no path)"
-            )
+            raise ValueError(f"not an origin: {origin!r} (use scheme://host[:port], no path)")
+    return origins
 
+
+def _networks(raw: str) -> tuple[ipaddress.IPv4Network | ipaddress.IPv6Network, ...]:
     proxies: list[ipaddress.IPv4Network | ipaddress.IPv6Network] = []
-    for entry in (e.strip() for e in get("FORWARDED_ALLOW_IPS").split(",")):
+    for entry in (e.strip() for e in raw.split(",")):
         if entry == "*":
             proxies += [ipaddress.ip_network("0.0.0.0/0"), ipaddress.ip_network("::/0")]
         elif entry:
             try:
                 proxies.append(ipaddress.ip_network(entry, strict=False))
             except ValueError:
-                raise ConfigError(
-                    "SECURE_WS_FORWARDED_ALLOW_IPS", f"not an IP address or network: {entry[:100]!r}"
-                ) from None
+                raise ValueError(f"not an IP address or network: {entry[:100]!r}") from None
+    return tuple(proxies)
 
-    storage_url = get("STORAGE_URL", "memory://")
-    if storage_url != "memory://":
+
+def _storage_url(raw: str) -> str:
+    if raw != "memory://":
         try:
-            parse_redis_url(storage_url)
+            parse_redis_url(raw)
         except ValueError as exc:
-            raise ConfigError("SECURE_WS_STORAGE_URL", f"{exc} (or memory://)") from None
-
-    try:
-        handler_timeout = parse_timeout(get("HANDLER_TIMEOUT", "10s"))
-    except ValueError as exc:
-        raise ConfigError("SECURE_WS_HANDLER_TIMEOUT", str(exc)) from None
-    try:
-        stream_timeout = parse_timeout(get("STREAM_TIMEOUT", "5m"))
-    except ValueError as exc:
-        raise ConfigError("SECURE_WS_STREAM_TIMEOUT", str(exc)) from None
-
-    proxy_url = get("RPC_PROXY_URL") or None
-    proxy_secret_text = config("SECURE_WS_RPC_PROXY_SECRET", default="")
-    proxy_secret = proxy_secret_text.encode() if proxy_secret_text else None
-    if proxy_url is not None:
-        parts = urlsplit(proxy_url)
-        if parts.scheme not in ("https", "http") or not parts.hostname:
-            raise ConfigError("SECURE_WS_RPC_PROXY_URL", "must be an https:// URL (or http:// to a loopback address)")
-        if parts.scheme == "http" and not loopback_host(parts.hostname):
-            # The secret and every client's claims would cross the network in clear.
-            raise ConfigError("SECURE_WS_RPC_PROXY_URL", f"http:// only to a loopback address, got host {parts.hostname[:100]!r}; use https://")
-        if parts.username or parts.password:
-            raise ConfigError("SECURE_WS_RPC_PROXY_URL", "must not hold credentials; set SECURE_WS_RPC_PROXY_SECRET")
-        if proxy_secret is None:
-            raise ConfigError("SECURE_WS_RPC_PROXY_SECRET", "must be set when SECURE_WS_RPC_PROXY_URL is")
-    if proxy_secret is not None:
-        if len(proxy_secret) < MIN_SECRET_BYTES:
-            raise ConfigError(
-                "SECURE_WS_RPC_PROXY_SECRET", f"too weak: {len(proxy_secret)} bytes, at least {MIN_SECRET_BYTES} required"
-            )
-        if proxy_url is None:
-            raise ConfigError("SECURE_WS_RPC_PROXY_SECRET", "is set but SECURE_WS_RPC_PROXY_URL is not")
-
-    try:
-        history_ttl = parse_duration(get("HISTORY_TTL", "5m"))
-    except ValueError as exc:
-        raise ConfigError("SECURE_WS_HISTORY_TTL", str(exc)) from None
-    history_size = integer("HISTORY_SIZE", 100)
-    if history_size > MAX_HISTORY_SIZE:  # one recovery sends at most this many messages in one go
-        raise ConfigError("SECURE_WS_HISTORY_SIZE", f"at most {MAX_HISTORY_SIZE}, got {history_size}")
-
-    client_ca = get("TLS_CLIENT_CA")
-    settings = Settings(
-        jwks_file=path("JWKS_FILE", "certs/jwks.json"),
-        # The default path may be absent when an IdP URL supplies the keys.
-        jwks_file_required=jwks_explicit or jwks_url is None,
-        signing_keys_file=path("SIGNING_KEYS_FILE", "certs/signing-keys.json"),
-        jwks_url=jwks_url,
-        algorithms=algorithms,
-        jwt_secret=secret,
-        issuer=get("JWT_ISSUER", "secure-ws"),
-        audience=get("JWT_AUDIENCE", "secure-ws"),
-        leeway=leeway,
-        max_token_ttl=max_ttl,
-        rate_limit=rate_limit,
-        rate_limits=rate_limits,
-        rate_limit_strategy=choice("RATE_LIMIT_STRATEGY", "sliding-window", STRATEGIES),
-        rate_limit_close_after=integer("RATE_LIMIT_CLOSE_AFTER", 10, minimum=1),
-        handshake_rate_limit=handshake_limit,
-        handshake_rate_limits=handshake_limits,
-        max_connections_per_client=integer("MAX_CONNECTIONS_PER_CLIENT", 10, minimum=1),
-        max_message_bytes=integer("MAX_MESSAGE_BYTES", 65536, minimum=64),
-        # At least 1 MiB: what our transport's write buffer may hold on its own (see Session.writable) stays under half.
-        send_queue_bytes=integer("SEND_QUEUE_BYTES", 4 * 1024 * 1024, minimum=1024 * 1024),
-        max_subscriptions=integer("MAX_SUBSCRIPTIONS", 128, minimum=1),
-        history_size=history_size,
-        history_ttl=history_ttl,
-        history_max_bytes=integer("HISTORY_MAX_BYTES", 64 * 1024 * 1024, minimum=65536),
-        handler_timeout=handler_timeout,
-        stream_timeout=stream_timeout,
-        max_inflight=integer("MAX_INFLIGHT", 8, minimum=1),
-        rpc_proxy_url=proxy_url,
-        rpc_proxy_secret=proxy_secret,
-        allowed_origins=origins,
-        forwarded_allow_ips=tuple(proxies),
-        storage_url=storage_url,
-        revocation_file=path("REVOCATION_FILE", "certs/revocations.json"),
-        api_keys_file=path("API_KEYS_FILE", "certs/api-keys.json"),
-        tls_certfile=path("TLS_CERTFILE", "certs/server.crt"),
-        tls_keyfile=path("TLS_KEYFILE", "certs/server.key"),
-        tls_client_ca=Path(client_ca) if client_ca else None,
-        tls_min_version=choice("TLS_MIN_VERSION", "1.2", ("1.2", "1.3")),
-        log_format=choice("LOG_FORMAT", "text", ("text", "json")),
-        demo=choice("DEMO", "0", ("0", "1")) == "1",
-        internal_port=_port(get("INTERNAL_PORT"), "SECURE_WS_INTERNAL_PORT"),
-    )
-    if not settings.issuer:
-        raise ConfigError("SECURE_WS_JWT_ISSUER", "must not be empty")
-    if not settings.audience:
-        raise ConfigError("SECURE_WS_JWT_AUDIENCE", "must not be empty")
-    prefix = "SECURE_WS_"
-    known = sorted(n[len(prefix):] for n in read)  # compared without the prefix every name shares
-    warnings = []
-    for name in sorted(n for n in source if n.startswith(prefix) and n not in read):
-        where = "the environment" if name in real else str(env_file)
-        nearest = difflib.get_close_matches(name[len(prefix):], known, n=1, cutoff=0.6)
-        hint = f"did you mean {prefix}{nearest[0]}?" if nearest else "see .env.example for the variables"
-        warnings.append(f"{name} (from {where}) is not a secure_ws variable and is ignored; {hint}")
-    return replace(settings, warnings=tuple(warnings))
+            raise ValueError(f"{exc} (or memory://)") from None
+    return raw
 
 
-def _port(raw: str, variable: str) -> int | None:
+def _proxy_url(raw: str) -> str | None:
+    if not raw:
+        return None
+    parts = urlsplit(raw)
+    if parts.scheme not in ("https", "http") or not parts.hostname:
+        raise ValueError("must be an https:// URL (or http:// to a loopback address)")
+    if parts.scheme == "http" and not loopback_host(parts.hostname):
+        # The secret and every client's claims would cross the network in clear.
+        raise ValueError(f"http:// only to a loopback address, got host {parts.hostname[:100]!r}; use https://")
+    if parts.username or parts.password:
+        raise ValueError("must not hold credentials; set SECURE_WS_RPC_PROXY_SECRET")
+    return raw
+
+
+def _port(raw: str) -> int | None:
     if not raw:
         return None
     if not raw.isdigit() or not 1 <= int(raw) <= 65535:
-        raise ConfigError(variable, f"not a TCP port: {raw[:20]!r}")
+        raise ValueError(f"not a TCP port: {raw[:20]!r}")
     return int(raw)
+
+
+def _optional_path(raw: str) -> Path | None:
+    return Path(raw) if raw else None
+
+
+DURATION = Kind(parse_duration, "duration: `90`, `90s`, `15m`, `2h`, `1d`")
+TIMEOUT = Kind(parse_timeout, "timeout > 0: `10s`, `500ms`, `2.5`, `1m`")
+PATH = Kind(Path, "file path (empty: the default)", empty_is_default=True)
+OPTIONAL_PATH = Kind(_optional_path, "file path, or empty")
+TEXT = Kind(_not_empty, "non-empty text")
+SECRET = Kind(_secret, f"empty, or at least {MIN_SECRET_BYTES} bytes (taken as written, not stripped)")
+RATE_LIMITS = Kind(_limits, "`limits` notation, several joined by `;` (e.g. `20/second;600/minute`)")
+
+
+@dataclass(frozen=True)
+class Variable:
+    """One ``SECURE_WS_*`` variable: the loader, ``.env.example`` and the reference page all read these."""
+
+    name: str  # without the SECURE_WS_ prefix
+    default: str  # as written in .env.example; empty: unset
+    kind: Kind
+    meaning: str  # one line for the reference; .env.example wraps it
+    field: str | tuple[str, ...]  # the Settings field(s) the parsed value fills (a tuple: the parser returns one per field)
+    secret: bool = False  # taken as written (not stripped), never shown
+
+    @property
+    def env(self) -> str:
+        return PREFIX + self.name
+
+
+PREFIX = "SECURE_WS_"
+V = Variable
+VARIABLES: tuple[Variable, ...] = (
+    V("JWKS_FILE", "certs/jwks.json", PATH,
+      "Public verification keys (RFC 7517 JWK Set); reloaded within 2 s of a change, or on SIGHUP.", "jwks_file"),
+    V("SIGNING_KEYS_FILE", "certs/signing-keys.json", PATH,
+      "Private JWK Set (0600) used only by `secure-ws keys …` / `token issue`; never read by the server.", "signing_keys_file"),
+    V("JWKS_URL", "", Kind(_jwks_url, "empty, or an `https://` URL"),
+      "An identity provider's JWKS endpoint (https only), used beside or instead of the file.", "jwks_url"),
+    V("JWT_ALGORITHMS", "EdDSA,ES256,RS256", Kind(_algorithms, "comma-separated JWS algorithms; never `none`"),
+      "Algorithm allow-list. `none` is never accepted; HS* only with SECURE_WS_JWT_SECRET and only for the secret.", "algorithms"),
+    V("JWT_SECRET", "", SECRET,
+      "Optional shared HS secret (at least 32 bytes); needs an HS algorithm in the allow-list.", "jwt_secret", secret=True),
+    V("JWT_ISSUER", "secure-ws", TEXT, "Required `iss`, exact match.", "issuer"),
+    V("JWT_AUDIENCE", "secure-ws", TEXT, "Required `aud`, exact match (a token's list of audiences may contain it).", "audience"),
+    V("JWT_LEEWAY_SECONDS", "30", DURATION, "Clock skew allowed on exp/nbf/iat, in seconds.", "leeway"),
+    V("JWT_MAX_TTL", "24h", DURATION,
+      "Longest token lifetime (exp - iat) accepted; also how long revocations are kept (e.g. 900, 15m, 24h).", "max_token_ttl"),
+    V("RATE_LIMIT", "20/second", RATE_LIMITS,
+      "Per-client (per `sub`) message limit in `limits` notation; several joined by `;`.", ("rate_limit", "rate_limits")),
+    V("RATE_LIMIT_STRATEGY", "sliding-window", _choice(*STRATEGIES),
+      "sliding-window, moving-window or fixed-window.", "rate_limit_strategy"),
+    V("RATE_LIMIT_CLOSE_AFTER", "10", _integer(1),
+      "Consecutive rejected messages after which the connection is closed 1008 \"rate limit exceeded\".", "rate_limit_close_after"),
+    V("HANDSHAKE_RATE_LIMIT", "60/minute", RATE_LIMITS,
+      "Handshake attempts per client IP; beyond it HTTP 429 with Retry-After.", ("handshake_rate_limit", "handshake_rate_limits")),
+    V("FORWARDED_ALLOW_IPS", "", Kind(_networks, "comma-separated IPs or CIDRs, `*` any; empty: none"),
+      "Proxies (IPs or CIDRs, comma-separated; * any) whose X-Forwarded-For names the client for that throttle; empty: none.",
+      "forwarded_allow_ips"),
+    V("MAX_CONNECTIONS_PER_CLIENT", "10", _integer(1), "Concurrent connections per `sub`.", "max_connections_per_client"),
+    V("MAX_MESSAGE_BYTES", "65536", _integer(64), "Largest inbound message in bytes (larger: close 1009).", "max_message_bytes"),
+    # At least 1 MiB: what our transport's write buffer may hold on its own (see Session.writable) stays under half.
+    V("SEND_QUEUE_BYTES", "4194304", _integer(1024 * 1024),
+      "Bytes one connection may leave unread, its transport's write buffer included: past it a publication or push closes it 1008 \"slow consumer\", "
+      "and its own replies (echo, history, replays, results) stop the reading of its requests.", "send_queue_bytes"),
+    V("MAX_SUBSCRIPTIONS", "128", _integer(1),
+      "Channels one connection may hold at once; a subscribe beyond it is answered error `limit_exceeded` (the connection "
+      "stays open; re-subscribing to a channel already held does not count).", "max_subscriptions"),
+    # At most MAX_HISTORY_SIZE: one recovery sends at most this many messages in one go.
+    V("HISTORY_SIZE", "100", _integer(0, MAX_HISTORY_SIZE),
+      "Publications each channel keeps for recovery and `history` (0 turns history off: no offsets, no recovery).", "history_size"),
+    V("HISTORY_TTL", "5m", DURATION,
+      "How long a channel's history is kept after its last publication (0 turns history off).", "history_ttl"),
+    V("HISTORY_MAX_BYTES", "67108864", _integer(65536),
+      "With memory:// storage, total bytes all channels' history may take in memory: each text as it sits in memory (up to "
+      "4 bytes a character) and about 1 KiB per channel record; over it, whole channels go, least recently published first.", "history_max_bytes"),
+    V("HANDLER_TIMEOUT", "10s", TIMEOUT,
+      "Longest an application handler or hook may run; past it the call is cancelled and answered `timeout`.", "handler_timeout"),
+    V("STREAM_TIMEOUT", "5m", TIMEOUT,
+      "Longest a streamed reply may last in all (each chunk must still come within SECURE_WS_HANDLER_TIMEOUT); past it `timeout`.",
+      "stream_timeout"),
+    V("MAX_INFLIGHT", "8", _integer(1),
+      "Handler calls one connection may have running at once (streams until they end); a request beyond is answered `busy`.", "max_inflight"),
+    V("RPC_PROXY_URL", "", Kind(_proxy_url, "empty, or `https://` (`http://` to loopback only), no credentials"),
+      "Backend that answers message types no Python handler claims.", "rpc_proxy_url"),
+    V("RPC_PROXY_SECRET", "", SECRET,
+      "Bearer secret sent to that backend, at least 32 bytes; required with the URL.", "rpc_proxy_secret", secret=True),
+    V("ALLOWED_ORIGINS", "", Kind(_origins, "comma-separated `scheme://host[:port]`, or `*`"),
+      "Browser Origin allow-list, comma-separated exact origins; `*` allows any; no Origin (native apps) is allowed.",
+      "allowed_origins"),
+    V("STORAGE_URL", "memory://", Kind(_storage_url, "`memory://`, `redis://`, `redis+sentinel://`, `redis+cluster://` (`rediss…` for TLS)"),
+      "Shared state: memory:// (one process); redis://host:port/db, redis+sentinel://[:pw@]h:p[,h:p…]/SERVICE[/db] or "
+      "redis+cluster://h:p[,h:p…] (many workers and hosts); rediss… for TLS, ?ssl_ca_certs=PATH for a private CA.", "storage_url"),
+    V("REVOCATION_FILE", "certs/revocations.json", PATH,
+      "The durable revocation list, with either storage (Redis holds a copy); shared storage for many hosts.", "revocation_file"),
+    V("API_KEYS_FILE", "certs/api-keys.json", PATH,
+      "Hashed server-API keys (0600), written by `secure-ws apikey create|revoke`, re-read within 2 s; no file or no key: "
+      "/api/* is 404.",
+      "api_keys_file"),
+    V("TLS_CERTFILE", "certs/server.crt", PATH, "Certificate for `secure-ws serve`.", "tls_certfile"),
+    V("TLS_KEYFILE", "certs/server.key", PATH, "Private key for `secure-ws serve`.", "tls_keyfile"),
+    V("TLS_MIN_VERSION", "1.2", _choice("1.2", "1.3"), "Lowest TLS version `secure-ws serve` accepts.", "tls_min_version"),
+    V("TLS_CLIENT_CA", "", OPTIONAL_PATH, "CA bundle for client certificates: set it to require mTLS in `secure-ws serve`.", "tls_client_ca"),
+    V("LOG_FORMAT", "text", _choice("text", "json"), "text or json (one JSON object per line).", "log_format"),
+    V("DEMO", "0", Kind(lambda raw: _choice("0", "1").parse(raw) == "1", "`0` or `1`"),
+      "1 serves the /demo page (the quickstart turns it on).", "demo"),
+    V("INTERNAL_PORT", "", Kind(_port, "empty, or a TCP port 1..65535"),
+      "Set by `secure-ws serve --internal-port P`: /metrics and /api/* only on the listener at this local port.", "internal_port"),
+)
+del V
+
+
+def env_example() -> str:
+    """``.env.example``, written from :data:`VARIABLES` (a test keeps the file equal to this)."""
+    lines = [
+        "# secure_ws configuration. Copy to .env (read from the working directory); the real environment wins.",
+        "# Every variable is optional; the value shown is the default. Dotenv syntax: `export` prefix, quotes",
+        "# and trailing ` # comments` work; a misspelt SECURE_WS_* name is warned about at start-up.",
+        "# (Generated from secure_ws/settings.py: python -m secure_ws.settings > .env.example)",
+    ]
+    for variable in VARIABLES:
+        lines += [*textwrap.wrap(variable.meaning, 118, initial_indent="# ", subsequent_indent="# ")]
+        lines.append(f"{variable.env}={variable.default}")
+    return "\n".join(lines) + "\n"
+
+
+def load_settings(
+    environ: Mapping[str, str] | None = None, env_file: str | os.PathLike[str] | None = ".env"
+) -> Settings:
+    """Read and validate every ``SECURE_WS_*`` variable of :data:`VARIABLES`, then the rules that tie
+    several together; the real environment wins over ``.env``."""
+    file_values = read_env_file(Path(env_file)) if env_file is not None and Path(env_file).is_file() else {}
+    real = os.environ if environ is None else environ
+    source = {**file_values, **real}  # the real environment wins
+    values: dict[str, Any] = {}
+    for variable in VARIABLES:
+        text = source.get(variable.env, variable.default)
+        text = text if variable.secret else text.strip()
+        try:
+            value = variable.kind.parse(text or variable.default if variable.kind.empty_is_default else text)
+        except ValueError as exc:
+            raise ConfigError(variable.env, str(exc)) from None
+        if isinstance(variable.field, tuple):
+            values.update(zip(variable.field, value, strict=True))
+        else:
+            values[variable.field] = value
+    settings = Settings(
+        **values,
+        # The default path may be absent when an IdP URL supplies the keys.
+        jwks_file_required=bool(source.get("SECURE_WS_JWKS_FILE", "").strip()) or values["jwks_url"] is None,
+    )
+    _check_together(settings)
+    return replace(settings, warnings=_misspelt(source, real, env_file))
+
+
+def _check_together(settings: Settings) -> None:
+    """The rules no single variable can check on its own."""
+    hmac_named = [a for a in settings.algorithms if a in HMAC_ALGORITHMS]
+    if settings.jwt_secret is not None and not hmac_named:
+        raise ConfigError("SECURE_WS_JWT_SECRET", "is set but SECURE_WS_JWT_ALGORITHMS names no HS algorithm (add HS256)")
+    if settings.jwt_secret is None and hmac_named:
+        raise ConfigError("SECURE_WS_JWT_ALGORITHMS", f"{hmac_named[0]} is allowed but SECURE_WS_JWT_SECRET is not set")
+    if settings.rpc_proxy_url is not None and settings.rpc_proxy_secret is None:
+        raise ConfigError("SECURE_WS_RPC_PROXY_SECRET", "must be set when SECURE_WS_RPC_PROXY_URL is")
+    if settings.rpc_proxy_secret is not None and settings.rpc_proxy_url is None:
+        raise ConfigError("SECURE_WS_RPC_PROXY_SECRET", "is set but SECURE_WS_RPC_PROXY_URL is not")
+
+
+def _misspelt(source: Mapping[str, str], real: Mapping[str, str], env_file: object) -> tuple[str, ...]:
+    """A ``SECURE_WS_*`` name set but not in :data:`VARIABLES` is a misspelling: a warning naming the nearest real one."""
+    known = sorted(v.name for v in VARIABLES)  # compared without the prefix every name shares
+    names = {v.env for v in VARIABLES}
+    warnings = []
+    for name in sorted(n for n in source if n.startswith(PREFIX) and n not in names):
+        where = "the environment" if name in real else str(env_file)
+        nearest = difflib.get_close_matches(name[len(PREFIX):], known, n=1, cutoff=0.6)
+        hint = f"did you mean {PREFIX}{nearest[0]}?" if nearest else "see .env.example for the variables"
+        warnings.append(f"{name} (from {where}) is not a secure_ws variable and is ignored; {hint}")
+    return tuple(warnings)
+
+
+if __name__ == "__main__":  # python -m secure_ws.settings > .env.example
+    print(env_example(), end="")

@@ -13,8 +13,8 @@ and keeps it alive for as long as you use it:
   exponentially growing delay between attempts;
 * it **re-subscribes** every channel you subscribed once a new connection is up, **recovering** what
   was published meanwhile: it keeps the last ``offset`` and ``epoch`` it saw on each channel and
-  re-subscribes with ``since``, so the server replays the missed messages before the live ones
-  (SPEC §11); when that cannot be done (history lost, or the client was away too long) it calls
+  re-subscribes with ``since``, so the server replays the missed messages before the live ones;
+  when that cannot be done (history lost, or the client was away too long) it calls
   ``on_recovery_failed(channel)`` so that the application reloads its state;
 * it delivers **pushes** (``pushes()`` or ``on_push=``), **join/leave** events (``subscribe(channel,
   join_leave=True)``), answers **calls** (``await call(type, data)``) and **streams** (``async for data in

@@ -57,8 +57,8 @@ class Client(Protocol):
             later, for tokens shorter than that). ``None`` or ``0`` disables
             refreshing: the server then closes with ``token expired`` and the
             client reconnects with a fresh token.
-        backoff_initial, backoff_max: bounds of the reconnect delay; see
-            :func:`backoff_delay`.
+        backoff_initial: the first reconnect delay's bound; see :func:`backoff_delay`.
+        backoff_max: the largest reconnect delay.
         stable_after: a connection that stayed up this many seconds resets the
             backoff to ``backoff_initial``.
         on_message: called with each channel message (``type == "message"``, and

@@ -1,4 +1,4 @@
-"""What an application handler raises to refuse a request, and the error codes of SPEC §9."""
+"""What an application handler raises to refuse a request, and the error codes of handler calls."""
 
 from __future__ import annotations
 
@@ -9,13 +9,13 @@ import re
 CODE = re.compile(r"[a-z][a-z0-9_.:-]{0,63}")
 MAX_MESSAGE_CHARS = 1024
 
-INTERNAL_ERROR = "internal_error"
-TIMEOUT = "timeout"
-BUSY = "busy"
-CANCELLED = "cancelled"
+INTERNAL_ERROR = "internal_error"  # the handler raised, or returned something that is not JSON
+TIMEOUT = "timeout"  # past SECURE_WS_HANDLER_TIMEOUT (or SECURE_WS_STREAM_TIMEOUT): cancelled
+BUSY = "busy"  # SECURE_WS_MAX_INFLIGHT calls already running on this connection
+CANCELLED = "cancelled"  # the client sent cancel for it
 
 
-class Reject(Exception):  # noqa: N818 (the name SPEC §9 gives it)
+class Reject(Exception):  # noqa: N818 (the name the API documents)
     """``raise Reject("empty_order", "an order needs items")``: the client gets an error frame with this
     code and message; the connection stays open."""
 

@@ -1,4 +1,4 @@
-"""The JSON message schema (SPEC §5): parsing, replies and error frames, with no I/O.
+"""The JSON message schema: parsing, replies and error frames, with no I/O.
 
 Kept apart from the session like ``websockets`` keeps its protocol apart from
 its transport, so hostile input can be fuzzed here without a socket.
@@ -15,13 +15,13 @@ import orjson
 MAX_CHANNEL_CHARS = 128
 CHANNEL = re.compile(rf"[A-Za-z0-9_.:-]{{1,{MAX_CHANNEL_CHARS}}}")
 
-BAD_REQUEST = "bad_request"
-UNKNOWN_TYPE = "unknown_type"
-FORBIDDEN = "forbidden"
-RATE_LIMITED = "rate_limited"
-LIMIT_EXCEEDED = "limit_exceeded"
-# Not in SPEC §5's list: only sent while Redis is unreachable, when a publish or subscribe cannot be done.
-UNAVAILABLE = "unavailable"
+BAD_REQUEST = "bad_request"  # not a JSON object with a string type, a bad field, or data that fails validation
+UNKNOWN_TYPE = "unknown_type"  # no built-in type, handler or RPC proxy answers that type
+FORBIDDEN = "forbidden"  # the token's scope does not grant it
+RATE_LIMITED = "rate_limited"  # over the per-sub or a handler's limit; carries retry_after_ms
+LIMIT_EXCEEDED = "limit_exceeded"  # one subscription too many (SECURE_WS_MAX_SUBSCRIPTIONS)
+# Only sent while Redis is unreachable, when a publish or subscribe cannot be done.
+UNAVAILABLE = "unavailable"  # shared storage (or the RPC proxy's backend) cannot answer now
 
 MessageId = str | int | None
 

@@ -1,0 +1,1 @@
+secure-ws dev app:api

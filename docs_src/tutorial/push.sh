@@ -1,0 +1,2 @@
+export KEY=$(secure-ws apikey create backend)
+python push.py

@@ -1,0 +1,2 @@
+export SECURE_WS_STORAGE_URL=redis://127.0.0.1:6379/0
+secure-ws serve app:api --workers 2
