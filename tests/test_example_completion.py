@@ -77,3 +77,51 @@ def test_refusals_scope_and_bad_prompts(completion: Server, issue: Any) -> None:
             assert_error(await request(ws, {"type": "ai.complete", "id": 3, "data": {"prompt": "hi"}}), "forbidden", 3)
 
     run(go())
+
+
+# -- the same application in process, as its own test suite would drive it (secure_ws.testing) ----------------------
+
+
+def test_in_process_a_completion_streams_and_leaving_the_loop_cancels_it() -> None:
+    from examples.completion.app import TEXT, api
+    from secure_ws.testing import TestServer
+
+    async def go() -> None:
+        async with TestServer(api) as server:
+            async with server.connect(sub=unique_sub(), scope=AI) as ws:
+                words = [chunk["text"] async for chunk in ws.stream("ai.complete", {"prompt": "hi", "max_words": 4})]
+                assert "".join(words) == " ".join(TEXT[:4])
+                before = await ws.call("ai.usage")
+                async for _ in ws.stream("ai.complete", {"prompt": "hi", "max_words": 10_000}):
+                    break  # leaving the loop sends cancel: the generator's finally counts it
+                for _ in range(200):
+                    now = await ws.call("ai.usage")
+                    if now["cancelled"] > before["cancelled"]:
+                        break
+                assert now["cancelled"] == before["cancelled"] + 1
+                assert now["words"] < before["words"] + 100  # stopped, not run to its 10,000 words
+
+    run(go())
+
+
+def test_in_process_refusals_scope_and_bad_prompts() -> None:
+    from examples.completion.app import api
+    from secure_ws.client import RequestError
+    from secure_ws.testing import TestServer
+
+    async def code_of(ws: Any, data: Any) -> str:
+        with pytest.raises(RequestError) as info:
+            async for _ in ws.stream("ai.complete", data):
+                pass
+        return info.value.code
+
+    async def go() -> None:
+        async with TestServer(api) as server:
+            async with server.connect(sub=unique_sub(), scope=AI) as ws:
+                assert await code_of(ws, {"prompt": "forbidden topic"}) == "refused"
+                assert await code_of(ws, {"prompt": ""}) == "bad_request"
+                assert await code_of(ws, {"prompt": "hi", "max_words": 0}) == "bad_request"
+            async with server.connect(sub=unique_sub(), scope="subscribe:*") as ws:
+                assert await code_of(ws, {"prompt": "hi"}) == "forbidden"
+
+    run(go())
