@@ -425,7 +425,7 @@ class Session:
                 task.cancel(_CANCELLED)
 
     def _call_done(self, task: asyncio.Task[None]) -> None:
-        del self._calls[task]
+        self._calls.pop(task, None)  # already gone when the call answered
 
     def _set_deadline(self, call: _Call, deadline: float) -> None:
         call.deadline = deadline
@@ -462,7 +462,7 @@ class Session:
                 retry_ms = await handler.limiter.hit(self._sub)
                 if retry_ms:
                     metrics.STATS.rate_limited += 1
-                    self.send(error(RATE_LIMITED, f"rate limit for {kind} exceeded", id, retry_after_ms=retry_ms))
+                    self._answer(error(RATE_LIMITED, f"rate limit for {kind} exceeded", id, retry_after_ms=retry_ms))
                     return
             data = request.get("data")
             if handler is not None and handler.validate is not None:
@@ -491,6 +491,12 @@ class Session:
             text = self._call_fault(kind, id, exc)
         if call.stop is not None:  # also when the handler caught its cancellation and answered anyway
             text = self._stopped(kind, call, timeout_code)
+        self._answer(text)
+
+    def _answer(self, text: str) -> None:
+        """A call's terminal frame, sent once its slot is free: a request the client sends on reading it is never
+        answered ``busy`` for want of a slot that this call still held (its task's done callback runs later)."""
+        self._calls.pop(asyncio.current_task(), None)  # type: ignore[arg-type]
         self.send(text)
 
     async def _stream(
