@@ -33,6 +33,7 @@ HMAC_ALGORITHMS = frozenset({"HS256", "HS384", "HS512"})
 STRATEGIES = ("sliding-window", "moving-window", "fixed-window")
 MIN_SECRET_BYTES = 32
 MAX_HISTORY_SIZE = 10_000
+PROXY_EVENTS = ("subscribe", "publish", "connect")
 
 _DURATION = re.compile(r"^\s*(\d+)\s*([smhd]?)\s*$")
 _DURATION_UNITS = {"": 1, "s": 1, "m": 60, "h": 3600, "d": 86400}
@@ -104,6 +105,8 @@ class Settings:
     max_inflight: int = 8
     rpc_proxy_url: str | None = None
     rpc_proxy_secret: bytes | None = field(default=None, repr=False)
+    rpc_proxy_events: frozenset[str] = frozenset()  # of PROXY_EVENTS: sent to the RPC proxy as $subscribe, …
+    channels_file: Path | None = None  # TOML [[channels]] rules (secure_ws.state.channel_options)
     allowed_origins: frozenset[str] = frozenset()
     forwarded_allow_ips: tuple[ipaddress.IPv4Network | ipaddress.IPv6Network, ...] = ()
     storage_url: str = "memory://"
@@ -306,6 +309,11 @@ def load_settings(
             )
         if proxy_url is None:
             raise ConfigError("SECURE_WS_RPC_PROXY_SECRET", "is set but SECURE_WS_RPC_PROXY_URL is not")
+    proxy_events = frozenset(e.strip() for e in get("RPC_PROXY_EVENTS").split(",") if e.strip())
+    if proxy_events - set(PROXY_EVENTS):
+        raise ConfigError("SECURE_WS_RPC_PROXY_EVENTS", f"use a comma-separated list of {', '.join(PROXY_EVENTS)}")
+    if proxy_events and proxy_url is None:
+        raise ConfigError("SECURE_WS_RPC_PROXY_EVENTS", "is set but SECURE_WS_RPC_PROXY_URL is not")
 
     try:
         history_ttl = parse_duration(get("HISTORY_TTL", "5m"))
@@ -347,6 +355,8 @@ def load_settings(
         max_inflight=integer("MAX_INFLIGHT", 8, minimum=1),
         rpc_proxy_url=proxy_url,
         rpc_proxy_secret=proxy_secret,
+        rpc_proxy_events=proxy_events,
+        channels_file=Path(get("CHANNELS_FILE")) if get("CHANNELS_FILE") else None,
         allowed_origins=origins,
         forwarded_allow_ips=tuple(proxies),
         storage_url=storage_url,

@@ -85,20 +85,40 @@ async def _subscribe(session: Connection, request: Request) -> None:
     since = since_of(request)
     if not session.grants.may_subscribe(channel):
         raise ProtocolError(FORBIDDEN, f"scope does not grant subscribe:{channel}", request.get("id"))
-    # Each held channel costs memory here and a subscription in storage; one already held is free.
+    hooks = session.deps.on_subscribe
+    found = hooks.for_channel(channel)
+    data = None
+    if found:
+        data = await hooks.run(found, request.get("id"), "on_subscribe", session.context, channel)
+    await subscribe_to(session, channel, since, join_leave, request, data)
+
+
+async def subscribe_to(
+    session: Connection, channel: str, since: tuple[int, str] | None, join_leave: bool, request: Request | None, data: Any = None
+) -> None:
+    """Join ``channel`` and tell the client ``subscribed`` (with ``data`` if not None), then what it missed since
+    ``since``. ``request`` None: the server subscribes the connection (Context.subscribe): the frames go out as
+    deliveries, behind what the connection was already sent, and no scope or hook is asked. Runs while the
+    connection's deliveries are held (:meth:`Connection.hold`)."""
+    id = None if request is None else request.get("id")
     deps = session.deps
+    options = deps.channels(channel)
+    if join_leave and not options.join_leave:
+        raise ProtocolError(FORBIDDEN, f"join/leave events are off for {channel}", id)
+    # Each held channel costs memory here and a subscription in storage; one already held is free.
     limit = deps.settings.max_subscriptions
     held = channel in session.channels
     if len(session.channels) >= limit and not held:
-        raise ProtocolError(LIMIT_EXCEEDED, f"at most {limit} subscriptions per connection", request.get("id"))
-    # Joined to the live stream first (publications are held meanwhile: this runs inside `waiting`), then the
-    # history read: whatever is published in between is in both, and the floor set below drops the second copy.
+        raise ProtocolError(LIMIT_EXCEEDED, f"at most {limit} subscriptions per connection", id)
+    # Joined to the live stream first (publications are held meanwhile), then the history read: whatever is
+    # published in between is in both, and the floor set below drops the second copy.
     await deps.hub.join(session, channel)
     await deps.presence.join(session, channel, join_leave)  # leaves the channel again if it raises
     try:
         # Without `since`, only the position: limit 0. With it, everything after it (at most the whole history).
         position = None if since is None else Position(*since)
-        found = await deps.history(channel, position, 0 if position is None else deps.settings.history_size)
+        size = options.history.size if options.history is not None else 0
+        found = await deps.history(channel, position, 0 if position is None else size)
     except BaseException:
         if not held:  # nothing half-applied: a subscribe that failed leaves no subscription behind
             await deps.hub.leave(session, channel)
@@ -108,10 +128,13 @@ async def _subscribe(session: Connection, request: Request) -> None:
         frame["offset"], frame["epoch"] = found.offset, found.epoch
     if since is not None:
         frame["recovered"] = found is not None and found.recovered
-    session.send(reply(request, frame))
+    if data is not None:
+        frame["data"] = data
+    out = session.send if request is not None else session.deliver
+    out(reply(request, frame) if request is not None else encode(frame))
     if found is not None:
         for text in found.messages:
-            session.send(text)
+            out(text)
         if since is not None or not held:
             # Publications up to here that arrive from now on are duplicates of the replay, or (a first subscribe)
             # older than the position just told. A plain re-subscribe to a held channel drops nothing: what is in
@@ -131,14 +154,25 @@ async def _publish(session: Connection, request: Request) -> None:
         raise ProtocolError(BAD_REQUEST, "publish needs 'data'", request.get("id"))
     if not session.grants.may_publish(channel):
         raise ProtocolError(FORBIDDEN, f"scope does not grant publish:{channel}", request.get("id"))
-    await session.deps.publish(channel, request["data"], session.principal.sub)
+    deps = session.deps
+    if not deps.channels(channel).client_publish:
+        raise ProtocolError(FORBIDDEN, f"clients may not publish to {channel}", request.get("id"))
+    data = request["data"]
+    hooks = deps.on_publish
+    found = hooks.for_channel(channel)
+    if found:
+        replaced = await hooks.run(found, request.get("id"), "on_publish", session.context, channel, data)
+        if replaced is not None:
+            data = replaced
+    await deps.publish(channel, data, session.principal.sub)
     session.send(reply(request, {"type": "published", "channel": channel}))
 
 
 async def _history(session: Connection, request: Request) -> None:
     channel = channel_of(request)
     since = since_of(request)
-    limit = limit_of(request, session.deps.settings.history_size)
+    history = session.deps.channels(channel).history
+    limit = limit_of(request, history.size if history is not None else 0)
     if not session.grants.may_subscribe(channel):
         raise ProtocolError(FORBIDDEN, f"scope does not grant subscribe:{channel}", request.get("id"))
     found = await session.deps.history(channel, None if since is None else Position(*since), limit)

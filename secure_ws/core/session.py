@@ -140,6 +140,8 @@ class Session:
         "_calls",
         "_call_timer",
         "_context",
+        "_holds",
+        "path_params",
     )
 
     def __init__(self, deps: SessionDeps, send: Any, principal: Principal) -> None:
@@ -186,6 +188,8 @@ class Session:
         self._calls: dict[asyncio.Task[None], _Call] = {}
         self._call_timer: asyncio.TimerHandle | None = None
         self._context: Context | None = None
+        self._holds = 0  # how many holds (hold()) are open: deliveries are held while any is
+        self.path_params: dict[str, Any] = {}  # of SecureWS(path="/ws/{tenant}"), set by the app
 
     # -- lifecycle -----------------------------------------------------------------
 
@@ -213,11 +217,10 @@ class Session:
         try:
             # The hooks run before the welcome, and what they push waits behind it: a client refused
             # by on_connect never sees a welcome, and one admitted sees the welcome first.
-            self._held = []
+            self.hold()
             admitted = not deps.on_connect or await self._hooks(deps.on_connect, "on_connect")
             if not admitted:
                 return
-            held, self._held = self._held, None
             self.send(
                 encode(
                     {
@@ -229,7 +232,7 @@ class Session:
                     }
                 )
             )
-            self._release(held)
+            self.unhold()
             code = await self._loop(receive)
             log.info(
                 "session %s sub=%s disconnected %s", self.id, self._sub, code,
@@ -364,7 +367,7 @@ class Session:
         started = self._sampled
         # Publications arriving meanwhile are held until the reply is out: a subscribed publisher
         # hears `published` before its own message, whether storage delivers it at once or via Redis.
-        self._held = []
+        self.hold()
         try:
             await work
         except Exception as exc:  # noqa: BLE001 (a fault must close this connection only)
@@ -372,8 +375,7 @@ class Session:
             if settled is not None:
                 await settled
         finally:
-            held, self._held = self._held, None
-            self._release(held)
+            self.unhold()
         if started:
             metrics.FRAMES.observe(perf_counter() - started)
 
@@ -680,6 +682,19 @@ class Session:
         if not floors:
             self._floors = None
         return False
+
+    def hold(self) -> None:
+        """Hold deliveries (publications, pushes) until the matching :meth:`unhold`: while a request waits, and
+        while the server subscribes this connection (Context.subscribe, from a handler task beside the frames)."""
+        if self._holds == 0:
+            self._held = []
+        self._holds += 1
+
+    def unhold(self) -> None:
+        self._holds -= 1
+        if self._holds == 0:
+            held, self._held = self._held, None
+            self._release(held or [])
 
     def _release(self, held: list[Delivery]) -> None:
         if self.closed:

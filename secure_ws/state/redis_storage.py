@@ -490,7 +490,7 @@ class RedisStorage(Storage):
 
     @raises_unavailable
     async def publish(self, channel: str, head: str) -> Position | None:
-        limits = self.history_limits
+        limits = self.history_for(channel)
         if limits is None:
             await metrics.timed("publish", self.redis.publish(CHANNEL_PREFIX + channel, "0  " + head + "}"))
             return None
@@ -517,7 +517,7 @@ class RedisStorage(Storage):
 
     @raises_unavailable
     async def history(self, channel: str, since: Position | None, limit: int) -> History | None:
-        limits = self.history_limits
+        limits = self.history_for(channel)
         if limits is None:
             return None
         keys = [_record_key(channel), _list_key(channel), _next_epoch_key(channel)]
