@@ -617,6 +617,8 @@ def measure_channels(folder: Path, ca: str, secure: Target, seconds: float, roun
     patterned.start(folder)
     hooked.start(folder)
     try:
+        for target in (secure, patterned, hooked):  # a discarded warm-up each
+            measure_throughput(target, ca, 2.0, payload=SUBSCRIBE_PAYLOAD)
         for _ in range(rounds):
             for name, target in (("plain", secure), ("patterns", patterned), ("hook", hooked)):
                 for kind, payload in (("subscribe", SUBSCRIBE_PAYLOAD), ("publish", PUBLISH_PAYLOAD)):
