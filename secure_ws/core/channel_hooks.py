@@ -34,14 +34,25 @@ class HookFailed(Exception):
     """A hook that could not answer for a reason of its own making (the RPC proxy unreachable): ``unavailable``."""
 
 
+_TIMED_OUT = "secure_ws: hook timeout"  # the cancel message of a hook past its deadline
+
+
 class ChannelHooks:
-    __slots__ = ("_hooks", "_cache", "_timeout")
+    """The hooks of one kind (subscribe or publish), by channel pattern, and their deadlines.
+
+    A hook's deadline costs no timer of its own (``asyncio.timeout`` made one per call, most of a fast hook's
+    cost): the task running it is noted with its deadline in ``_running`` (bound: one entry per task running a
+    hook, i.e. per connection at most), and one timer, armed only while hooks run, cancels whatever is late."""
+
+    __slots__ = ("_hooks", "_cache", "_timeout", "_running", "_watchdog")
 
     def __init__(self, hooks: list[tuple[str, ChannelHook, str]], timeout: float) -> None:
         # (pattern, hook, code on timeout) in registration order; the pattern as a Glob.
         self._hooks = tuple((Glob(pattern), hook, code) for pattern, hook, code in hooks)
         self._cache: dict[str, tuple[tuple[ChannelHook, str], ...]] = {}  # bound: CACHE_SIZE entries
         self._timeout = timeout
+        self._running: dict[asyncio.Task[Any], float] = {}  # task → deadline (loop time); -1 once timed out
+        self._watchdog: asyncio.TimerHandle | None = None
 
     def for_channel(self, channel: str) -> tuple[tuple[ChannelHook, str], ...]:
         """The hooks (with their timeout code) for ``channel``: () when none matches, as for most channels."""
@@ -59,24 +70,53 @@ class ChannelHooks:
         """Run ``hooks`` on ``(ctx, *args)``; returns the last value not None (None if none); raises
         :class:`ProtocolError` with ``id`` for a refusal, a fault, or a timeout."""
         result = None
+        task = asyncio.current_task()
+        assert task is not None
+        running = self._running
         for hook, timeout_code in hooks:
+            loop = asyncio.get_running_loop()
+            running[task] = loop.time() + self._timeout
+            if self._watchdog is None:
+                self._watchdog = loop.call_at(running[task], self._expire)
             try:
-                async with asyncio.timeout(self._timeout):
-                    value = await hook(ctx, *args)
-            except Reject as exc:
-                raise ProtocolError(exc.code, exc.message, id) from None
-            except TimeoutError:
+                value = await hook(ctx, *args)
+                if running.get(task) == -1.0:  # it caught its cancellation and answered anyway: still late
+                    raise asyncio.CancelledError(_TIMED_OUT)
+            except asyncio.CancelledError:
+                if running.get(task) != -1.0:
+                    raise  # the connection is closing
+                task.uncancel()
                 log.warning("session %s: %s hook timed out", ctx.connection_id, name, extra={"event": "handler_timeout"})
                 raise ProtocolError(timeout_code, f"no answer within {self._timeout:g}s", id) from None
+            except Reject as exc:
+                raise ProtocolError(exc.code, exc.message, id) from None
             except HookFailed as exc:
                 log.warning("session %s: %s hook: %s", ctx.connection_id, name, exc, extra={"event": "proxy_unavailable"})
                 raise ProtocolError(UNAVAILABLE, "backend unavailable; retry shortly", id) from None
             except Exception as exc:  # noqa: BLE001 (the application's fault: this request fails, the connection stays)
                 log.error("session %s: %s hook raised", ctx.connection_id, name, exc_info=exc, extra={"event": "hook_fault"})
                 raise ProtocolError(INTERNAL_ERROR, "internal error", id) from None
+            finally:
+                running.pop(task, None)
             if value is not None:
                 result = value
                 if name == "on_publish":
                     args = (args[0], value)  # the next hook sees what would now be published
         return result
 
+    def _expire(self) -> None:
+        """Cancel the hooks past their deadline; re-arm for the earliest other one, if any is running."""
+        self._watchdog = None
+        loop = asyncio.get_running_loop()
+        now = loop.time()
+        earliest = None
+        for task, deadline in self._running.items():
+            if deadline == -1.0:
+                continue
+            if deadline <= now:
+                self._running[task] = -1.0
+                task.cancel(_TIMED_OUT)
+            elif earliest is None or deadline < earliest:
+                earliest = deadline
+        if earliest is not None:
+            self._watchdog = loop.call_at(earliest, self._expire)
