@@ -28,6 +28,7 @@ log = logging.getLogger("secure_ws.session")
 
 # (ctx, channel) for subscribe, (ctx, channel, data) for publish.
 ChannelHook = Callable[..., Awaitable[Any]]
+Hooks = tuple[tuple[ChannelHook, str], ...]  # the hooks that match one channel, each with its timeout code
 
 
 class HookFailed(Exception):
@@ -49,12 +50,12 @@ class ChannelHooks:
     def __init__(self, hooks: list[tuple[str, ChannelHook, str]], timeout: float) -> None:
         # (pattern, hook, code on timeout) in registration order; the pattern as a Glob.
         self._hooks = tuple((Glob(pattern), hook, code) for pattern, hook, code in hooks)
-        self._cache: dict[str, tuple[tuple[ChannelHook, str], ...]] = {}  # bound: CACHE_SIZE entries
+        self._cache: dict[str, Hooks] = {}  # bound: CACHE_SIZE entries
         self._timeout = timeout
         self._running: dict[asyncio.Task[Any], float] = {}  # task → deadline (loop time); -1 once timed out
         self._watchdog: asyncio.TimerHandle | None = None
 
-    def for_channel(self, channel: str) -> tuple[tuple[ChannelHook, str], ...]:
+    def for_channel(self, channel: str) -> Hooks:
         """The hooks (with their timeout code) for ``channel``: () when none matches, as for most channels."""
         if not self._hooks:
             return ()
@@ -66,7 +67,7 @@ class ChannelHooks:
             self._cache[channel] = found
         return found
 
-    async def run(self, hooks: tuple[tuple[ChannelHook, str], ...], id: Any, name: str, ctx: Any, *args: Any) -> Any:
+    async def run(self, hooks: Hooks, id: Any, name: str, ctx: Any, *args: Any) -> Any:
         """Run ``hooks`` on ``(ctx, *args)``; returns the last value not None (None if none); raises
         :class:`ProtocolError` with ``id`` for a refusal, a fault, or a timeout."""
         result = None

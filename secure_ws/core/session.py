@@ -367,7 +367,9 @@ class Session:
         started = self._sampled
         # Publications arriving meanwhile are held until the reply is out: a subscribed publisher
         # hears `published` before its own message, whether storage delivers it at once or via Redis.
-        self.hold()
+        if not self._holds:  # hold(), inlined on this path
+            self._held = []
+        self._holds += 1
         try:
             await work
         except Exception as exc:  # noqa: BLE001 (a fault must close this connection only)

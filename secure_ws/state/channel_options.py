@@ -170,7 +170,8 @@ class ChannelRules:
 
     def history(self, channel: str) -> HistoryLimits | None:
         """The channel's history limits, None when it keeps none: what storage asks on every append and read."""
-        return self(channel).history
+        found = self._cache.get(channel)
+        return (found if found is not None else self(channel)).history
 
 
 def _history(limits: HistoryLimits, size: int | None, ttl: int | None) -> HistoryLimits | None:
