@@ -206,6 +206,25 @@ def test_path_parameters_and_paths_that_do_not_match(srv: Server, issue: Any) ->
     run(go())
 
 
+def test_path_parameters_when_mounted(keydir: Path, issue: Any) -> None:
+    srv = AppServer(keydir, base_env(keydir, **APP_ENV), app="channels_app:host").start()
+    try:
+        async def go() -> None:
+            async with srv.connect(issue(), path="/realtime/ws/initech") as ws:
+                await welcome(ws)
+                assert (await request(ws, {"type": "where", "id": 1}))["data"] == {"tenant": "initech"}
+            # Below the mount point a path that does not match is ours to refuse (404); outside it, the host's (403).
+            for path, status in (("/realtime/ws", 404), ("/realtime/ws/a/b", 404), ("/ws/initech", 403)):
+                with pytest.raises(websockets.InvalidStatus) as info:
+                    async with srv.connect(issue(), path=path):
+                        pass
+                assert info.value.response.status_code == status, path
+
+        run(go())
+    finally:
+        srv.stop()
+
+
 # -- the service without Python code: SECURE_WS_CHANNELS_FILE -------------------------------------------------------
 
 CHANNELS_TOML = """

@@ -6,6 +6,9 @@ from __future__ import annotations
 import asyncio
 from typing import Any
 
+from starlette.applications import Starlette
+from starlette.routing import Mount
+
 from secure_ws import Context, Reject, SecureWS
 
 api = SecureWS(path="/ws/{tenant}")
@@ -68,3 +71,7 @@ async def follow(ctx: Context, data: Any) -> Any:
 async def shout(ctx: Context, data: Any) -> Any:
     """The server side publishes where clients may not."""
     return await api.publish(data["channel"], data["data"])
+
+
+# Mounted in a host app: the WebSocket is then /realtime/ws/{tenant}.
+host = Starlette(routes=[Mount("/realtime", app=api.app)], lifespan=api.lifespan)
