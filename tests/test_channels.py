@@ -129,8 +129,9 @@ def test_on_subscribe_allows_with_data_refuses_faults_and_times_out(srv: Server,
             assert_error(await request(ws, {"type": "subscribe", "channel": "room.closed", "id": 3}), "room_closed", 3)
             assert_error(await request(ws, {"type": "subscribe", "channel": "room.boom", "id": 4}), "internal_error", 4)
             assert_error(await request(ws, {"type": "subscribe", "channel": "room.hang", "id": 5}), "timeout", 5)
+            assert_error(await request(ws, {"type": "subscribe", "channel": "room.stubborn", "id": 7}), "timeout", 7)
             # No refusal left a subscription behind: the server's publications to them do not arrive; the connection stays.
-            for channel in ("room.closed", "room.boom", "room.hang"):
+            for channel in ("room.closed", "room.boom", "room.hang", "room.stubborn"):
                 await request(other, {"type": "shout", "data": {"channel": channel, "data": 1}})
             await nothing_more(ws)
             # The scope is checked first: without subscribe:room.*, the hook's data never shows.
@@ -383,6 +384,23 @@ def test_proxy_event_errors_refuse(keydir: Path, backend: Backend, issue: Any) -
         run(refused())
     finally:
         connect.stop()
+
+
+def test_proxy_events_null_data_allows_as_sent(keydir: Path, backend: Backend, issue: Any) -> None:
+    srv = proxied(keydir, backend, "/fixed/null-data", events="subscribe,publish")
+    t = tag()
+    try:
+        async def go() -> None:
+            async with srv.connect(issue(scope=ALL)) as ws:
+                await welcome(ws)
+                joined = await request(ws, {"type": "subscribe", "channel": f"room.{t}"})
+                assert joined["type"] == "subscribed" and "data" not in joined
+                await request(ws, {"type": "publish", "channel": f"room.{t}", "data": {"as": "sent"}})
+                assert (await recv_json(ws))["data"] == {"as": "sent"}
+
+        run(go())
+    finally:
+        srv.stop()
 
 
 @pytest.mark.parametrize("path", ["/fixed/text", "/fixed/array", "/fixed/neither", "/fixed/500", "/hang"])

@@ -32,6 +32,11 @@ async def may_join(ctx: Context, channel: str) -> Any:
         raise RuntimeError("on_subscribe is broken")
     if channel == "room.hang":
         await asyncio.sleep(3600)
+    if channel == "room.stubborn":  # catches its cancellation and answers anyway: still too late
+        try:
+            await asyncio.sleep(3600)
+        except asyncio.CancelledError:
+            return {"late": True}
     if channel == "room.silent":
         return None
     return {"topic": channel[5:], "tenant": ctx.path_params["tenant"]}
