@@ -446,3 +446,36 @@ def test_options_agree_across_servers_on_redis(keydir: Path, own_redis: Any, iss
                 assert (await recv_json(on_b))["data"] == "both"
 
         run(go())
+
+
+def test_proxy_events_setting_is_checked() -> None:
+    from secure_ws.settings import ConfigError, load_settings
+
+    proxy = {"SECURE_WS_RPC_PROXY_URL": "http://127.0.0.1:9/x", "SECURE_WS_RPC_PROXY_SECRET": "s" * 32}
+    settings = load_settings(environ={**proxy, "SECURE_WS_RPC_PROXY_EVENTS": " subscribe, connect "}, env_file=None)
+    assert settings.rpc_proxy_events == {"subscribe", "connect"}
+    with pytest.raises(ConfigError, match="SECURE_WS_RPC_PROXY_EVENTS: use a comma-separated list of subscribe, publish, connect"):
+        load_settings(environ={**proxy, "SECURE_WS_RPC_PROXY_EVENTS": "subscribe,unsubscribe"}, env_file=None)
+    with pytest.raises(ConfigError, match="SECURE_WS_RPC_PROXY_EVENTS: is set but SECURE_WS_RPC_PROXY_URL is not"):
+        load_settings(environ={"SECURE_WS_RPC_PROXY_EVENTS": "publish"}, env_file=None)
+
+
+def test_publisher_keeps_the_servers_history_sizes(own_redis: Any, tmp_path: Path) -> None:
+    """secure_ws.Publisher reads the same channels file (and rules declared in code) as the server."""
+    from secure_ws import Publisher
+    from secure_ws.settings import load_settings
+    from secure_ws.state.channel_options import Rule
+
+    redis = own_redis()
+    path = channels_file(tmp_path, CHANNELS_TOML)
+    settings = load_settings(environ={"SECURE_WS_CHANNELS_FILE": str(path)}, env_file=None)
+
+    async def go() -> None:
+        async with Publisher.from_url(redis.url, settings, rules=[Rule("news.*", history_size=3)]) as publisher:
+            for channel, kept in (("room.p", 2), ("news.p", 3), ("other.p", 6)):
+                for n in range(6):
+                    await publisher.publish(channel, n)
+                found = await publisher.storage.history(channel, None, 100)
+                assert found is not None and len(found.messages) == kept, (channel, found)
+
+    run(go())
