@@ -189,6 +189,11 @@ def test_server_side_subscriptions(srv: Server, issue: Any) -> None:
             assert [(m["type"], m["offset"]) for m in rest[1:]] == [("message", 2), ("message", 3)]
             bad = await request(ws, {"type": "follow", "id": 10, "data": {"channel": "bad channel!"}})
             assert_error(bad, "internal_error", 10)  # the handler's ValueError: its fault, the connection stays
+            # A refresh keeps what the server subscribed, whatever the new token's scope says.
+            refreshed = await request(ws, {"type": "refresh", "id": 11, "token": issue(sub, personal=True)})
+            assert refreshed["type"] == "refreshed", refreshed
+            await request(admin, {"type": "shout", "data": {"channel": f"user.{sub}", "data": "still yours"}})
+            assert (await recv_json(ws))["data"] == "still yours"
 
     run(go())
 

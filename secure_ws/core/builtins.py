@@ -127,6 +127,10 @@ async def subscribe_to(
         if not held:  # nothing half-applied: a subscribe that failed leaves no subscription behind
             await deps.hub.leave(session, channel)
         raise
+    if request is None:
+        if session.server_channels is None:
+            session.server_channels = set()
+        session.server_channels.add(channel)
     frame: dict[str, Any] = {"type": "subscribed", "channel": channel}
     if found is not None:
         frame["offset"], frame["epoch"] = found.offset, found.epoch
@@ -149,6 +153,8 @@ async def subscribe_to(
 async def _unsubscribe(session: Connection, request: Request) -> None:
     channel = channel_of(request)
     await session.deps.hub.leave(session, channel)
+    if session.server_channels is not None:  # given up: subscribing again needs the client's own right
+        session.server_channels.discard(channel)
     session.send(reply(request, {"type": "unsubscribed", "channel": channel}))
 
 
@@ -210,8 +216,9 @@ async def _refresh(session: Connection, request: Request) -> None:
         await session.close(Close.POLICY_VIOLATION, INVALID)
         return
     session.renew(principal)
+    given = session.server_channels or ()
     for channel in tuple(session.channels):
-        if not session.grants.may_subscribe(channel):
+        if channel not in given and not session.grants.may_subscribe(channel):
             await session.deps.hub.leave(session, channel)
             session.send(error(FORBIDDEN, f"refreshed scope no longer grants subscribe:{channel}", channel=channel))
     session.send(reply(request, {"type": "refreshed", "expires_at": principal.exp}))

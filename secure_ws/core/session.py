@@ -142,6 +142,7 @@ class Session:
         "_context",
         "_holds",
         "path_params",
+        "server_channels",
     )
 
     def __init__(self, deps: SessionDeps, send: Any, principal: Principal) -> None:
@@ -190,6 +191,9 @@ class Session:
         self._context: Context | None = None
         self._holds = 0  # how many holds (hold()) are open: deliveries are held while any is
         self.path_params: dict[str, Any] = {}  # of SecureWS(path="/ws/{tenant}"), set by the app
+        # Channels the server subscribed this connection to (Context.subscribe): kept whatever a refresh's scope
+        # says. None until the first; at most SECURE_WS_MAX_SUBSCRIPTIONS entries (held channels only).
+        self.server_channels: set[str] | None = None
 
     # -- lifecycle -----------------------------------------------------------------
 

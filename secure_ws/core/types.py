@@ -47,6 +47,7 @@ class Connection(Protocol):
     channels: set[str]
     closed: bool
     path_params: dict[str, Any]
+    server_channels: set[str] | None
 
     @property
     def deps(self) -> SessionDeps: ...
