@@ -160,7 +160,7 @@ class Service:
     async def history(self, channel: str, since: dict[str, Any] | None = None, limit: int | None = None) -> dict[str, Any]:
         """For the server API's ``history``: ``{"messages": [...], "offset": N, "epoch": E}``, the messages as the
         objects subscribers received (with ``since``: those after it, at most ``limit``; else the latest
-        ``limit``; ``limit`` defaults to and is clamped to SECURE_WS_HISTORY_SIZE). With ``since`` that cannot be
+        ``limit``; ``limit`` defaults to and is clamped to the channel's history size). With ``since`` that cannot be
         honoured (another epoch, fallen out) the messages are empty and ``"recovered": false`` is added (``true``
         when it could). ``{"messages": []}`` with history off. ``ValueError`` for a bad channel, ``since`` or
         ``limit`` (the message says which), ``StorageUnavailable`` when storage does not answer."""
