@@ -408,6 +408,18 @@ def test_proxy_events_null_data_allows_as_sent(keydir: Path, backend: Backend, i
         srv.stop()
 
 
+def test_proxy_garbage_to_connect_is_a_close_to_retry(keydir: Path, backend: Backend, issue: Any) -> None:
+    srv = proxied(keydir, backend, "/fixed/text", events="connect")
+    try:
+        async def go() -> None:
+            async with srv.connect(issue()) as ws:
+                assert await closed_with(ws) == (1013, "service unavailable")  # never a welcome
+
+        run(go())
+    finally:
+        srv.stop()
+
+
 @pytest.mark.parametrize("path", ["/fixed/text", "/fixed/array", "/fixed/neither", "/fixed/500", "/hang"])
 def test_proxy_garbage_to_subscribe_is_unavailable_and_never_subscribes(keydir: Path, backend: Backend, issue: Any, path: str) -> None:
     srv = proxied(keydir, backend, path, events="subscribe")

@@ -54,6 +54,7 @@ from ..wire.closes import (
     INTERNAL_ERROR,
     MESSAGE_TOO_BIG,
     RATE_LIMIT_EXCEEDED,
+    SERVICE_UNAVAILABLE,
     SLOW_CONSUMER,
     Close,
 )
@@ -69,6 +70,7 @@ from ..wire.messages import (
     reply,
 )
 from . import reject
+from .channel_hooks import HookFailed
 from .context import Context
 from .reject import Reject
 from .types import Chunks, Hook, Invoke, Request, SessionDeps
@@ -273,6 +275,10 @@ class Session:
             except Reject as exc:
                 log.info("session %s: %s refused: %s", self.id, name, exc.code, extra=self.log_fields("connect_refused"))
                 await self.close(Close.POLICY_VIOLATION, CONNECTION_REFUSED)
+                return False
+            except HookFailed as exc:  # the RPC proxy's $connect had no usable answer: never let in unasked
+                log.warning("session %s: %s: %s", self.id, name, exc, extra=self.log_fields("proxy_unavailable"))
+                await self.close(Close.TRY_AGAIN_LATER, SERVICE_UNAVAILABLE)
                 return False
             except Exception as exc:  # noqa: BLE001 (a fault of the application's must close this connection only)
                 log.error("session %s: %s hook failed", self.id, name, exc_info=exc, extra=self.log_fields("hook_fault"))
