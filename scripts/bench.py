@@ -80,6 +80,8 @@ LOADGEN_PROCS = 3
 PAYLOAD = b'{"type":"echo","data":"hello, world"}'
 HANDLER_PAYLOAD = b'{"type":"bench.echo","data":"hello, world"}'
 PUBLISH_PAYLOAD = b'{"type":"publish","channel":"bench","data":"hello, world"}'
+SUBSCRIBE_PAYLOAD = b'{"type":"subscribe","channel":"bench"}'  # a held channel re-subscribed: the whole subscribe path
+CHANNEL_PATTERNS = 50  # rules in the channels phase's SECURE_WS_CHANNELS_FILE, none of them matching "bench"
 API_CONNECTIONS = 5  # a backend's pool posting at once in the API fan-out row
 RECOVERED = 100  # messages replayed per recovery in the history phase
 STREAM_CHUNKS = 1000  # chunks per streamed call in the stream phase, each as small as the echo's data
@@ -638,6 +640,37 @@ def measure_history(folder: Path, ca: str, secure: Target, seconds: float, round
     return {"publish_on_us": statistics.median(on_cpu), "publish_off_us": statistics.median(off_cpu), **recovery}
 
 
+def measure_channels(folder: Path, ca: str, secure: Target, seconds: float, rounds: int) -> dict[str, float]:
+    """Server CPU per subscribe and per publish round trip: ``secure`` (no channel rules) against a copy with
+    CHANNEL_PATTERNS rules in a channels file (every one tried for "bench" once, then its options remembered), and
+    per subscribe against a copy whose "bench" goes through an ``on_subscribe`` hook (bench_app's, on
+    BENCH_SUBSCRIBE_HOOK=1) that allows it."""
+    rules = folder / "channels.toml"
+    rules.write_text("".join(f'[[channels]]\npattern = "room{n}.*"\nhistory_size = {n + 1}\n\n' for n in range(CHANNEL_PATTERNS)))
+    rules.chmod(0o600)
+    patterned = Target("secure_ws_patterns", secure.argv, {**secure.env, "SECURE_WS_CHANNELS_FILE": str(rules)},
+                       secure.path, secure.fan_path, secure.tokens, True)
+    hooked = Target("secure_ws_hook", secure.argv, {**secure.env, "BENCH_SUBSCRIBE_HOOK": "1"},
+                    secure.path, secure.fan_path, secure.tokens, True)
+    found: dict[str, list[float]] = {}
+    patterned.start(folder)
+    hooked.start(folder)
+    try:
+        for target in (secure, patterned, hooked):  # a discarded warm-up each
+            measure_throughput(target, ca, 2.0, payload=SUBSCRIBE_PAYLOAD)
+        for _ in range(rounds):
+            for name, target in (("plain", secure), ("patterns", patterned), ("hook", hooked)):
+                for kind, payload in (("subscribe", SUBSCRIBE_PAYLOAD), ("publish", PUBLISH_PAYLOAD)):
+                    if name == "hook" and kind == "publish":
+                        continue
+                    m = measure_throughput(target, ca, seconds, payload=payload)
+                    found.setdefault(f"{kind}_{name}_us", []).append(m["cpu_us"])
+    finally:
+        patterned.stop()
+        hooked.stop()
+    return {key: statistics.median(values) for key, values in found.items()}
+
+
 # -- main ----------------------------------------------------------------------------------
 
 
@@ -746,7 +779,8 @@ def main() -> None:
     parser.add_argument("--mode", choices=("uvicorn", "serve"), default="uvicorn")
     parser.add_argument("--rounds", type=int, default=None)
     parser.add_argument("--seconds", type=float, default=None)
-    parser.add_argument("--skip", default="", help="comma list of phases to skip: throughput,handshakes,idle,fanout,history,streams,testserver,peers")
+    parser.add_argument("--skip", default="",
+                        help="comma list of phases to skip: throughput,handshakes,idle,fanout,history,streams,testserver,peers,channels")
     parser.add_argument("--storage", default="memory://", help="secure_ws's SECURE_WS_STORAGE_URL (e.g. redis://127.0.0.1:6379/0)")
     parser.add_argument("--workers", type=int, default=1, help="secure_ws worker processes (use with --storage redis://…)")
     parser.add_argument("--subscribers", type=int, default=1000, help="subscribers in the fan-out phases")
@@ -765,6 +799,7 @@ def main() -> None:
     results: dict[str, dict[str, list[float]]] = {"bare": {}, "secure_ws": {}}
     cpu_notes: list[str] = []
     history: dict[str, float] = {}
+    channels: dict[str, float] = {}
     cancels: dict[str, float] = {}
     try:
         bare.start(folder)
@@ -815,6 +850,8 @@ def main() -> None:
                     results[t.name]["api_dps"] = [m["dps"]]
         if "history" not in skip:
             history = measure_history(folder, ca, secure, seconds, rounds)
+        if "channels" not in skip:
+            channels = measure_channels(folder, ca, secure, seconds, rounds)
         if "streams" not in skip:
             cancels = measure_cancels(secure, ca)
         if "peers" not in skip and "fanout" not in skip:
@@ -879,6 +916,13 @@ def main() -> None:
             print(f"  {name:<12} {cpu_us:>8.1f} µs    secure_ws / {name} = {ours / cpu_us:.2f}×")
     for note in peer_notes:
         print(f"  (not measured: {note})")
+    if channels:
+        for kind in ("subscribe", "publish"):
+            plain, patterned = channels[f"{kind}_plain_us"], channels[f"{kind}_patterns_us"]
+            label = f"CPU per {kind}, 50 rules"
+            print(f"{label:<28} {plain:>12.1f} {patterned:>12.1f} {'µs':<8} {patterned / plain:>7.2f}× no rules (none | 50)")
+        plain, hooked = channels["subscribe_plain_us"], channels["subscribe_hook_us"]
+        print(f"{'CPU per subscribe, hook':<28} {plain:>12.1f} {hooked:>12.1f} {'µs':<8} {hooked / plain:>7.2f}× no hook (none | hook)")
     print("\nratio = secure_ws / bare (higher is better for rates, lower for latency, memory and CPU)")
     for note in cpu_notes:
         print("  " + note)

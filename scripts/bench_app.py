@@ -5,12 +5,20 @@ against the built-in ``echo``'s, in the same server process — and the streams 
 from __future__ import annotations
 
 import asyncio
+import os
 from typing import Any
 
 from secure_ws import Context, SecureWS
 
 api = SecureWS()
 app = api.app
+
+
+if os.environ.get("BENCH_SUBSCRIBE_HOOK") == "1":  # bench.py's channels phase: a subscribe through a hook
+
+    @api.on_subscribe("bench*")
+    async def bench_admit(ctx: Context, channel: str) -> Any:
+        return None  # allowed, nothing added to `subscribed`
 
 
 @api.handler("bench.echo")

@@ -17,11 +17,11 @@ from typing import Any
 from starlette.applications import Starlette
 from starlette.requests import Request
 from starlette.responses import JSONResponse, PlainTextResponse, Response
-from starlette.routing import Route
+from starlette.routing import Route, compile_path
 
 from . import demo, logs, metrics
-from .core.handlers import HandlerFunc, HookFunc, RegistrationError, Registry, StreamFunc
-from .core.handshake import HandshakeMiddleware
+from .core.handlers import ChannelHook, HandlerFunc, HookFunc, RegistrationError, Registry, StreamFunc
+from .core.handshake import HandshakeMiddleware, deny_http
 from .core.session import DIRECT, Session
 from .server_api import PREFIX as API_PREFIX
 from .server_api import ServerApi
@@ -47,8 +47,11 @@ class SecureWS:
     freezes when the app starts serving.
     """
 
-    def __init__(self, settings: Settings | None = None) -> None:
+    def __init__(self, settings: Settings | None = None, path: str = WS_PATH) -> None:
         self.registry = Registry()
+        # The WebSocket's path (Starlette's syntax: "/ws/{tenant}"); its parameters are in ctx.path_params.
+        self.path = path
+        self._path_match = _path_matcher(path)
         self._settings = settings
         self._service: Service | None = None
         self._served: Any = None  # the ASGI app of the service in use
@@ -87,7 +90,7 @@ class SecureWS:
         next use); returns the one it replaces. :class:`secure_ws.testing.TestServer` uses it to run the
         application on its own settings and key."""
         previous, self._service = self._service, service
-        self._served = None if service is None else _asgi(service)
+        self._served = None if service is None else _asgi(service, self._path_match)
         return previous
 
     @property
@@ -139,6 +142,36 @@ class SecureWS:
         registry = self.registry
         return registry.hook(registry.on_disconnect, func, "on_disconnect")
 
+    def channels(
+        self,
+        pattern: str,
+        *,
+        history_size: int | None = None,
+        history_ttl: str | int | None = None,
+        presence: bool | None = None,
+        join_leave: bool | None = None,
+        client_publish: bool | None = None,
+    ) -> None:
+        """Options for the channels ``pattern`` matches (the scope glob syntax: ``room.*``); the first matching
+        declaration wins, after the rules of ``SECURE_WS_CHANNELS_FILE``. An option left out takes its default
+        (``SECURE_WS_HISTORY_SIZE``/``_TTL``; presence, join/leave and client publish on)."""
+        self.registry.channel_rule(pattern, {
+            "history_size": history_size, "history_ttl": history_ttl, "presence": presence,
+            "join_leave": join_leave, "client_publish": client_publish,
+        })
+
+    def on_subscribe(self, pattern: str) -> Callable[[ChannelHook], ChannelHook]:
+        """``async def f(ctx, channel)`` run on a client's subscribe to a matching channel, after the scope check:
+        ``Reject`` refuses it; a value returned is sent as ``"data"`` in ``subscribed``."""
+        registry = self.registry
+        return lambda func: registry.channel_hook(registry.on_subscribe, pattern, func, "on_subscribe", 2)
+
+    def on_publish(self, pattern: str) -> Callable[[ChannelHook], ChannelHook]:
+        """``async def f(ctx, channel, data)`` run on a client's publish to a matching channel, after the scope
+        check: ``Reject`` refuses it; a value returned (not None) is published instead of ``data``."""
+        registry = self.registry
+        return lambda func: registry.channel_hook(registry.on_publish, pattern, func, "on_publish", 3)
+
     # -- lifespan, for mounting in another app -------------------------------------------
 
     def lifespan(self, app: Any = None) -> Any:
@@ -182,7 +215,27 @@ class App:
         await api._served(scope, receive, send)
 
 
-def _asgi(service: Service) -> Any:
+def _path_matcher(path: str) -> Callable[[str], dict[str, Any] | None]:
+    """``path`` → a function giving a request path's parameters (``{}`` for a path without), None if it does not match."""
+    if path == WS_PATH:
+        return lambda candidate: {} if candidate == WS_PATH else None
+    if type(path) is not str or not path.startswith("/"):
+        raise RegistrationError(f"SecureWS(path={path!r}): a path starting with '/', like \"/ws/{{tenant}}\"")
+    try:
+        regex, _, convertors = compile_path(path)
+    except (ValueError, AssertionError) as exc:
+        raise RegistrationError(f"SecureWS(path={path!r}): {exc}") from None
+
+    def match(candidate: str) -> dict[str, Any] | None:
+        found = regex.match(candidate)
+        if found is None:
+            return None
+        return {name: convertors[name].convert(value) for name, value in found.groupdict().items()}
+
+    return match
+
+
+def _asgi(service: Service, ws_path: Callable[[str], dict[str, Any] | None]) -> Any:
     settings = service.settings
 
     async def healthz(request: Request) -> Response:
@@ -215,7 +268,9 @@ def _asgi(service: Service) -> Any:
         if deps is None:  # the lifespan ended between the handshake and here: shutting down
             return
         direct = scope.get("extensions", {}).get(DIRECT)
-        await Session(deps, send, scope["secure_ws.principal"]).run(receive, scope["secure_ws.subprotocol"], direct)
+        session = Session(deps, send, scope["secure_ws.principal"])
+        session.path_params = scope.get("path_params", {})
+        await session.run(receive, scope["secure_ws.subprotocol"], direct)
 
     gate = HandshakeMiddleware(session, service)
     server_api = ServerApi(service, fallback=http)
@@ -232,7 +287,13 @@ def _asgi(service: Service) -> Any:
         if internal_port is not None and (_local_port(scope) == internal_port) != path.startswith(INTERNAL_PATHS):
             await _not_found(scope, receive, send)
         elif kind == "websocket":
-            await (gate if path == WS_PATH else _not_found)(scope, receive, send)
+            params = ws_path(path)
+            if params is None:
+                await _not_found(scope, receive, send)
+            else:
+                if params:
+                    scope["path_params"] = {**scope.get("path_params", {}), **params}
+                await gate(scope, receive, send)
         elif path.startswith(API_PREFIX):
             await server_api(scope, receive, send, path)
         else:
@@ -243,8 +304,7 @@ def _asgi(service: Service) -> Any:
 
 async def _not_found(scope: dict[str, Any], receive: Any, send: Any) -> None:
     if scope["type"] == "websocket":
-        await receive()
-        await send({"type": "websocket.close", "code": 1008})  # uvicorn answers HTTP 403
+        await deny_http(receive, send, scope, 404, b"Not Found\n")  # 403 from a server without the denial response
     else:
         await PlainTextResponse("Not Found", status_code=404)(scope, receive, send)
 

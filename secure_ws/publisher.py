@@ -15,12 +15,14 @@ would publish. It starts none of the storage's watchers: it only writes.
 from __future__ import annotations
 
 import os
+from collections.abc import Iterable
 from pathlib import Path
 from types import TracebackType
 from typing import Any
 
 from .settings import Settings, load_settings
 from .state import actions
+from .state.channel_options import ChannelRules, Rule
 from .state.storage import HistoryLimits, Storage
 from .state.url import storage_from_url
 
@@ -33,20 +35,24 @@ class Publisher:
         self.storage = storage
 
     @classmethod
-    def from_url(cls, url: str, settings: Settings | None = None) -> Publisher:
+    def from_url(cls, url: str, settings: Settings | None = None, rules: Iterable[Rule] = ()) -> Publisher:
         """For the server's ``SECURE_WS_STORAGE_URL``, which must name Redis (one, Sentinel or Cluster): with
         ``memory://`` the server's state lives inside its own process, out of any other process's reach.
 
         Publications go into the channels' history with the server's limits: ``SECURE_WS_HISTORY_SIZE`` and
         ``SECURE_WS_HISTORY_TTL`` are read from ``settings`` (by default from the environment and ``.env``, as
-        the server reads them), so give this process the server's values."""
+        the server reads them), so give this process the server's values, and its ``SECURE_WS_CHANNELS_FILE``;
+        channel options an application declares in code (``api.channels``) are passed as ``rules=api.registry.channels``."""
         if url == "memory://":
             raise ValueError(
                 "a Publisher needs the server's redis:// storage URL; with memory:// the server's state lives "
                 "inside its process (use the server API, POST /api/publish, instead)"
             )
-        limits = HistoryLimits.of(settings if settings is not None else load_settings())
-        return cls(storage_from_url(url, _UNUSED_REVOCATION_FILE, limits))
+        settings = settings if settings is not None else load_settings()
+        storage = storage_from_url(url, _UNUSED_REVOCATION_FILE, HistoryLimits.of(settings))
+        # Each channel's history limits as the server has them: its SECURE_WS_CHANNELS_FILE, then `rules`.
+        storage.history_for = ChannelRules.load(settings, rules).history
+        return cls(storage)
 
     # Every call raises secure_ws.state.storage.StorageUnavailable while Redis cannot be reached.
 

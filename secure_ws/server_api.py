@@ -143,7 +143,10 @@ async def _channels(service: Service, body: dict[str, Any]) -> dict[str, Any]:
 
 async def _presence(service: Service, body: dict[str, Any]) -> dict[str, Any]:
     _fields(body, ("channel",))
-    return {"clients": await service.presence(_channel(body["channel"]))}
+    channel = _channel(body["channel"])
+    if not service.channel_rules(channel).presence:
+        raise ApiError(403, "forbidden", f"presence is off for {channel}")
+    return {"clients": await service.presence(channel)}
 
 
 async def _history(service: Service, body: dict[str, Any]) -> dict[str, Any]:

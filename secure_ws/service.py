@@ -24,17 +24,20 @@ from .auth.api_keys import ApiKeyChecker, ApiKeyError
 from .auth.keys import KeyringError, KeyStore
 from .auth.tokens import AuthError, Principal, Verifier
 from .core import dispatch
+from .core.channel_hooks import ChannelHooks
 from .core.handlers import Registry
 from .core.hub import Hub
 from .core.presence import Roster
 from .core.ratelimit import Limiter
+from .core.reject import TIMEOUT
 from .core.types import Route, SessionDeps
 from .settings import ConfigError, Settings
 from .state import actions
+from .state.channel_options import ChannelRules, read_file
 from .state.storage import HistoryLimits, Position, StorageUnavailable
 from .state.url import presence_store, storage_from_url
 from .wire.closes import REVOKED, SHUTTING_DOWN, Close
-from .wire.messages import check_channel, parse_limit, parse_since
+from .wire.messages import UNAVAILABLE, check_channel, parse_limit, parse_since
 
 log = logging.getLogger("secure_ws")
 
@@ -71,6 +74,12 @@ class Service:
             )
         self.verifier = Verifier(settings, self.keys)
         self.storage = storage_from_url(settings.storage_url, settings.revocation_file, HistoryLimits.of(settings))
+        try:  # validated here, at start-up; the application's own rules join them when the lifespan starts
+            self._file_rules = read_file(settings.channels_file) if settings.channels_file is not None else []
+            self.channel_rules = ChannelRules(settings, self._file_rules)
+        except ValueError as exc:
+            raise ConfigError("SECURE_WS_CHANNELS_FILE", str(exc)) from None
+        self.storage.history_for = self.channel_rules.history
         try:
             self.storage.load_initial()
         except (OSError, ValueError) as exc:
@@ -102,6 +111,14 @@ class Service:
     def _start_dispatch(self) -> SessionDeps:
         registry, settings = self.registry, self.settings
         registry.frozen = True
+        try:
+            self.channel_rules = ChannelRules(settings, [*self._file_rules, *registry.channels])
+        except ValueError as exc:
+            raise ConfigError("SECURE_WS_CHANNELS_FILE", str(exc)) from None
+        self.storage.history_for = self.channel_rules.history
+        on_subscribe = [(pattern, hook, TIMEOUT) for pattern, hook in registry.on_subscribe]
+        on_publish = [(pattern, hook, TIMEOUT) for pattern, hook in registry.on_publish]
+        on_connect = list(registry.on_connect)
         for handler in registry.handlers.values():
             if handler.rate_limits:  # keyed by sub and type, in the shared storage: one window across workers
                 handler.limiter = Limiter(
@@ -115,6 +132,13 @@ class Service:
                 settings.rpc_proxy_url, settings.rpc_proxy_secret, settings.handler_timeout, max_line_bytes=settings.max_message_bytes
             )
             fallback = dispatch.proxy_route(self._proxy)
+            events = settings.rpc_proxy_events
+            if "subscribe" in events:
+                on_subscribe.append(("*", dispatch.proxy_event(self._proxy, "$subscribe"), UNAVAILABLE))
+            if "publish" in events:
+                on_publish.append(("*", dispatch.proxy_event(self._proxy, "$publish"), UNAVAILABLE))
+            if "connect" in events:
+                on_connect.append(dispatch.proxy_event(self._proxy, "$connect"))
         return SessionDeps(
             settings=settings,
             limiter=self.limiter,
@@ -126,19 +150,23 @@ class Service:
             history=self.storage.history,
             unavailable=self.unavailable,
             presence=self.roster,
-            on_connect=tuple(registry.on_connect),
+            channels=self.channel_rules,
+            on_subscribe=ChannelHooks(on_subscribe, settings.handler_timeout),
+            on_publish=ChannelHooks(on_publish, settings.handler_timeout),
+            on_connect=tuple(on_connect),
             on_disconnect=tuple(registry.on_disconnect),
         )
 
     async def history(self, channel: str, since: dict[str, Any] | None = None, limit: int | None = None) -> dict[str, Any]:
         """For the server API's ``history``: ``{"messages": [...], "offset": N, "epoch": E}``, the messages as the
         objects subscribers received (with ``since``: those after it, at most ``limit``; else the latest
-        ``limit``; ``limit`` defaults to and is clamped to SECURE_WS_HISTORY_SIZE). With ``since`` that cannot be
+        ``limit``; ``limit`` defaults to and is clamped to the channel's history size). With ``since`` that cannot be
         honoured (another epoch, fallen out) the messages are empty and ``"recovered": false`` is added (``true``
         when it could). ``{"messages": []}`` with history off. ``ValueError`` for a bad channel, ``since`` or
         ``limit`` (the message says which), ``StorageUnavailable`` when storage does not answer."""
         check_channel(channel)
-        size = self.settings.history_size
+        history = self.channel_rules.history(channel)
+        size = history.size if history is not None else 0
         limit = size if limit is None else parse_limit(limit, size)
         position = None if since is None else Position(*parse_since(since))
         found = await self.storage.history(channel, position, limit)

@@ -40,6 +40,7 @@ STRATEGIES = ("sliding-window", "moving-window", "fixed-window")
 MIN_SECRET_BYTES = 32
 MAX_ENV_FILE_BYTES = 1 << 20  # a .env holds a few dozen lines; a larger one is refused, not read
 MAX_HISTORY_SIZE = 10_000
+PROXY_EVENTS = ("subscribe", "publish", "connect")
 
 _DURATION = re.compile(r"^\s*(\d+)\s*([smhd]?)\s*$")
 _DURATION_UNITS = {"": 1, "s": 1, "m": 60, "h": 3600, "d": 86400}
@@ -111,6 +112,8 @@ class Settings:
     max_inflight: int = 8
     rpc_proxy_url: str | None = None
     rpc_proxy_secret: bytes | None = field(default=None, repr=False)
+    rpc_proxy_events: frozenset[str] = frozenset()  # of PROXY_EVENTS: sent to the RPC proxy as $subscribe, …
+    channels_file: Path | None = None  # TOML [[channels]] rules (secure_ws.state.channel_options)
     allowed_origins: frozenset[str] = frozenset()
     forwarded_allow_ips: tuple[ipaddress.IPv4Network | ipaddress.IPv6Network, ...] = ()
     storage_url: str = "memory://"
@@ -306,6 +309,13 @@ def _proxy_url(raw: str) -> str | None:
     return raw
 
 
+def _proxy_events(raw: str) -> frozenset[str]:
+    events = frozenset(e.strip() for e in raw.split(",") if e.strip())
+    if events - set(PROXY_EVENTS):
+        raise ValueError(f"use a comma-separated list of {', '.join(PROXY_EVENTS)}")
+    return events
+
+
 def _port(raw: str) -> int | None:
     if not raw:
         return None
@@ -400,6 +410,13 @@ VARIABLES: tuple[Variable, ...] = (
       "Backend that answers message types no Python handler claims.", "rpc_proxy_url"),
     V("RPC_PROXY_SECRET", "", SECRET,
       "Bearer secret sent to that backend, at least 32 bytes; required with the URL.", "rpc_proxy_secret", secret=True),
+    V("RPC_PROXY_EVENTS", "", Kind(_proxy_events, "empty, or a comma list of `subscribe`, `publish`, `connect`"),
+      "Channel and connection events the backend decides on, sent as `$subscribe`, `$publish`, `$connect`; needs the URL.",
+      "rpc_proxy_events"),
+    V("CHANNELS_FILE", "", OPTIONAL_PATH,
+      "TOML `[[channels]]` rules by pattern (history size and TTL, presence, join/leave, client publish), read at start-up; "
+      "at most 1 MiB, not writable by others.",
+      "channels_file"),
     V("ALLOWED_ORIGINS", "", Kind(_origins, "comma-separated `scheme://host[:port]`, or `*`"),
       "Browser Origin allow-list, comma-separated exact origins; `*` allows any; no Origin (native apps) is allowed.",
       "allowed_origins"),
@@ -479,6 +496,8 @@ def _check_together(settings: Settings) -> None:
         raise ConfigError("SECURE_WS_RPC_PROXY_SECRET", "must be set when SECURE_WS_RPC_PROXY_URL is")
     if settings.rpc_proxy_secret is not None and settings.rpc_proxy_url is None:
         raise ConfigError("SECURE_WS_RPC_PROXY_SECRET", "is set but SECURE_WS_RPC_PROXY_URL is not")
+    if settings.rpc_proxy_events and settings.rpc_proxy_url is None:
+        raise ConfigError("SECURE_WS_RPC_PROXY_EVENTS", "is set but SECURE_WS_RPC_PROXY_URL is not")
 
 
 def _misspelt(source: Mapping[str, str], real: Mapping[str, str], env_file: object) -> tuple[str, ...]:

@@ -120,6 +120,7 @@ class TestServer:
         on_push: PushHandler | None = None,
         on_recovery_failed: RecoveryHandler | None = None,
         request_timeout: float = 10.0,
+        path: str = "/ws",
         **claims: Any,
     ) -> _Connecting:
         """A connection with a fresh token for ``sub`` (with ``scope``, ``ttl`` and any other claim), or with
@@ -127,7 +128,8 @@ class TestServer:
         server.connect(…)``. Returns once the ``welcome`` is in; a refused handshake raises
         :exc:`~secure_ws.client.ConnectionRefused` (:exc:`~secure_ws.client.AuthenticationFailed` for the fatal
         reasons) with its ``code`` and ``reason``, or :exc:`~secure_ws.client.HandshakeRejected` for an HTTP
-        answer (the per-IP handshake throttle: every connection here comes from one address)."""
+        answer (the per-IP handshake throttle: every connection here comes from one address). ``path``: the
+        WebSocket path asked for (``"/ws/acme"`` for an app made with ``SecureWS(path="/ws/{tenant}")``)."""
         if token is None:
             token = self.issue_token(sub, scope, ttl, **claims)
         head = [(b"host", b"testserver"), (b"authorization", f"Bearer {token}".encode())]
@@ -136,7 +138,7 @@ class TestServer:
         scope_ = {
             "type": "websocket", "asgi": {"version": "3.0", "spec_version": "2.4"}, "http_version": "1.1",
             "scheme": "wss", "server": ("testserver", 443), "client": ("127.0.0.1", 10000 + self._clients % 50000),
-            "root_path": "", "path": "/ws", "raw_path": b"/ws", "query_string": b"", "headers": head,
+            "root_path": "", "path": path, "raw_path": path.encode(), "query_string": b"", "headers": head,
             "subprotocols": list(subprotocols), "state": {}, "extensions": {"websocket.http.response": {}},
         }
         connection = Connection(on_message=on_message, on_push=on_push, on_recovery_failed=on_recovery_failed,

@@ -12,7 +12,20 @@ from pathlib import Path
 from typing import Any
 
 import pytest
-from helpers import ROOT, AppServer, Server, base_env, closed_with, recv_json, request, run, sans_position, unique_sub, welcome
+from helpers import (
+    ROOT,
+    AppServer,
+    Server,
+    base_env,
+    closed_with,
+    recv_json,
+    request,
+    run,
+    running_pair,
+    sans_position,
+    unique_sub,
+    welcome,
+)
 
 CHAT = "subscribe:room.* chat:write"
 
@@ -25,8 +38,10 @@ def chat(keydir: Path) -> Any:
 
 
 async def joined(ws: Any, sub: str) -> dict[str, Any]:
-    """The welcome, then on_connect's push, in that order."""
+    """The welcome, then on_connect's subscription to chat.online and its push, in that order."""
     hello = await welcome(ws)
+    online = await recv_json(ws)
+    assert online == {"type": "subscribed", "channel": "chat.online"}, online  # no id: the server subscribed it
     motd = await recv_json(ws)
     assert motd["type"] == "push" and sub in motd["data"]["motd"], motd
     assert motd["data"]["rooms"] == ["lobby", "random", "help"]
@@ -40,9 +55,10 @@ def test_two_users_in_a_room_see_each_others_messages(chat: Server, issue: Any) 
         async with chat.connect(issue(alice, scope=CHAT)) as a, chat.connect(issue(bob, scope=CHAT)) as b:
             await joined(a, alice)
             await joined(b, bob)
-            for ws in (a, b):
-                assert sans_position(await request(ws, {"type": "subscribe", "id": "s", "channel": "room.lobby"})) == \
-                    {"type": "subscribed", "id": "s", "channel": "room.lobby"}
+            first = await request(a, {"type": "subscribe", "id": "s", "channel": "room.lobby"})
+            assert sans_position(first) == {"type": "subscribed", "id": "s", "channel": "room.lobby", "data": {"online": []}}
+            second = await request(b, {"type": "subscribe", "id": "s", "channel": "room.lobby"})
+            assert second["data"] == {"online": [alice]}  # on_subscribe tells who is in the room (presence)
             await a.send(json.dumps({"type": "chat.say", "id": 1, "data": {"room": "lobby", "text": "hi bob"}}))
             said = {"type": "message", "channel": "room.lobby", "from": alice, "data": {"text": "hi bob"}}
             mine = [await recv_json(a), await recv_json(a)]  # the reply and her own message, in either order
@@ -77,6 +93,49 @@ def test_rejects_bad_data_and_missing_scope(chat: Server, issue: Any) -> None:
             assert reply["type"] == "error" and reply["id"] == 7 and reply["code"] == "forbidden", reply
 
     run(go())
+
+
+def test_room_rules_hold_for_subscribe_and_publish(chat: Server, issue: Any) -> None:
+    """on_subscribe admits only the chat's rooms; on_publish gives a client's own publish chat.say's checks."""
+    sub = unique_sub()
+
+    async def go() -> None:
+        async with chat.connect(issue(sub, scope="subscribe:room.* publish:room.*")) as ws:
+            await joined(ws, sub)
+            refused = await request(ws, {"type": "subscribe", "id": 1, "channel": "room.attic"})
+            assert refused == {"type": "error", "id": 1, "code": "bad_room", "message": "no such room; rooms: lobby, random, help"}
+            await request(ws, {"type": "subscribe", "id": 2, "channel": "room.help"})
+            for n, data in enumerate(({"text": ""}, {"text": "x" * 501}, "hi", {"text": "hi", "extra": 1}), 3):
+                bad = await request(ws, {"type": "publish", "id": n, "channel": "room.help", "data": data})
+                assert bad["code"] == "bad_message" and "xxx" not in bad["message"], bad
+            attic = await request(ws, {"type": "publish", "id": 7, "channel": "room.attic", "data": {"text": "hi"}})
+            assert attic["code"] == "bad_room"
+            assert await request(ws, {"type": "publish", "channel": "room.help", "data": {"text": "hi"}}) == \
+                {"type": "published", "channel": "room.help"}
+            said = sans_position(await recv_json(ws))
+            assert said == {"type": "message", "channel": "room.help", "from": sub, "data": {"text": "hi"}}
+            # chat.online is the server's: a client may neither read nor publish it.
+            assert (await request(ws, {"type": "publish", "id": 8, "channel": "chat.online", "data": 1}))["code"] == "forbidden"
+
+    run(go())
+
+
+def test_who_is_the_same_on_two_servers_sharing_redis(keydir: Path, own_redis: Any, issue: Any) -> None:
+    """The online list is presence, shared through Redis: each server lists the other's connections too."""
+    env = base_env(keydir, SECURE_WS_STORAGE_URL=own_redis().url)
+    alice, bob = unique_sub("alice"), unique_sub("bob")
+    with running_pair(lambda: AppServer(keydir, env, app="examples.chat.app:app", app_dir=ROOT)) as (a, b):
+        async def go() -> None:
+            async with a.connect(issue(alice, scope=CHAT)) as on_a, b.connect(issue(bob, scope=CHAT)) as on_b:
+                await joined(on_a, alice)
+                await joined(on_b, bob)
+                for ws in (on_a, on_b):
+                    assert (await request(ws, {"type": "chat.who", "id": 1}))["data"] == {"online": sorted([alice, bob]), "count": 2}
+                await request(on_a, {"type": "subscribe", "id": 2, "channel": "room.lobby"})
+                entered = await request(on_b, {"type": "subscribe", "id": 3, "channel": "room.lobby"})
+                assert entered["data"] == {"online": [alice]}  # subscribed on the other server
+
+        run(go())
 
 
 def test_say_has_its_own_window(chat: Server, issue: Any) -> None:

@@ -77,7 +77,7 @@ def test_other_websocket_paths_are_refused(server, issue):
         with pytest.raises(websockets.InvalidStatus) as info:
             async with server.connect(issue(), path="/other"):
                 pass
-        assert info.value.response.status_code == 403
+        assert info.value.response.status_code == 404
 
     run(go())
 

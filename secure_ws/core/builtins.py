@@ -29,6 +29,7 @@ from . import presence
 if TYPE_CHECKING:
     from collections.abc import Awaitable
 
+    from .channel_hooks import Hooks
     from .types import Connection, Route
 
 log = logging.getLogger("secure_ws.session")
@@ -58,7 +59,19 @@ def cancel(session: Connection, request: Request) -> None:
 
 
 def subscribe(session: Connection, request: Request) -> Awaitable[None]:
-    return session.waiting(request, _subscribe(session, request))
+    # The request's checks run here, before anything waits: a refusal costs no coroutine, and a subscribe without
+    # hooks one coroutine less.
+    channel = channel_of(request)
+    join_leave = request.get("join_leave", False)
+    if type(join_leave) is not bool:
+        raise ProtocolError(BAD_REQUEST, "join_leave must be true or false", request.get("id"))
+    since = since_of(request)
+    if not session.grants.may_subscribe(channel):
+        raise ProtocolError(FORBIDDEN, f"scope does not grant subscribe:{channel}", request.get("id"))
+    hooks = session.deps.on_subscribe.for_channel(channel)
+    if hooks:
+        return session.waiting(request, _hooked_subscribe(session, request, channel, since, join_leave, hooks))
+    return session.waiting(request, subscribe_to(session, channel, since, join_leave, request))
 
 
 def unsubscribe(session: Connection, request: Request) -> Awaitable[None]:
@@ -77,41 +90,59 @@ def history(session: Connection, request: Request) -> Awaitable[None]:
     return session.waiting(request, _history(session, request))
 
 
-async def _subscribe(session: Connection, request: Request) -> None:
-    channel = channel_of(request)
-    join_leave = request.get("join_leave", False)
-    if type(join_leave) is not bool:
-        raise ProtocolError(BAD_REQUEST, "join_leave must be true or false", request.get("id"))
-    since = since_of(request)
-    if not session.grants.may_subscribe(channel):
-        raise ProtocolError(FORBIDDEN, f"scope does not grant subscribe:{channel}", request.get("id"))
-    # Each held channel costs memory here and a subscription in storage; one already held is free.
+async def _hooked_subscribe(
+    session: Connection, request: Request, channel: str, since: tuple[int, str] | None, join_leave: bool, hooks: Hooks
+) -> None:
+    data = await session.deps.on_subscribe.run(hooks, request.get("id"), "on_subscribe", session.context, channel)
+    await subscribe_to(session, channel, since, join_leave, request, data)
+
+
+async def subscribe_to(
+    session: Connection, channel: str, since: tuple[int, str] | None, join_leave: bool, request: Request | None, data: Any = None
+) -> None:
+    """Join ``channel`` and tell the client ``subscribed`` (with ``data`` if not None), then what it missed since
+    ``since``. ``request`` None: the server subscribes the connection (Context.subscribe): the frames go out as
+    deliveries, behind what the connection was already sent, and no scope or hook is asked. Runs while the
+    connection's deliveries are held (:meth:`Connection.hold`)."""
+    id = None if request is None else request.get("id")
     deps = session.deps
+    options = deps.channels(channel)
+    if join_leave and not options.join_leave:
+        raise ProtocolError(FORBIDDEN, f"join/leave events are off for {channel}", id)
+    # Each held channel costs memory here and a subscription in storage; one already held is free.
     limit = deps.settings.max_subscriptions
     held = channel in session.channels
     if len(session.channels) >= limit and not held:
-        raise ProtocolError(LIMIT_EXCEEDED, f"at most {limit} subscriptions per connection", request.get("id"))
-    # Joined to the live stream first (publications are held meanwhile: this runs inside `waiting`), then the
-    # history read: whatever is published in between is in both, and the floor set below drops the second copy.
+        raise ProtocolError(LIMIT_EXCEEDED, f"at most {limit} subscriptions per connection", id)
+    # Joined to the live stream first (publications are held meanwhile), then the history read: whatever is
+    # published in between is in both, and the floor set below drops the second copy.
     await deps.hub.join(session, channel)
     await deps.presence.join(session, channel, join_leave)  # leaves the channel again if it raises
     try:
         # Without `since`, only the position: limit 0. With it, everything after it (at most the whole history).
         position = None if since is None else Position(*since)
-        found = await deps.history(channel, position, 0 if position is None else deps.settings.history_size)
+        size = options.history.size if options.history is not None else 0
+        found = await deps.history(channel, position, 0 if position is None else size)
     except BaseException:
         if not held:  # nothing half-applied: a subscribe that failed leaves no subscription behind
             await deps.hub.leave(session, channel)
         raise
+    if request is None:
+        if session.server_channels is None:
+            session.server_channels = set()
+        session.server_channels.add(channel)
     frame: dict[str, Any] = {"type": "subscribed", "channel": channel}
     if found is not None:
         frame["offset"], frame["epoch"] = found.offset, found.epoch
     if since is not None:
         frame["recovered"] = found is not None and found.recovered
-    session.send(reply(request, frame))
+    if data is not None:
+        frame["data"] = data
+    out = session.send if request is not None else session.deliver
+    out(reply(request, frame) if request is not None else encode(frame))
     if found is not None:
         for text in found.messages:
-            session.send(text)
+            out(text)
         if since is not None or not held:
             # Publications up to here that arrive from now on are duplicates of the replay, or (a first subscribe)
             # older than the position just told. A plain re-subscribe to a held channel drops nothing: what is in
@@ -122,6 +153,8 @@ async def _subscribe(session: Connection, request: Request) -> None:
 async def _unsubscribe(session: Connection, request: Request) -> None:
     channel = channel_of(request)
     await session.deps.hub.leave(session, channel)
+    if session.server_channels is not None:  # given up: subscribing again needs the client's own right
+        session.server_channels.discard(channel)
     session.send(reply(request, {"type": "unsubscribed", "channel": channel}))
 
 
@@ -131,14 +164,25 @@ async def _publish(session: Connection, request: Request) -> None:
         raise ProtocolError(BAD_REQUEST, "publish needs 'data'", request.get("id"))
     if not session.grants.may_publish(channel):
         raise ProtocolError(FORBIDDEN, f"scope does not grant publish:{channel}", request.get("id"))
-    await session.deps.publish(channel, request["data"], session.principal.sub)
+    deps = session.deps
+    if not deps.channels(channel).client_publish:
+        raise ProtocolError(FORBIDDEN, f"clients may not publish to {channel}", request.get("id"))
+    data = request["data"]
+    hooks = deps.on_publish
+    found = hooks.for_channel(channel)
+    if found:
+        replaced = await hooks.run(found, request.get("id"), "on_publish", session.context, channel, data)
+        if replaced is not None:
+            data = replaced
+    await deps.publish(channel, data, session.principal.sub)
     session.send(reply(request, {"type": "published", "channel": channel}))
 
 
 async def _history(session: Connection, request: Request) -> None:
     channel = channel_of(request)
     since = since_of(request)
-    limit = limit_of(request, session.deps.settings.history_size)
+    history = session.deps.channels(channel).history
+    limit = limit_of(request, history.size if history is not None else 0)
     if not session.grants.may_subscribe(channel):
         raise ProtocolError(FORBIDDEN, f"scope does not grant subscribe:{channel}", request.get("id"))
     found = await session.deps.history(channel, None if since is None else Position(*since), limit)
@@ -172,8 +216,9 @@ async def _refresh(session: Connection, request: Request) -> None:
         await session.close(Close.POLICY_VIOLATION, INVALID)
         return
     session.renew(principal)
+    given = session.server_channels or ()
     for channel in tuple(session.channels):
-        if not session.grants.may_subscribe(channel):
+        if channel not in given and not session.grants.may_subscribe(channel):
             await session.deps.hub.leave(session, channel)
             session.send(error(FORBIDDEN, f"refreshed scope no longer grants subscribe:{channel}", channel=channel))
     session.send(reply(request, {"type": "refreshed", "expires_at": principal.exp}))

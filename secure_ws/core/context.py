@@ -6,7 +6,8 @@ from collections.abc import Mapping
 from typing import TYPE_CHECKING, Any
 
 from ..wire.closes import DISCONNECTED, Close
-from ..wire.messages import encode
+from ..wire.messages import check_channel, encode, parse_since
+from .builtins import subscribe_to
 
 if TYPE_CHECKING:
     from .types import Connection
@@ -37,6 +38,24 @@ class Context:
     @property
     def connection_id(self) -> str:
         return self._session.id
+
+    @property
+    def path_params(self) -> Mapping[str, Any]:
+        """The WebSocket path's parameters (``SecureWS(path="/ws/{tenant}")`` → ``{"tenant": …}``); empty by default."""
+        return self._session.path_params
+
+    async def subscribe(self, channel: str, since: Mapping[str, Any] | None = None) -> None:
+        """Subscribe this connection to ``channel`` from the server side (no scope or hook is asked): the client gets
+        ``subscribed`` as if it had asked, and with ``since`` (``{"offset": N, "epoch": E}``) what it missed.
+        ``ValueError`` for a bad channel or ``since``; refusals (``limit_exceeded``, storage down) are raised as
+        the client's own subscribe would be answered."""
+        session = self._session
+        position = None if since is None else parse_since(dict(since))
+        session.hold()
+        try:
+            await subscribe_to(session, check_channel(channel), position, False, None)
+        finally:
+            session.unhold()
 
     async def send(self, data: Any) -> None:
         """Push ``{"type":"push","data":data}`` to this connection (``TypeError`` if ``data`` is not JSON)."""

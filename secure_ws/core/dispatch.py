@@ -9,12 +9,13 @@ backend (:mod:`.rpc_proxy`).
 from __future__ import annotations
 
 import logging
-from collections.abc import AsyncGenerator
+from collections.abc import AsyncGenerator, Awaitable, Callable
 from functools import partial
 from typing import TYPE_CHECKING, Any, cast
 
 from ..wire.messages import UNAVAILABLE, UNKNOWN_TYPE, ProtocolError
 from .builtins import BUILT_INS
+from .channel_hooks import HookFailed
 from .handlers import TYPE_NAME, Handler
 from .types import Chunks
 
@@ -78,3 +79,28 @@ def proxy_route(proxy: RpcProxy) -> Route:
         return ProtocolError(UNAVAILABLE, "backend unavailable; retry shortly")
 
     return route
+
+
+def proxy_event(proxy: RpcProxy, kind: str) -> Callable[..., Awaitable[Any]]:
+    """A hook that asks the backend (``$subscribe`` ``{"channel":C}``, ``$publish`` ``{"channel":C,"data":X}``,
+    ``$connect`` ``{}``): ``{"data":…}`` allows (a value not null is the subscribe's ``data``, or what is published
+    instead), ``{"error":…}`` refuses with it; anything else (a bad body, a stream, no answer) is
+    :class:`HookFailed` → ``unavailable``, never let through."""
+    from .rpc_proxy import ProxyUnavailable
+
+    async def event(ctx: Context, channel: str | None = None, *data: Any) -> Any:
+        body: dict[str, Any] = {} if channel is None else {"channel": channel}
+        if data:
+            body["data"] = data[0]
+        try:
+            answer = await proxy.call(kind, body, ctx.sub, ctx.connection_id, ctx.claims)
+        except ProxyUnavailable as exc:
+            raise HookFailed(f"RPC proxy for {kind}: {exc}") from None
+        if type(answer) is Chunks:
+            await answer.iterator.aclose()
+            if answer.close is not None:
+                await answer.close()
+            raise HookFailed(f"RPC proxy for {kind}: answered with a stream")
+        return answer
+
+    return event

@@ -19,8 +19,10 @@ from typing import TYPE_CHECKING, Any
 from limits import RateLimitItem, parse_many
 
 from ..auth.scopes import MAX_SCOPE_CHARS
+from ..state.channel_options import Rule, rule
 from ..wire.messages import BAD_REQUEST, ProtocolError
 from .builtins import BUILT_INS
+from .channel_hooks import ChannelHook
 
 if TYPE_CHECKING:
     from .context import Context
@@ -63,6 +65,9 @@ class Registry:
         self.handlers: dict[str, Handler] = {}
         self.on_connect: list[HookFunc] = []
         self.on_disconnect: list[HookFunc] = []
+        self.channels: list[Rule] = []  # api.channels(…), in the order declared (after the channels file's)
+        self.on_subscribe: list[tuple[str, ChannelHook]] = []  # (pattern, hook), in the order registered
+        self.on_publish: list[tuple[str, ChannelHook]] = []
         self.frozen = False
 
     def add(
@@ -102,6 +107,28 @@ class Registry:
         if not inspect.iscoroutinefunction(func):
             raise RegistrationError(f"{name} hook {_where(func)} must be an `async def` function taking (ctx)")
         hooks.append(func)
+        return func
+
+    def channel_rule(self, pattern: str, options: dict[str, Any]) -> Rule:
+        self._check_open(f"channels({pattern!r})")
+        try:
+            declared = rule({"pattern": pattern, **{k: v for k, v in options.items() if v is not None}}, f"channels({pattern!r})")
+        except ValueError as exc:
+            raise RegistrationError(str(exc)) from None
+        self.channels.append(declared)
+        return declared
+
+    def channel_hook(self, hooks: list[tuple[str, ChannelHook]], pattern: str, func: ChannelHook, name: str, arity: int) -> ChannelHook:
+        self._check_open(name)
+        try:
+            rule({"pattern": pattern}, f"{name}({pattern!r})")
+        except ValueError as exc:
+            raise RegistrationError(str(exc)) from None
+        params = [p for p in inspect.signature(func).parameters.values() if p.kind in (p.POSITIONAL_ONLY, p.POSITIONAL_OR_KEYWORD)]
+        if not inspect.iscoroutinefunction(func) or len(params) != arity:
+            names = "(ctx, channel)" if arity == 2 else "(ctx, channel, data)"
+            raise RegistrationError(f"{name} hook {_where(func)} must be an `async def` function taking {names}")
+        hooks.append((pattern, func))
         return func
 
     def _check_open(self, what: str) -> None:

@@ -122,7 +122,7 @@ class HandshakeMiddleware:
         if retry_ms:
             metrics.HANDSHAKES.labels(result="throttled").inc()
             log.warning("handshake throttled ip=%s", ip, extra={"event": "handshake_throttled", "client": ip})
-            await deny_http(receive, send, scope, 429, retry_after=max(1, -(-retry_ms // 1000)))
+            await deny_http(receive, send, scope, 429, b"too many handshakes\n", retry_after=max(1, -(-retry_ms // 1000)))
             return
         offered = scope.get("subprotocols") or ()
         subprotocol = SUBPROTOCOL if SUBPROTOCOL in offered else None
@@ -176,7 +176,7 @@ async def refuse(receive: Any, send: Any, reason: str, subprotocol: str | None, 
     await send({"type": "websocket.close", "code": code, "reason": reason})
 
 
-async def deny_http(receive: Any, send: Any, scope: dict[str, Any], status: int, retry_after: int) -> None:
+async def deny_http(receive: Any, send: Any, scope: dict[str, Any], status: int, body: bytes, retry_after: int | None = None) -> None:
     """An HTTP response instead of the upgrade (ASGI websocket denial response), or 403 without that extension."""
     message = await receive()
     if message["type"] != "websocket.connect":
@@ -184,16 +184,8 @@ async def deny_http(receive: Any, send: Any, scope: dict[str, Any], status: int,
     if "websocket.http.response" not in scope.get("extensions", {}):
         await send({"type": "websocket.close", "code": 1008})
         return
-    body = b"too many handshakes\n"
-    await send(
-        {
-            "type": "websocket.http.response.start",
-            "status": status,
-            "headers": [
-                (b"retry-after", str(retry_after).encode()),
-                (b"content-type", b"text/plain; charset=utf-8"),
-                (b"content-length", str(len(body)).encode()),
-            ],
-        }
-    )
+    headers = [(b"content-type", b"text/plain; charset=utf-8"), (b"content-length", str(len(body)).encode())]
+    if retry_after is not None:
+        headers.append((b"retry-after", str(retry_after).encode()))
+    await send({"type": "websocket.http.response.start", "status": status, "headers": headers})
     await send({"type": "websocket.http.response.body", "body": body})

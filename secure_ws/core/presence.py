@@ -111,6 +111,8 @@ async def _answer(session: Connection, request: dict[str, Any]) -> None:
     channel = channel_of(request)
     if not session.grants.may_subscribe(channel):
         raise ProtocolError(FORBIDDEN, f"scope does not grant subscribe:{channel}", request.get("id"))
+    if not session.deps.channels(channel).presence:
+        raise ProtocolError(FORBIDDEN, f"presence is off for {channel}", request.get("id"))
     listed, count = await session.deps.presence.clients(channel)
     clients = {connection_id: {"sub": sub} for connection_id, sub in listed.items()}
     session.send(reply(request, {"type": "presence", "channel": channel, "clients": clients, "count": count}))

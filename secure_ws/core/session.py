@@ -54,6 +54,7 @@ from ..wire.closes import (
     INTERNAL_ERROR,
     MESSAGE_TOO_BIG,
     RATE_LIMIT_EXCEEDED,
+    SERVICE_UNAVAILABLE,
     SLOW_CONSUMER,
     Close,
 )
@@ -69,6 +70,7 @@ from ..wire.messages import (
     reply,
 )
 from . import reject
+from .channel_hooks import HookFailed
 from .context import Context
 from .reject import Reject
 from .types import Chunks, Hook, Invoke, Request, SessionDeps
@@ -140,6 +142,9 @@ class Session:
         "_calls",
         "_call_timer",
         "_context",
+        "_holds",
+        "path_params",
+        "server_channels",
     )
 
     def __init__(self, deps: SessionDeps, send: Any, principal: Principal) -> None:
@@ -186,6 +191,11 @@ class Session:
         self._calls: dict[asyncio.Task[None], _Call] = {}
         self._call_timer: asyncio.TimerHandle | None = None
         self._context: Context | None = None
+        self._holds = 0  # how many holds (hold()) are open: deliveries are held while any is
+        self.path_params: dict[str, Any] = {}  # of SecureWS(path="/ws/{tenant}"), set by the app
+        # Channels the server subscribed this connection to (Context.subscribe): kept whatever a refresh's scope
+        # says. None until the first; at most SECURE_WS_MAX_SUBSCRIPTIONS entries (held channels only).
+        self.server_channels: set[str] | None = None
 
     # -- lifecycle -----------------------------------------------------------------
 
@@ -213,11 +223,10 @@ class Session:
         try:
             # The hooks run before the welcome, and what they push waits behind it: a client refused
             # by on_connect never sees a welcome, and one admitted sees the welcome first.
-            self._held = []
+            self.hold()
             admitted = not deps.on_connect or await self._hooks(deps.on_connect, "on_connect")
             if not admitted:
                 return
-            held, self._held = self._held, None
             self.send(
                 encode(
                     {
@@ -229,7 +238,7 @@ class Session:
                     }
                 )
             )
-            self._release(held)
+            self.unhold()
             code = await self._loop(receive)
             log.info(
                 "session %s sub=%s disconnected %s", self.id, self._sub, code,
@@ -266,6 +275,10 @@ class Session:
             except Reject as exc:
                 log.info("session %s: %s refused: %s", self.id, name, exc.code, extra=self.log_fields("connect_refused"))
                 await self.close(Close.POLICY_VIOLATION, CONNECTION_REFUSED)
+                return False
+            except HookFailed as exc:  # the RPC proxy's $connect had no usable answer: never let in unasked
+                log.warning("session %s: %s: %s", self.id, name, exc, extra=self.log_fields("proxy_unavailable"))
+                await self.close(Close.TRY_AGAIN_LATER, SERVICE_UNAVAILABLE)
                 return False
             except Exception as exc:  # noqa: BLE001 (a fault of the application's must close this connection only)
                 log.error("session %s: %s hook failed", self.id, name, exc_info=exc, extra=self.log_fields("hook_fault"))
@@ -364,7 +377,9 @@ class Session:
         started = self._sampled
         # Publications arriving meanwhile are held until the reply is out: a subscribed publisher
         # hears `published` before its own message, whether storage delivers it at once or via Redis.
-        self._held = []
+        if not self._holds:  # hold(), inlined on this path
+            self._held = []
+        self._holds += 1
         try:
             await work
         except Exception as exc:  # noqa: BLE001 (a fault must close this connection only)
@@ -372,8 +387,7 @@ class Session:
             if settled is not None:
                 await settled
         finally:
-            held, self._held = self._held, None
-            self._release(held)
+            self.unhold()
         if started:
             metrics.FRAMES.observe(perf_counter() - started)
 
@@ -686,6 +700,19 @@ class Session:
         if not floors:
             self._floors = None
         return False
+
+    def hold(self) -> None:
+        """Hold deliveries (publications, pushes) until the matching :meth:`unhold`: while a request waits, and
+        while the server subscribes this connection (Context.subscribe, from a handler task beside the frames)."""
+        if self._holds == 0:
+            self._held = []
+        self._holds += 1
+
+    def unhold(self) -> None:
+        self._holds -= 1
+        if self._holds == 0:
+            held, self._held = self._held, None
+            self._release(held or [])
 
     def _release(self, held: list[Delivery]) -> None:
         if self.closed:

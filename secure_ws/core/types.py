@@ -17,7 +17,9 @@ from typing import Any, Protocol
 from ..auth.scopes import Grants
 from ..auth.tokens import Principal
 from ..settings import Settings
+from ..state.channel_options import ChannelOptions
 from ..state.storage import History, Position
+from .channel_hooks import ChannelHooks
 from .ratelimit import Limiter
 
 Request = dict[str, Any]
@@ -44,6 +46,8 @@ class Connection(Protocol):
     grants: Grants
     channels: set[str]
     closed: bool
+    path_params: dict[str, Any]
+    server_channels: set[str] | None
 
     @property
     def deps(self) -> SessionDeps: ...
@@ -55,6 +59,10 @@ class Connection(Protocol):
     async def close(self, code: int, reason: str = "") -> None: ...
     def close_soon(self, code: int, reason: str) -> None: ...
     def waiting(self, request: Request, work: Awaitable[None]) -> Awaitable[None]: ...
+    def hold(self) -> None: ...
+    def unhold(self) -> None: ...
+    @property
+    def context(self) -> Any: ...
     def call(self, request: Request, invoke: Invoke, handler: Any = None, timeout_code: str = ...) -> None: ...
     def cancel(self, id: str | int) -> None: ...
     def renew(self, principal: Principal) -> None: ...
@@ -93,5 +101,9 @@ class SessionDeps:
     history: Callable[[str, Position | None, int], Awaitable[History | None]]  # storage's read; None: history off
     unavailable: tuple[type[BaseException], ...]  # what storage raises when it cannot be reached
     presence: Presence
+    # The one place that decides a channel's options (secure_ws.state.channel_options.ChannelRules).
+    channels: Callable[[str], ChannelOptions] = lambda channel: ChannelOptions(None)
+    on_subscribe: ChannelHooks = ChannelHooks([], 0.0)
+    on_publish: ChannelHooks = ChannelHooks([], 0.0)
     on_connect: Sequence[Hook] = ()
     on_disconnect: Sequence[Hook] = ()

@@ -23,7 +23,8 @@ class MemoryStorage(Storage):
 
     def __init__(self, revocation_file: Path, history: HistoryLimits | None = None) -> None:
         super().__init__(revocation_file, history)
-        self._history = MemoryHistory(self.history_limits) if self.history_limits is not None else None
+        # Made for every storage: whether a channel keeps history is the channel's option (history_for).
+        self._history = MemoryHistory(self.history_limits or HistoryLimits(0, 0, self.max_history_bytes))
         self.limiter_storage = LocalStorage()
         self._connections: defaultdict[str, set[str]] = defaultdict(set)
         self._channels: set[str] = set()
@@ -55,17 +56,19 @@ class MemoryStorage(Storage):
         self._channels.discard(channel)
 
     async def publish(self, channel: str, head: str) -> Position | None:
-        if self._history is None:
+        limits = self.history_for(channel)
+        if limits is None:
             if channel in self._channels:
                 self.on_message(channel, head + "}", 0, "")
             return None
-        text, position = self._history.append(channel, head)
+        text, position = self._history.append(channel, head, limits)
         if channel in self._channels:
             self.on_message(channel, text, position.offset, position.epoch)
         return position
 
     async def history(self, channel: str, since: Position | None, limit: int) -> History | None:
-        return None if self._history is None else self._history.read(channel, since, limit)
+        limits = self.history_for(channel)
+        return None if limits is None else self._history.read(channel, since, min(limit, limits.size))
 
     async def signal(self, kind: str, sub: str, payload: str | None = None) -> None:
         self.on_signal(kind, sub, payload)

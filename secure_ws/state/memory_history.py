@@ -42,13 +42,15 @@ def record_cost(channel: str) -> int:
 
 
 class _Record:
-    __slots__ = ("epoch", "offset", "texts", "touched")
+    __slots__ = ("epoch", "offset", "texts", "touched", "ttl", "meta_ttl")
 
-    def __init__(self, epoch: str, size: int, now: float) -> None:
+    def __init__(self, epoch: str, limits: HistoryLimits, now: float) -> None:
         self.epoch = epoch
         self.offset = 0
-        self.texts: deque[str] = deque(maxlen=size)
+        self.texts: deque[str] = deque(maxlen=limits.size)
         self.touched = now
+        self.ttl = limits.ttl  # the channel's own (its channel options'), kept with it
+        self.meta_ttl = limits.meta_ttl
 
 
 class MemoryHistory:
@@ -59,13 +61,15 @@ class MemoryHistory:
         self.bytes = 0
         self._empty = new_epoch()  # the epoch a channel without a record is at, and its next record takes
 
-    def append(self, channel: str, head: str) -> tuple[str, Position]:
-        """The message's final text and where it went."""
+    def append(self, channel: str, head: str, limits: HistoryLimits | None = None) -> tuple[str, Position]:
+        """The message's final text and where it went; ``limits``: the channel's (else those given at construction)."""
         now = time.monotonic()
         self._expire(now)
         record = self._live.pop(channel, None) or self._idle.pop(channel, None)
+        if record is not None and record.touched + record.ttl <= now:
+            self._drop_texts(record)  # expired behind a channel with a longer TTL (see _expire)
         if record is None:
-            record = _Record(self._empty, self.limits.size, now)
+            record = _Record(self._empty, limits or self.limits, now)
             self.bytes += record_cost(channel)
         self._live[channel] = record
         record.touched = now
@@ -84,6 +88,8 @@ class MemoryHistory:
         now = time.monotonic()
         self._expire(now)
         record = self._live.get(channel) or self._idle.get(channel)
+        if record is not None and record.texts and record.touched + record.ttl <= now:
+            self._drop_texts(record)  # expired behind a channel with a longer TTL (see _expire)
         if record is None:  # never published, or forgotten: nothing to create, nothing held
             empty = self._empty
             return History(0, empty, [], since is None or (since.offset == 0 and since.epoch == empty))
@@ -97,18 +103,19 @@ class MemoryHistory:
         return History(record.offset, record.epoch, list(islice(texts, start, start + limit)), True)
 
     def _expire(self, now: float) -> None:
+        # Channels may have different TTLs: this stops at the oldest publication not yet expired, so a channel
+        # behind it with a shorter TTL expires late here, and is checked on its own read or append instead.
         live, idle = self._live, self._idle
-        ttl, meta_ttl = self.limits.ttl, self.limits.meta_ttl
         while live:
             channel, record = next(iter(live.items()))
-            if record.touched + ttl > now:
+            if record.touched + record.ttl > now:
                 break
             del live[channel]
             self._drop_texts(record)
             idle[channel] = record  # still in order of last publication
         while idle:
             channel, record = next(iter(idle.items()))
-            if record.touched + meta_ttl > now:
+            if record.touched + record.meta_ttl > now:
                 break
             del idle[channel]
             self.bytes -= record_cost(channel)

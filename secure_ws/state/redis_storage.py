@@ -523,7 +523,7 @@ class RedisStorage(Storage):
 
     @raises_unavailable
     async def publish(self, channel: str, head: str) -> Position | None:
-        limits = self.history_limits
+        limits = self.history_for(channel)
         if limits is None:
             await metrics.timed("publish", self._publish(_pubsub_name(channel), "0  " + head + "}"))
             return None
@@ -550,7 +550,7 @@ class RedisStorage(Storage):
 
     @raises_unavailable
     async def history(self, channel: str, since: Position | None, limit: int) -> History | None:
-        limits = self.history_limits
+        limits = self.history_for(channel)
         if limits is None:
             return None
         keys = [_record_key(channel), _list_key(channel), _next_epoch_key(channel)]

@@ -95,6 +95,10 @@ class Storage(ABC):
 
     def __init__(self, revocation_file: Path, history: HistoryLimits | None = None) -> None:
         self.history_limits = history if history is not None and history.size > 0 and history.ttl > 0 else None
+        self.max_history_bytes = history.max_bytes if history is not None else HistoryLimits(0, 0).max_bytes
+        # A channel's history limits (None: it keeps none), asked on every append and read: the same for every
+        # channel unless the service sets its channel rules' (secure_ws.state.channel_options.ChannelRules.history).
+        self.history_for: Callable[[str], HistoryLimits | None] = lambda channel: self.history_limits
         self.on_revocations: RevocationListener = lambda revocations: None
         self.on_message: MessageListener = lambda channel, payload, offset, epoch: None
         self.on_signal: SignalListener = lambda kind, sub, payload: None
