@@ -117,7 +117,7 @@ def _options(target: RedisTarget) -> dict[str, Any]:
     """What every connection to a Redis server of ``target`` takes."""
     options: dict[str, Any] = {
         "socket_connect_timeout": TIMEOUT, "socket_timeout": TIMEOUT, "health_check_interval": HEALTH_CHECK_INTERVAL,
-        "retry_on_timeout": False, "username": target.username, "password": target.password,
+        "username": target.username, "password": target.password,
         "max_connections": MAX_CONNECTIONS,
     }
     if target.tls:
@@ -137,7 +137,6 @@ def connect(target: RedisTarget) -> Any:
 
     options = _options(target)
     if target.kind == CLUSTER:
-        del options["retry_on_timeout"]  # RedisCluster's retry below covers it
         # One immediate retry: a node found gone makes the client re-read the slots, and the retry goes to the
         # replica promoted in its place; a MOVED/ASK is followed by the client itself, not counted here.
         return RedisCluster(
