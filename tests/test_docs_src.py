@@ -80,3 +80,30 @@ def test_the_readme_application_does_what_the_readme_says() -> None:
                 assert error.value.code == "bad_text"
 
     asyncio.run(main())
+
+
+def test_the_channel_hooks_sample_does_what_the_handlers_guide_says() -> None:
+    """docs_src/guides/handlers_4.py: the path parameter, ctx.subscribe from on_connect, both hooks' data and refusals."""
+    from docs_src.guides import handlers_4 as sample
+    from secure_ws.client import RequestError
+    from secure_ws.testing import TestServer
+
+    async def main() -> None:
+        async with TestServer(sample.api) as server:
+            async with server.connect(sub="alice", scope="subscribe:room.* publish:room.*", path="/ws/acme") as ws:
+                own = ws.messages("user.alice")
+                await sample.api.publish("user.alice", "for you")
+                assert (await anext(own))["data"] == "for you"
+                assert (await ws.subscribe("room.lobby"))["data"] == {"topic": "welcome to room.lobby"}
+                lobby = ws.messages("room.lobby")
+                await ws.publish("room.lobby", {"text": "  hi  "})
+                assert (await anext(lobby))["data"] == {"text": "hi"}
+                with pytest.raises(RequestError) as error:
+                    await ws.publish("room.lobby", {"words": "hi"})
+                assert error.value.code == "bad_message"
+            async with server.connect(sub="mallory", scope="subscribe:room.*", path="/ws/acme") as ws:
+                with pytest.raises(RequestError) as error:
+                    await ws.subscribe("room.lobby")
+                assert error.value.code == "not_a_member"
+
+    asyncio.run(main())
