@@ -7,8 +7,8 @@ Starts everything itself on loopback: a key directory, Redis (one server, or wit
 a Sentinel set: master, replica, three sentinels), and ``uvicorn bench_app:app --workers W`` over TLS
 (the built-in service plus one Python handler, ``bench.echo``). Then N clients, each on its own token and
 some of the shared channels, each doing at random: publish (its own numbered data), a handler call, a
-refresh of its token, a reconnect (which resubscribes with ``since``), and a ``stream`` call when the server
-has streams. With ``--failover-every``, the Redis master is killed that often and comes back as a replica.
+refresh of its token, a reconnect (which resubscribes with ``since``), and a ``stream`` call
+(``bench.stream``, three chunks). With ``--failover-every``, the Redis master is killed that often and comes back as a replica.
 
 Checked at the end (exit 1 if any fails):
 * zero lost, zero duplicated channel messages: every client saw, on every channel, each offset from its first
@@ -81,8 +81,8 @@ class Stats:
 
 
 class Client:
-    def __init__(self, n: int, url: str, ssl_ctx: Any, issue: Any, stats: Stats, streams: bool) -> None:
-        self.n, self.url, self.ssl, self.issue, self.stats, self.streams = n, url, ssl_ctx, issue, stats, streams
+    def __init__(self, n: int, url: str, ssl_ctx: Any, issue: Any, stats: Stats) -> None:
+        self.n, self.url, self.ssl, self.issue, self.stats = n, url, ssl_ctx, issue, stats
         self.channels = random.Random(n).sample(CHANNELS, PER_CLIENT)
         self.first: dict[str, int] = {}  # channel → offset of the first subscribe
         self.position: dict[str, dict[str, Any]] = {}
@@ -153,12 +153,9 @@ class Client:
         elif roll < 0.9:
             pending[id] = ("refresh", time.monotonic(), None)
             await ws.send(json.dumps({"type": "refresh", "token": self.token(), "id": id}))
-        elif self.streams:
-            pending[id] = ("stream", time.monotonic(), None)
-            await ws.send(json.dumps({"type": "bench.stream", "data": 3, "id": id}))
         else:
-            pending[id] = ("ping", time.monotonic(), None)
-            await ws.send(json.dumps({"type": "ping", "id": id}))
+            pending[id] = ("stream", time.monotonic(), None)
+            await ws.send(json.dumps({"type": "bench.stream", "data": {"n": 3}, "id": id}))
 
     async def _read(self, ws: Any, pending: dict[int, Any]) -> None:
         async for raw in ws:
@@ -267,14 +264,8 @@ async def soak(args: argparse.Namespace) -> dict[str, Any]:
 
     ctx = ssl.create_default_context(cafile=str(folder / "ca.crt"))
     url = f"wss://localhost:{port}/ws"
-    from secure_ws import SecureWS
-
     stats = Stats()
-    import bench_app
-
-    # A stream call only where the server has streams and the bench app registered one.
-    streams = hasattr(SecureWS, "stream") and hasattr(bench_app, "bench_stream")
-    clients = [Client(n, url, ctx, lambda s, t, sc: issue_token(settings, s, t, sc), stats, streams)
+    clients = [Client(n, url, ctx, lambda s, t, sc: issue_token(s, scope=sc, ttl=t, settings=settings), stats)
                for n in range(args.clients)]
     rss: list[tuple[float, int]] = []
     failovers: list[float] = []
@@ -306,7 +297,7 @@ async def soak(args: argparse.Namespace) -> dict[str, Any]:
         await asyncio.gather(*tasks, return_exceptions=True)
         # Every client is gone: the channels' last offsets, as history has them.
         async with websockets.connect(url, ssl=ctx, additional_headers={
-            "Authorization": f"Bearer {issue_token(settings, 'soak-check', 600, 'subscribe:soak.*')}"}) as ws:
+            "Authorization": f"Bearer {issue_token('soak-check', scope='subscribe:soak.*', ttl=600, settings=settings)}"}) as ws:
             await ws.recv()
             last = {}
             history: dict[str, list[Any]] = {}
