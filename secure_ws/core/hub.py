@@ -16,6 +16,7 @@ from ..auth.keys import Keyring
 from ..auth.revocation import Revocations
 from ..state.storage import DISCONNECT, SEND, Storage
 from ..wire.closes import DISCONNECTED, REVOKED, Close
+from ..wire.framing import TEXT, frame
 
 if TYPE_CHECKING:
     from .types import Connection, Presence
@@ -69,10 +70,14 @@ class Hub:
             await self.storage.unsubscribe(channel)  # never raises: storage reconciles after an outage
 
     def fan_out(self, channel: str, payload: str, offset: int, epoch: str) -> None:
-        members = tuple(self._channels.get(channel, ()))
-        metrics.STATS.deliveries += len(members)
-        for session in members:
-            session.deliver(payload, channel, offset, epoch)
+        members = self._channels.get(channel)
+        if not members:
+            return
+        members_now = tuple(members)
+        metrics.STATS.deliveries += len(members_now)
+        data = frame(TEXT, payload.encode())  # encoded and framed once: each subscriber costs one write of it
+        for session in members_now:
+            session.deliver(payload, channel, offset, epoch, data)
 
     def signal(self, kind: str, sub: str, text: str | None) -> None:
         """A push to every local connection of ``sub`` (``SEND``), or their close (``DISCONNECT``)."""

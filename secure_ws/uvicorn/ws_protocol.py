@@ -86,6 +86,7 @@ EARLY_DATA_LIMIT = 65536
 # The largest write of one message: a longer one goes out as fragments of this many bytes, one per time the
 # transport takes more; a text of more characters is not written directly (write_text) but queued.
 PIECE = 65536
+FRAME_LIMIT = PIECE + 10  # a frame of PIECE payload bytes and its longest header (write_frame)
 
 # Pings of one read answered one by one (Autobahn case 2.10 sends ten at once); beyond, only the read's last.
 PONGS_PER_READ = 16
@@ -149,6 +150,16 @@ class WebSocketProtocol(WebSocketsSansIOProtocol):
             return False
         if not (self.close_sent or self.transport.is_closing()):
             self.transport.write(frame(TEXT, text.encode()))
+        return True
+
+    def write_frame(self, data: bytes) -> bool:
+        """Send a whole frame built by the caller, as is: a publication's, built once for all of its subscribers,
+        so that each costs one write. False (nothing sent) as :meth:`write_text`, and for a frame of more than
+        ``PIECE`` payload bytes."""
+        if len(data) > FRAME_LIMIT or not self.writable.is_set():
+            return False
+        if not (self.close_sent or self.transport.is_closing()):
+            self.transport.write(data)
         return True
 
     def buffered(self) -> int:
