@@ -12,10 +12,10 @@ replaces what happens on every frame:
 * a message goes straight to the application's pending ``receive()``; only when
   the application is busy is it queued, and only then is reading paused, so
   memory stays as bounded as before;
-* a publication's frame, built once for all of its subscribers, is written with
-  the others of the same loop turn as one write per connection
-  (:meth:`WebSocketProtocol.write_frame`): a burst of publications costs each
-  subscriber one TLS record and one system call, not one per publication;
+* a publication's frame, built once for all of its subscribers, is written as
+  is; those that follow it in the same loop turn are written together at the
+  turn's end (:meth:`WebSocketProtocol.write_frame`): a burst of publications
+  costs each subscriber two TLS records and writes per turn, not one per publication;
 * ``websocket.send`` frames the text and writes it, and waits only while the
   transport has paused writing; a message over ``PIECE`` bytes goes out as
   fragments of ``PIECE`` bytes, each written once the transport takes more, so
@@ -136,6 +136,10 @@ class WebSocketProtocol(WebSocketsSansIOProtocol):
         # (a longer batch is written at once); counted in buffered(), written before anything else we write.
         self._batch: list[bytes] | None = None
         self._batched = 0
+        turn = _TURNS.get(self.loop)
+        if turn is None:
+            turn = _TURNS[self.loop] = []
+        self._turn = turn  # this loop's, looked up once per connection rather than once per frame
 
     def handle_connect(self, event: Any) -> None:
         super().handle_connect(event)
@@ -167,22 +171,23 @@ class WebSocketProtocol(WebSocketsSansIOProtocol):
             self.transport.write(frame(TEXT, text.encode()))
         return True
 
-    def write_frame(self, data: bytes) -> bool:
-        """Send a whole frame built by the caller: a publication's, built once for all of its subscribers. It is
-        written at the end of this loop turn together with the others of the turn, so that a burst costs each
-        subscriber one write. False (nothing sent) as :meth:`write_text`, and for a frame of more than ``PIECE``
-        payload bytes."""
+    def write_frame(self, data: bytes, later: bool = False) -> bool:
+        """Send a whole frame built by the caller: a publication's, built once for all of its subscribers. With
+        ``later`` (the publication is not the first of this loop turn) it is written at the end of the turn
+        together with the turn's others, so that a burst costs each subscriber one write more, not one per
+        publication. False (nothing sent) as :meth:`write_text`, and for a frame of more than ``PIECE`` payload bytes."""
         if len(data) > FRAME_LIMIT or not self.writable.is_set():
             return False
         if self.close_sent or self.transport.is_closing():
             return True
         batch = self._batch
         if batch is None:
+            if not later:
+                self.transport.write(data)
+                return True
             self._batch = [data]
             self._batched = len(data)
-            turn = _TURNS.get(self.loop)
-            if turn is None:
-                turn = _TURNS[self.loop] = []
+            turn = self._turn
             if not turn:
                 self.loop.call_soon(_flush_turn, turn)
             turn.append(self)
