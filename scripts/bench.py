@@ -35,7 +35,8 @@ Measured, for each server:
                 ran), median and max of 100
   handshakes/s  new TLS connection + upgrade (+ welcome frame for secure_ws), 16 in parallel
   idle KiB/conn server RSS growth per idle connection, at 2,000 connections
-  fan-out       1,000 subscribers (--subscribers), a publisher sending a burst of messages: deliveries/s and
+  fan-out       1,000 subscribers (--subscribers), a publisher sending a burst of messages (--fanout-gap S: one
+                message every S seconds instead, so that no two publications share a loop turn): deliveries/s and
                 p50/p99 publish-to-delivery latency (which includes waiting behind the burst),
                 and the server's CPU time per delivery; for secure_ws also the same burst published
                 through the server API (POST /api/publish on 5 keep-alive connections): its
@@ -525,9 +526,12 @@ def measure_idle(t: Target, ca: str, conns: int = 2000) -> dict:
     return {"kib_per_conn": (rss1 - rss0) / conns}
 
 
-def measure_fanout(t: Target, ca: str, subscribers: int = 1000, messages: int = 50, api_key: str | None = None) -> dict:
+def measure_fanout(t: Target, ca: str, subscribers: int = 1000, messages: int = 50, api_key: str | None = None,
+                   gap: float = 0.0) -> dict:
     """With ``api_key``, the burst is published through the server API (``POST /api/publish``, on
-    API_CONNECTIONS keep-alive connections at once) instead of by a WebSocket client."""
+    API_CONNECTIONS keep-alive connections at once) instead of by a WebSocket client. With ``gap`` (seconds), the
+    WebSocket publisher waits that long after each message instead of sending a burst: each publication then fans
+    out on its own, with nothing to write together with it."""
     manager = mp.Manager()
     ready = [manager.Event() for _ in range(LOADGEN_PROCS)]
     jobs = [
@@ -559,6 +563,9 @@ def measure_fanout(t: Target, ca: str, subscribers: int = 1000, messages: int = 
             else:
                 text = stamp
             writer.write(client_frame(text.encode()))
+            if gap:
+                await writer.drain()
+                await asyncio.sleep(gap)
         await writer.drain()
         if t.secure:
             for _ in range(messages):
@@ -784,6 +791,8 @@ def main() -> None:
     parser.add_argument("--storage", default="memory://", help="secure_ws's SECURE_WS_STORAGE_URL (e.g. redis://127.0.0.1:6379/0)")
     parser.add_argument("--workers", type=int, default=1, help="secure_ws worker processes (use with --storage redis://…)")
     parser.add_argument("--subscribers", type=int, default=1000, help="subscribers in the fan-out phases")
+    parser.add_argument("--fanout-gap", type=float, default=0.0,
+                        help="seconds the fan-out publisher waits after each message (default 0: a burst)")
     args = parser.parse_args()
     rounds = args.rounds or (1 if args.quick else 3)
     seconds = args.seconds or (3.0 if args.quick else 8.0)
@@ -842,7 +851,7 @@ def main() -> None:
             if "idle" not in skip:
                 results[t.name]["kib"] = [measure_idle(t, ca)["kib_per_conn"]]
             if "fanout" not in skip:
-                m = measure_fanout(t, ca, args.subscribers, messages=20 if args.quick else 50)
+                m = measure_fanout(t, ca, args.subscribers, messages=20 if args.quick else 50, gap=args.fanout_gap)
                 for k, v in (("dps", m["dps"]), ("fp50", m["p50"]), ("fp99", m["p99"]), ("fcpu_us", m["cpu_us"])):
                     results[t.name][k] = [v]
                 if t is secure:  # the same burst through POST /api/publish
@@ -859,7 +868,7 @@ def main() -> None:
             for peer in peers:
                 try:
                     peer.start(folder)
-                    fanned = measure_fanout(peer, ca, args.subscribers, messages=20 if args.quick else 50)
+                    fanned = measure_fanout(peer, ca, args.subscribers, messages=20 if args.quick else 50, gap=args.fanout_gap)
                     peer_rows.append((peer.name, fanned["cpu_us"]))
                 finally:
                     peer.stop()

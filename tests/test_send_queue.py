@@ -17,7 +17,22 @@ from pathlib import Path
 from typing import Any
 
 import pytest
-from helpers import ROOMS, AppServer, Serve, Server, base_env, recv_json, request, run, unique_channel, wait_until, welcome
+from helpers import (
+    ROOMS,
+    AppServer,
+    Serve,
+    Server,
+    base_env,
+    messages,
+    nothing_more,
+    recv_json,
+    request,
+    run,
+    subscribe,
+    unique_channel,
+    wait_until,
+    welcome,
+)
 from test_settings import assert_one_clear_line, start_failure
 
 from secure_ws.settings import load_settings
@@ -136,6 +151,38 @@ def test_writable_is_none_until_half_the_bound_is_unread_then_a_future_that_reso
 
     run(go())
     assert "slow consumer" not in filling_app.log()
+
+
+BURST = 300  # publications sent at once: most of them fan out in the same loop turns
+
+
+def test_a_burst_of_publications_arrives_whole_and_in_order_around_the_publishers_replies(keydir: Path, issue: Any) -> None:
+    """A subscriber's publications of one loop turn go out as one write: each still arrives as its own message, in
+    order, once; the publisher, subscribed too, reads each publication after the reply to its publish (held while
+    the publish waits on storage), and nothing else."""
+    srv = Server(keydir, base_env(keydir, SECURE_WS_RATE_LIMIT="100000/second")).start()
+    channel = unique_channel()
+
+    async def go() -> None:
+        async with srv.connect(issue(scope=ROOMS)) as reader, srv.connect(issue(scope=ROOMS)) as writer:
+            for ws in (reader, writer):
+                await welcome(ws)
+                await subscribe(ws, channel)
+            for i in range(BURST):
+                await writer.send(json.dumps({"type": "publish", "channel": channel, "data": i, "id": i}))
+            assert [frame["data"] for frame in await messages(reader, BURST)] == list(range(BURST))
+            # The publisher's own copy is held while its publish waits on storage, and follows the reply.
+            frames = [await recv_json(writer) for _ in range(2 * BURST)]
+            assert [(f["type"], f.get("data", f.get("id"))) for f in frames] == [
+                pair for i in range(BURST) for pair in (("published", i), ("message", i))]
+            assert frames[0] == {"type": "published", "channel": channel, "id": 0}
+            for ws in (reader, writer):
+                await nothing_more(ws)
+
+    try:
+        run(go())
+    finally:
+        srv.stop()
 
 
 def test_send_queue_bytes_is_read_from_the_environment() -> None:

@@ -8,6 +8,7 @@ subscription per channel per worker, never one per connection.
 
 from __future__ import annotations
 
+import asyncio
 from collections import defaultdict
 from typing import TYPE_CHECKING
 
@@ -16,6 +17,7 @@ from ..auth.keys import Keyring
 from ..auth.revocation import Revocations
 from ..state.storage import DISCONNECT, SEND, Storage
 from ..wire.closes import DISCONNECTED, REVOKED, Close
+from ..wire.framing import TEXT, frame
 
 if TYPE_CHECKING:
     from .types import Connection, Presence
@@ -28,6 +30,7 @@ class Hub:
         self.sessions: set[Connection] = set()
         self._by_sub: defaultdict[str, set[Connection]] = defaultdict(set)
         self._channels: dict[str, set[Connection]] = {}
+        self._turn = False  # a publication fanned out in this loop turn: those after it are written together
         storage.on_message = self.fan_out
         storage.on_signal = self.signal
 
@@ -69,10 +72,21 @@ class Hub:
             await self.storage.unsubscribe(channel)  # never raises: storage reconciles after an outage
 
     def fan_out(self, channel: str, payload: str, offset: int, epoch: str) -> None:
-        members = tuple(self._channels.get(channel, ()))
-        metrics.STATS.deliveries += len(members)
-        for session in members:
-            session.deliver(payload, channel, offset, epoch)
+        members = self._channels.get(channel)
+        if not members:
+            return
+        members_now = tuple(members)
+        metrics.STATS.deliveries += len(members_now)
+        data = frame(TEXT, payload.encode())  # encoded and framed once: each subscriber costs one write of it
+        later = self._turn
+        if not later:
+            self._turn = True
+            asyncio.get_running_loop().call_soon(self._end_turn)
+        for session in members_now:
+            session.deliver(payload, channel, offset, epoch, data, later)
+
+    def _end_turn(self) -> None:
+        self._turn = False
 
     def signal(self, kind: str, sub: str, text: str | None) -> None:
         """A push to every local connection of ``sub`` (``SEND``), or their close (``DISCONNECT``)."""

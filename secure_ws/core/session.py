@@ -118,6 +118,7 @@ class Session:
         "closed",
         "channels",
         "_write",
+        "_write_frame",
         "_sub",
         "_keys",
         "_limiter",
@@ -156,6 +157,7 @@ class Session:
         self.closed = False
         self.channels: set[str] = set()
         self._write: Callable[[str], bool] | None = None
+        self._write_frame: Callable[[bytes, bool], bool] | None = None  # the direct transport's, for a frame built once
         self._buffered: Callable[[], int] | None = None  # the direct transport's write buffer size, in bytes
         self._sub = principal.sub  # refresh keeps the sub, so the limiter's keys are fixed per connection
         self._limiter = deps.limiter
@@ -213,6 +215,7 @@ class Session:
             return
         if direct is not None:  # before the accept, so the first frame already meets our message limit
             self._write = direct.attach(self.frame, self._max_bytes)
+            self._write_frame = direct.write_frame
             self._buffered = direct.buffered
         await self.send_raw({"type": "websocket.accept", "subprotocol": subprotocol})
         deps.hub.add(self)
@@ -601,24 +604,33 @@ class Session:
         self._grace += cost
         self._enqueue(text)
 
-    def deliver(self, text: str, channel: str = "", offset: int = 0, epoch: str = "") -> None:
+    def deliver(
+        self, text: str, channel: str = "", offset: int = 0, epoch: str = "", data: bytes | None = None, later: bool = False
+    ) -> None:
         """A publication (with its channel, and its offset and epoch when the channel keeps history) or a push:
         sent, or held while this client's own built-in request (or the connect hook) is in flight; past the
-        byte bound, the client is cut as a slow consumer."""
+        byte bound, the client is cut as a slow consumer. ``data``, if given, is ``text``'s WebSocket frame,
+        built once for every subscriber: written as is when the transport takes it now (else ``text`` waits);
+        ``later``: not the first publication of this loop turn, written with the turn's others at its end."""
         held = self._held
         if held is not None:
             if not self.closed and self._fits(text):
                 held.append((text, channel, offset, epoch))
         elif self._floors is None or not offset or not self._stale(channel, offset, epoch):
-            self._push(text)
+            self._push(text, data, later)
 
-    def _push(self, text: str) -> None:
+    def _push(self, text: str, data: bytes | None = None, later: bool = False) -> None:
         if self.closed:
             return
-        queue = self._queue
-        write = self._write
-        if not queue and write is not None and write(text):
-            return
+        if not self._queue:  # else behind what waits, to keep this connection's order
+            if data is not None:
+                write_frame = self._write_frame
+                if write_frame is not None and write_frame(data, later):
+                    return
+            else:
+                write = self._write
+                if write is not None and write(text):
+                    return
         if self._fits(text):
             self._enqueue(text)
 

@@ -12,6 +12,10 @@ replaces what happens on every frame:
 * a message goes straight to the application's pending ``receive()``; only when
   the application is busy is it queued, and only then is reading paused, so
   memory stays as bounded as before;
+* a publication's frame, built once for all of its subscribers, is written as
+  is; those that follow it in the same loop turn are written together at the
+  turn's end (:meth:`WebSocketProtocol.write_frame`): a burst of publications
+  costs each subscriber two TLS records and writes per turn, not one per publication;
 * ``websocket.send`` frames the text and writes it, and waits only while the
   transport has paused writing; a message over ``PIECE`` bytes goes out as
   fragments of ``PIECE`` bytes, each written once the transport takes more, so
@@ -48,6 +52,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import weakref
 from collections import deque
 from collections.abc import Callable
 from typing import Any
@@ -86,6 +91,11 @@ EARLY_DATA_LIMIT = 65536
 # The largest write of one message: a longer one goes out as fragments of this many bytes, one per time the
 # transport takes more; a text of more characters is not written directly (write_text) but queued.
 PIECE = 65536
+FRAME_LIMIT = PIECE + 10  # a frame of PIECE payload bytes and its longest header (write_frame)
+
+# Per event loop, the connections whose publications of this loop turn wait to be written together (_flush_turn).
+# Bound: this loop's connections, each once per turn plus once per reply or control frame that wrote its batch early.
+_TURNS: weakref.WeakKeyDictionary[asyncio.AbstractEventLoop, list[WebSocketProtocol]] = weakref.WeakKeyDictionary()
 
 # Pings of one read answered one by one (Autobahn case 2.10 sends ten at once); beyond, only the read's last.
 PONGS_PER_READ = 16
@@ -122,6 +132,14 @@ class WebSocketProtocol(WebSocketsSansIOProtocol):
         self._on_text: Callable[[str], Any] | None = None
         self._max_size: int = self.config.ws_max_size
         self._app_closed = False  # the application sent websocket.close
+        # Frames of write_frame waiting for the end of this loop turn. Bound: FRAME_LIMIT bytes and one frame more
+        # (a longer batch is written at once); counted in buffered(), written before anything else we write.
+        self._batch: list[bytes] | None = None
+        self._batched = 0
+        turn = _TURNS.get(self.loop)
+        if turn is None:
+            turn = _TURNS[self.loop] = []
+        self._turn = turn  # this loop's, looked up once per connection rather than once per frame
 
     def handle_connect(self, event: Any) -> None:
         super().handle_connect(event)
@@ -148,13 +166,54 @@ class WebSocketProtocol(WebSocketsSansIOProtocol):
         if len(text) > PIECE or not self.writable.is_set():
             return False
         if not (self.close_sent or self.transport.is_closing()):
+            if self._batch is not None:
+                self._flush()
             self.transport.write(frame(TEXT, text.encode()))
         return True
+
+    def write_frame(self, data: bytes, later: bool = False) -> bool:
+        """Send a whole frame built by the caller: a publication's, built once for all of its subscribers. With
+        ``later`` (the publication is not the first of this loop turn) it is written at the end of the turn
+        together with the turn's others, so that a burst costs each subscriber one write more, not one per
+        publication. False (nothing sent) as :meth:`write_text`, and for a frame of more than ``PIECE`` payload bytes."""
+        if len(data) > FRAME_LIMIT or not self.writable.is_set():
+            return False
+        if self.close_sent or self.transport.is_closing():
+            return True
+        batch = self._batch
+        if batch is None:
+            if not later:
+                self.transport.write(data)
+                return True
+            self._batch = [data]
+            self._batched = len(data)
+            turn = self._turn
+            if not turn:
+                self.loop.call_soon(_flush_turn, turn)
+            turn.append(self)
+            return True
+        if self._batched + len(data) > FRAME_LIMIT:
+            self._flush()  # the batch is written now; the transport may then pause writing
+            if not self.writable.is_set():
+                return False
+            self._batch = batch = []
+            self._batched = 0
+        batch.append(data)
+        self._batched += len(data)
+        return True
+
+    def _flush(self) -> None:
+        """Write the frames of :meth:`write_frame` waiting for the end of the turn (before anything else is written,
+        so that this connection's order is kept)."""
+        batch, self._batch = self._batch, None
+        self._batched = 0
+        if batch and not self.transport.is_closing():
+            self.transport.write(batch[0] if len(batch) == 1 else b"".join(batch))
 
     def buffered(self) -> int:
         """Bytes in the transport's write buffer (for TLS, those not yet handed to the socket's own buffer, which
         holds at most its high-water mark plus one piece more)."""
-        return self.transport.get_write_buffer_size()
+        return self.transport.get_write_buffer_size() + self._batched
 
     # -- input ---------------------------------------------------------------------
 
@@ -195,6 +254,8 @@ class WebSocketProtocol(WebSocketsSansIOProtocol):
         # At most PONGS_PER_READ + 1 pongs per read, and none while the transport has paused writing or
         # after our close frame: a client that sends pings and never reads must not grow our write buffer.
         if self.writable.is_set() and not self.close_sent and not self.transport.is_closing():
+            if self._batch is not None:
+                self._flush()
             self.transport.write(b"".join([frame(PONG, payload) for payload in pings]))
 
     def _handshake_data(self, data: bytes) -> None:
@@ -229,6 +290,8 @@ class WebSocketProtocol(WebSocketsSansIOProtocol):
             self._fail(exc)
             return
         if not self.transport.is_closing():
+            if self._batch is not None:
+                self._flush()
             self.queue.put_nowait({"type": "websocket.disconnect", "code": code, "reason": reason})
             self.transport.write(frame(CLOSE, payload[:2]))  # echo the code, as RFC 6455 §5.5.1 suggests
             self.transport.close()
@@ -238,6 +301,8 @@ class WebSocketProtocol(WebSocketsSansIOProtocol):
             self.transport.close()
             return
         if not self.transport.is_closing():
+            if self._batch is not None:
+                self._flush()
             self.queue.put_nowait({"type": "websocket.disconnect", "code": violation.code, "reason": violation.reason})
             self.transport.write(close_frame(violation.code, violation.reason))
             self.close_sent = True
@@ -257,7 +322,14 @@ class WebSocketProtocol(WebSocketsSansIOProtocol):
 
     # -- output --------------------------------------------------------------------
 
+    def shutdown(self) -> None:
+        if self._batch is not None:
+            self._flush()  # before the server's close frame
+        super().shutdown()
+
     async def send(self, message: Any) -> None:
+        if self._batch is not None:
+            self._flush()  # what was written before goes first
         kind = message["type"]
         if self._parser is not None and kind in ("websocket.send", "websocket.close"):
             if self.close_sent and not self._app_closed:
@@ -291,6 +363,14 @@ class WebSocketProtocol(WebSocketsSansIOProtocol):
             if self._early:
                 early, self._early = self._early, b""
                 self.data_received(early)
+
+
+def _flush_turn(turn: list[WebSocketProtocol]) -> None:
+    """At the end of a loop turn: each connection's publications of the turn, as one write."""
+    protocols = turn[:]
+    turn.clear()
+    for protocol in protocols:
+        protocol._flush()
 
 
 def supported(version: str = uvicorn.__version__) -> bool:
